@@ -1,0 +1,25 @@
+# The character-level shakespeare recipe scaled down for a laptop CPU: about a minute on two cores.
+# First: python prepare.py shakespeare_char   (or add --input PATH to a local copy of tinyshakespeare)
+out_dir = "out-shakespeare-char-cpu"
+dataset = "shakespeare_char"
+eval_interval = 250
+eval_iters = 20
+log_interval = 10
+sample_interval = 1000
+
+batch_size = 12
+block_size = 64
+gradient_accumulation_steps = 1
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+
+learning_rate = 1e-3
+max_iters = 2000
+lr_decay_iters = 2000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100
+compile = "false"  # at this size compiling costs more time than it saves

@@ -1,0 +1,118 @@
+"""Config for the scripts: defaults are plain module globals, overridden by config files, then --key=value.
+
+A script declares each key once, as `key = default  # one-line meaning` at module level (lowercase name,
+literal value). This module reads those lines from the script's source, so `--help` lists exactly the keys,
+defaults and meanings that the code uses; there is no second list to keep in sync.
+"""
+
+import ast
+import io
+import sys
+import tokenize
+from pathlib import Path
+from types import SimpleNamespace
+
+
+class ConfigError(Exception):
+    """A config problem the user can fix; the message is one sentence naming the key or file."""
+
+
+def declared_keys(script_path):
+    """{key: (default, default as written, meaning)} for each `key = literal  # meaning` at module level."""
+    source = Path(script_path).read_text()
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    keys = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        try:
+            default = ast.literal_eval(node.value)
+        except ValueError:
+            continue
+        if name.islower() and not name.startswith("_") and isinstance(default, (bool, int, float, str)):
+            # shown as typed on a command line: strings bare, numbers as written (1e-3, not 0.001)
+            written = (default or '""') if isinstance(default, str) else ast.get_source_segment(source, node.value)
+            keys[name] = (default, written, comments.get(node.lineno, ""))
+    return keys
+
+
+def coerce(key, value, default):
+    """`value` as the type of `default`, or ConfigError naming the key. Ints are accepted for floats."""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key} must be {kind.__name__} (like its default {default!r}), got {value!r}")
+    return value
+
+
+def parse_cli_value(key, text, default):
+    """Text after `--key=` read as the type of the key's default."""
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+    else:
+        try:
+            return coerce(key, ast.literal_eval(text), default)
+        except (ValueError, SyntaxError):
+            pass
+    raise ConfigError(f"--{key}={text} is not a valid {type(default).__name__}")
+
+
+def run_config_file(path, keys):
+    """Values set by a config file: a Python file of plain assignments to known keys."""
+    namespace = {}
+    try:
+        source = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}); give a path such as "
+                          "config/shakespeare_char_cpu.py") from None
+    try:
+        exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- config files are Python by design
+    except Exception as e:  # noqa: BLE001 -- whatever a config file raises becomes one line naming the file
+        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+    values = {}
+    for key, value in namespace.items():
+        if key.startswith("_") or type(value).__name__ == "module":
+            continue
+        if key not in keys:
+            raise ConfigError(f"config file {path} sets unknown key '{key}'; see --help for the keys")
+        values[key] = coerce(key, value, keys[key][0])
+    return values
+
+
+def usage(script_path, keys):
+    lines = [f"usage: python {Path(script_path).name} [config_file.py ...] [--key=value ...]", "",
+             "Config files run first, in order, then --key=value; every key with its default:"]
+    width = max(len(k) + len(written) for k, (_, written, _) in keys.items()) + 4
+    lines += [f"  --{k}={written}".ljust(width + 2) + f"  {meaning}" for k, (_, written, meaning) in keys.items()]
+    return "\n".join(lines)
+
+
+def load_config(script_path, argv):
+    """Resolved config for a script: defaults <- config files (in order) <- --key=value, as a namespace.
+
+    Prints the key list and exits on -h/--help. Raises ConfigError for anything unknown or mistyped.
+    """
+    keys = declared_keys(script_path)
+    if "-h" in argv or "--help" in argv:
+        print(usage(script_path, keys))
+        sys.exit(0)
+    values = {k: default for k, (default, _, _) in keys.items()}
+    for arg in argv:
+        if not arg.startswith("--"):
+            values.update(run_config_file(arg, keys))
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if key not in keys:
+            raise ConfigError(f"unknown key --{key}; see --help for the keys")
+        if not eq:
+            raise ConfigError(f"--{key} needs a value, as --{key}=VALUE")
+        values[key] = parse_cli_value(key, text, keys[key][0])
+    return SimpleNamespace(**values)

@@ -1,0 +1,670 @@
+"""Turn text into memmappable token shards for train.py.
+
+    python prepare.py                    # Python's own standard library sources, byte-level, no download
+    python prepare.py shakespeare_char   # tiny shakespeare, character-level (downloaded once)
+    python prepare.py text --input notes/ "docs/*.md" --tokenizer gpt2 --name notes
+
+The result is <data_root>/<name>/ holding train_000000.bin, ..., val_000000.bin, ... and meta.json.
+
+Split rule (deterministic): the source documents (files) are ordered by the sha256 of their path
+relative to their input root (the folder given, or a file's own folder for a file given directly),
+so a multi-file corpus gets a pseudo-random set of validation files that is identical on every run
+and machine. The source is the concatenation of the documents in that order; its first
+(1 - val_fraction) of bytes go to train and the rest to val. The document straddling the cut is
+split there, with the cut moved back to a UTF-8 character boundary. For a single ASCII file this is
+exactly nanoGPT's shakespeare_char split (first 90% of characters train, last 10% val). Each
+document is followed by the end-of-text token when the tokenizer has one (a straddling document
+gets it in val only; empty files contribute nothing, not even that token).
+
+Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header
+of 256 little-endian int32 -- magic 20240520, version 1, token count, then zeros -- followed by the
+tokens as uint16.
+"""
+
+import argparse
+import glob
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_VOCAB = 2**16  # token ids are stored as uint16
+MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as int32
+CHUNK_BYTES = 2 << 20  # read size; small enough that memory stays flat on any input size
+BATCH_BYTES = CHUNK_BYTES * (os.cpu_count() or 1)  # enough chunks to keep every core busy
+DEFAULT_TOKENIZER = {"python_stdlib": "byte", "shakespeare_char": "char", "text": "byte"}
+TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}  # same ranks; r50k's single cached file serves gpt2 offline
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DOWNLOAD_CACHE = "input.txt"  # a downloaded source kept inside its dataset folder
+STDLIB_SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
+
+
+class DataError(Exception):
+    """Bad input or data; the message is one sentence naming the problem and the fix."""
+
+
+# ---- shard files -------------------------------------------------------------------------------
+
+
+def write_shard(path, tokens) -> None:
+    """Write tokens as an llm.c v1 shard, atomically, so a reader never sees a half-written file."""
+    tokens = _as_uint16(tokens)
+    if len(tokens) > MAX_SHARD_TOKENS:
+        raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS:,} tokens, got {len(tokens):,}")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden, so shard globs skip it
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(memoryview(tokens))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _as_uint16(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.dtype != np.uint16 and tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
+        raise ValueError("token ids must fit uint16 (0..65535)")
+    return np.ascontiguousarray(tokens, dtype="<u2")
+
+
+def load_shard(path) -> np.memmap:
+    """Memory-map a shard's tokens read-only, after checking its header against the file size."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard {path} does not exist; run prepare.py to create it")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header; re-create it")
+    magic, version, count = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
+    if magic != MAGIC:
+        raise DataError(f"{path} has magic {magic}, not {MAGIC}, so it is not a token shard; re-create it")
+    if version != VERSION:
+        raise DataError(f"shard {path} is version {version}, but only {VERSION} is supported; re-create it")
+    expected = HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise DataError(
+            f"shard {path} is {size:,} bytes but its header promises {count:,} tokens ({expected:,} bytes),"
+            " so it is truncated or corrupt; re-create it"
+        )
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def shard_paths(data_dir, split: str) -> list[Path]:
+    """A split's shards in order; the glob also matches llm.c names like fineweb_train_000001.bin."""
+    paths = sorted(Path(data_dir).glob(f"*{split}_[0-9]*.bin"))
+    if not paths:
+        raise DataError(f"no {split} shards in {data_dir}; run `{_prepare_command(data_dir)}` first")
+    return paths
+
+
+def read_meta(data_dir) -> dict:
+    """The meta.json that prepare wrote next to the shards."""
+    meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"no prepared data in {data_dir} (no meta.json); run `{_prepare_command(data_dir)}` first")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_path} is not JSON ({e}); re-create it with `{_prepare_command(data_dir)}`") from None
+
+
+def _prepare_command(data_dir) -> str:
+    """The command line that (re)creates data_dir, for error messages."""
+    data_dir = Path(data_dir)
+    name = data_dir.name
+    arguments = {"python_stdlib": "", "shakespeare_char": " shakespeare_char"}.get(
+        name, f" text --input ... --name {name}"
+    )
+    if data_dir.parent.resolve() != Path("data").resolve():
+        arguments += f" --data_root {data_dir.parent}"
+    return "python prepare.py" + arguments
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """Text <-> token ids; decode drops ids that are not text (end-of-text, ids past the vocab)."""
+
+    vocab_size: int
+    eot_id: int | None = None
+    reads_text = True  # whether encode_chunks takes str chunks (else raw bytes)
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        """Tokenize a batch of chunks into uint16 arrays; prepare's fast path."""
+        raise NotImplementedError
+
+    def document_start(self) -> list[int]:
+        """Ids that open a new document, for unprompted sampling: end-of-text, else a newline."""
+        return [self.eot_id] if self.eot_id is not None else self.encode("\n")
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        is_text = (ids >= 0) & (ids < self.vocab_size)
+        if self.eot_id is not None:
+            is_text &= ids != self.eot_id
+        return self._decode_text_ids(ids[is_text])
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255 plus end-of-text 256: any text, nothing to learn or download."""
+
+    vocab_size = 257
+    eot_id = 256
+    reads_text = False
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        return [np.frombuffer(chunk, dtype=np.uint8).astype(np.uint16) for chunk in chunks]
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        return ids.astype(np.uint8).tobytes().decode(errors="replace")
+
+
+class CharTokenizer(Tokenizer):
+    """One id per distinct character of the source, in code point order (nanoGPT's shakespeare_char)."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._code_points = _code_points(chars)  # sorted, so searchsorted maps a character to its id
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text).tolist()
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        return [self._encode(chunk) for chunk in chunks]
+
+    def _encode(self, text: str) -> np.ndarray:
+        code_points = _code_points(text)
+        ids = np.minimum(np.searchsorted(self._code_points, code_points), self.vocab_size - 1)
+        unknown = self._code_points[ids] != code_points
+        if unknown.any():
+            missing = "".join(sorted({chr(c) for c in code_points[unknown]}))
+            raise DataError(f"characters {missing!r} are not in this char vocabulary; leave them out of the text")
+        return ids.astype(np.uint16)
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        return self._code_points[ids].tobytes().decode("utf-32-le")
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken BPE encoding; batches are tokenized on all cores."""
+
+    def __init__(self, encoding_name: str):
+        self.encoding = _load_tiktoken(encoding_name)
+        self.vocab_size = self.encoding.n_vocab
+        self.eot_id = self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        batch = self.encoding.encode_ordinary_batch(chunks, num_threads=os.cpu_count() or 1)
+        return [np.array(ids, dtype=np.uint16) for ids in batch]
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        return self.encoding.decode(ids.tolist())
+
+
+def _load_tiktoken(name: str):
+    if name not in tiktoken.list_encoding_names():
+        known = ", ".join(tiktoken.list_encoding_names())
+        raise DataError(f"unknown tokenizer {name!r}; use byte, char, gpt2 or a tiktoken encoding ({known})")
+    try:
+        return tiktoken.get_encoding(name)
+    except (OSError, ValueError) as e:  # a cache miss means a download: network errors, or a hash mismatch
+        raise DataError(
+            f"could not load tiktoken encoding {name!r} ({e}); set TIKTOKEN_CACHE_DIR to a folder that holds it"
+            " or allow the download"
+        ) from None
+
+
+def get_tokenizer(meta: dict) -> Tokenizer:
+    """Rebuild the tokenizer from meta.json alone."""
+    kind = meta["tokenizer"]
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    return TiktokenTokenizer(meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind))
+
+
+def _tokenizer_meta(tokenizer: Tokenizer) -> dict:
+    meta = {
+        "encoding": tokenizer.encoding.name if isinstance(tokenizer, TiktokenTokenizer) else None,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+    }
+    if isinstance(tokenizer, CharTokenizer):
+        meta["chars"] = tokenizer.chars
+    return meta
+
+
+# ---- finding the source documents --------------------------------------------------------------
+
+
+def _source_documents(dataset: str, inputs, data_root) -> list[Path]:
+    """The dataset's files in split order: by sha256 of the path relative to their input root."""
+    if dataset == "python_stdlib":
+        if inputs:
+            raise DataError("python_stdlib reads Python's own standard library, so drop --input or use `text`")
+        files = _stdlib_files()
+    elif inputs:
+        files = _input_files(inputs)
+    elif dataset == "shakespeare_char":
+        files = {_shakespeare_file(data_root).resolve(): DOWNLOAD_CACHE}
+    else:
+        raise DataError("the text dataset needs input: pass --input with files, folders or glob patterns")
+    return sorted(files, key=lambda path: (hashlib.sha256(files[path].encode()).hexdigest(), path))
+
+
+def _stdlib_files() -> dict[Path, str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return _files_under(root, lambda folder: folder not in STDLIB_SKIPPED_FOLDERS, lambda name: name.endswith(".py"))
+
+
+def _input_files(inputs) -> dict[Path, str]:
+    """Files named by --input, each keyed by its path relative to its input root; duplicates merge."""
+    files = {}
+    for spec in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        for path in _expand(str(spec)):
+            if path.is_dir():
+                found = _files_under(path, _is_visible, _is_visible)
+                if not found:
+                    raise DataError(f"folder {path} holds no files (hidden ones are skipped); pass one with text")
+            elif path.is_file():
+                found = {path: path.name}
+            else:
+                raise DataError(f"input {path} is not a regular file or folder; pass files, folders or glob patterns")
+            files.update({found_path.resolve(): key for found_path, key in found.items()})
+    return files
+
+
+def _expand(spec: str) -> list[Path]:
+    if Path(spec).exists():
+        return [Path(spec)]
+    if not any(wildcard in spec for wildcard in "*?["):
+        raise DataError(f"input path {spec} does not exist; pass an existing file, folder or glob pattern")
+    matches = sorted(glob.glob(spec, recursive=True))
+    if not matches:
+        raise DataError(f"input pattern {spec!r} matched nothing; check it, and quote it to keep it from the shell")
+    return [Path(match) for match in matches]
+
+
+def _is_visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _files_under(root: Path, keep_folder, keep_file) -> dict[Path, str]:
+    """Regular files below root, keyed by relative path; pruned folders are never walked."""
+    files = {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if keep_folder(name)]
+        for name in names:
+            path = Path(folder, name)
+            if keep_file(name) and path.is_file():
+                files[path] = path.relative_to(root).as_posix()
+    return files
+
+
+def _shakespeare_file(data_root) -> Path:
+    path = Path(data_root) / "shakespeare_char" / DOWNLOAD_CACHE
+    if not path.is_file():
+        _download(SHAKESPEARE_URL, path)
+    return path
+
+
+def _download(url: str, path: Path) -> None:
+    print(f"downloading {url} to {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download tiny shakespeare ({e}); pass --input PATH to a local copy") from None
+
+
+# ---- splitting and reading ---------------------------------------------------------------------
+
+
+def _plan_splits(documents: list[Path], val_fraction: float) -> tuple[int, dict[str, list[tuple]]]:
+    """Source size and, per split, its (path, start, end, ends_document) byte segments."""
+    sizes = [path.stat().st_size for path in documents]
+    total = sum(sizes)
+    if total == 0:
+        raise DataError("the input text is empty (0 bytes); pass files that contain text")
+    cut = _character_start(documents, sizes, int(total * (1 - val_fraction)))
+    if not 0 < cut < total:
+        raise DataError(
+            f"the source ({total:,} bytes) is too small to give both train and val text at --val_fraction"
+            f" {val_fraction}; use more text or another --val_fraction"
+        )
+    return total, {"train": _segments(documents, sizes, 0, cut), "val": _segments(documents, sizes, cut, total)}
+
+
+def _character_start(documents: list[Path], sizes: list[int], cut: int) -> int:
+    """Move a source byte offset back to the start of the UTF-8 character it falls in."""
+    offset = 0
+    for path, size in zip(documents, sizes):
+        if offset < cut < offset + size:
+            inside = cut - offset
+            lookback = min(inside, 3)  # a UTF-8 character has at most 3 continuation bytes
+            with open(path, "rb") as f:
+                f.seek(inside - lookback)
+                window = f.read(lookback + 1)
+            back = 0
+            while back < lookback and window[-1 - back] & 0xC0 == 0x80:
+                back += 1
+            return cut - back
+        offset += size
+    return cut
+
+
+def _segments(documents: list[Path], sizes: list[int], low: int, high: int) -> list[tuple]:
+    """The parts of the documents inside source bytes [low, high), with whether each document ends there."""
+    segments = []
+    offset = 0
+    for path, size in zip(documents, sizes):
+        start, end = max(low, offset), min(high, offset + size)
+        if start < end:
+            segments.append((path, start - offset, end - offset, offset + size <= high))
+        offset += size
+    return segments
+
+
+def _read_chunks(path: Path, start: int, end: int):
+    """Yield path's bytes [start, end) in pieces of about CHUNK_BYTES, cut so no line (for BPE) or
+    character (for decoding) is split, except at `end` itself."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        carry = b""
+        while left:
+            block = f.read(min(CHUNK_BYTES, left))
+            if not block:
+                raise DataError(f"{path} got shorter while being read; rerun prepare once nothing writes to it")
+            left -= len(block)
+            data = carry + block
+            cut = _chunk_end(data) if left else len(data)
+            carry = data[cut:]
+            if cut:
+                yield data[:cut]
+
+
+def _chunk_end(data: bytes) -> int:
+    """After the last newline, else before the last character (it may be incomplete)."""
+    newline = data.rfind(b"\n")
+    if newline >= 0:
+        return newline + 1
+    for i in range(len(data) - 1, max(len(data) - 5, -1), -1):
+        if data[i] & 0xC0 != 0x80:
+            return i
+    return len(data)
+
+
+def _as_text(chunk: bytes, path: Path) -> str:
+    try:
+        return chunk.decode()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 ({e.reason}); leave it out of --input or use --tokenizer byte") from None
+
+
+def _source_chars(documents: list[Path]) -> str:
+    """The char tokenizer's vocabulary: every distinct character of the source (one extra read)."""
+    chars = set()
+    for path in documents:
+        for chunk in _read_chunks(path, 0, path.stat().st_size):
+            chars.update(_as_text(chunk, path))
+    return "".join(sorted(chars))
+
+
+def _build_tokenizer(name: str, documents: list[Path]) -> Tokenizer:
+    chars = _source_chars(documents) if name == "char" else None
+    tokenizer = get_tokenizer({"tokenizer": name, "chars": chars})
+    if tokenizer.vocab_size > MAX_VOCAB:
+        raise DataError(
+            f"tokenizer {name!r} has {tokenizer.vocab_size:,} ids, more than the {MAX_VOCAB:,} that fit"
+            " uint16 shards; use gpt2 or another smaller tokenizer"
+        )
+    return tokenizer
+
+
+# ---- tokenizing and writing --------------------------------------------------------------------
+
+
+def _split_tokens(segments: list[tuple], tokenizer: Tokenizer, source_hash):
+    """Token arrays of one split in source order, with end-of-text after each document ending in it."""
+    eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=np.uint16)
+    batch, batch_bytes = [], 0  # chunks, and the eot array where a document ends
+    for path, start, end, ends_document in segments:
+        for chunk in _read_chunks(path, start, end):
+            source_hash.update(chunk)
+            batch.append(_as_text(chunk, path) if tokenizer.reads_text else chunk)
+            batch_bytes += len(chunk)
+            if batch_bytes >= BATCH_BYTES:
+                yield from _encode_batch(batch, tokenizer)
+                batch, batch_bytes = [], 0
+        if ends_document and eot is not None:
+            batch.append(eot)
+    yield from _encode_batch(batch, tokenizer)
+
+
+def _encode_batch(batch: list, tokenizer: Tokenizer):
+    """Tokenize a batch's chunks in one call; the eot arrays between them pass through in place."""
+    encoded = iter(tokenizer.encode_chunks([item for item in batch if not isinstance(item, np.ndarray)]))
+    for item in batch:
+        yield item if isinstance(item, np.ndarray) else next(encoded)
+
+
+class _ShardWriter:
+    """Packs token arrays into a preallocated buffer and writes it out as a shard whenever it fills."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int, started: float):
+        self.folder, self.split, self.started = folder, split, started
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.filled = 0
+        self.shards = 0
+        self.tokens = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            take = min(len(tokens), len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == len(self.buffer):
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.filled:
+            return
+        path = self.folder / f"{self.split}_{self.shards:06d}.bin"
+        write_shard(path, self.buffer[: self.filled])
+        print(f"  {path.name}: {self.filled:,} tokens ({time.perf_counter() - self.started:.1f}s)")
+        self.tokens += self.filled
+        self.shards += 1
+        self.filled = 0
+
+
+def _write_splits(folder: Path, splits: dict, tokenizer: Tokenizer, shard_tokens: int, started: float):
+    """Shards for every split; returns the token counts and the sha256 of the source read on the way."""
+    source_hash = hashlib.sha256()
+    tokens = {}
+    for split, segments in splits.items():
+        writer = _ShardWriter(folder, split, shard_tokens, started)
+        for array in _split_tokens(segments, tokenizer, source_hash):
+            writer.add(array)
+        writer.flush()
+        tokens[split] = writer.tokens
+    return tokens, source_hash.hexdigest()
+
+
+def _replace_folder(target: Path, new: Path) -> None:
+    """Swap new in for target; whatever fails, complete data stays under one of the two names."""
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if target.exists():
+        cached_download = target / DOWNLOAD_CACHE
+        if cached_download.is_file() and not (new / DOWNLOAD_CACHE).exists():
+            shutil.copy2(cached_download, new / DOWNLOAD_CACHE)
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+
+def _check_options(dataset: str, val_fraction: float, shard_tokens: int) -> None:
+    if dataset not in DEFAULT_TOKENIZER:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DEFAULT_TOKENIZER)}")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val_fraction must be strictly between 0 and 1, not {val_fraction}; 0.1 is typical")
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+        raise DataError(f"--shard_tokens must be between 1 and {MAX_SHARD_TOKENS:,}, not {shard_tokens:,}")
+
+
+def _check_inputs_survive(documents: list[Path], out_dir: Path) -> None:
+    """Inputs inside the folder being replaced would be deleted with it (only the download cache is kept)."""
+    out_dir = out_dir.resolve()
+    for path in documents:
+        if path.is_relative_to(out_dir) and path != out_dir / DOWNLOAD_CACHE:
+            raise DataError(
+                f"input {path} lies inside the output folder {out_dir}, which prepare replaces;"
+                " move it or pick another --name"
+            )
+
+
+def prepare(
+    dataset="python_stdlib",
+    inputs=None,
+    tokenizer=None,
+    data_root="data",
+    name=None,
+    val_fraction=0.1,
+    shard_tokens=100_000_000,
+) -> Path:
+    """Tokenize a dataset into shards plus meta.json under <data_root>/<name>/ and return that folder."""
+    started = time.perf_counter()
+    _check_options(dataset, val_fraction, shard_tokens)
+    tokenizer_name = tokenizer or DEFAULT_TOKENIZER[dataset]
+    out_dir = Path(data_root) / (name or dataset)
+    documents = _source_documents(dataset, inputs, data_root)
+    _check_inputs_survive(documents, out_dir)
+    source_bytes, splits = _plan_splits(documents, val_fraction)
+    tok = _build_tokenizer(tokenizer_name, documents)
+    print(
+        f"{dataset}: {source_bytes:,} bytes in {len(documents):,} file(s),"
+        f" tokenizer {tokenizer_name} (vocab {tok.vocab_size:,})"
+    )
+
+    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        tokens, source_sha256 = _write_splits(tmp_dir, splits, tok, shard_tokens, started)
+        meta = {
+            "dataset": dataset,
+            "tokenizer": tokenizer_name,
+            **_tokenizer_meta(tok),
+            "tokens": tokens,
+            "source_bytes": source_bytes,
+            "source_sha256": source_sha256,
+            "val_fraction": val_fraction,
+            "shard_format": "llm.c v1 uint16",
+        }
+        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_folder(out_dir, tmp_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already after a successful swap
+
+    seconds = time.perf_counter() - started
+    print(
+        f"{out_dir}: {tokens['train']:,} train + {tokens['val']:,} val tokens"
+        f" in {seconds:.1f}s ({source_bytes / 1e6 / seconds:.1f} MB/s)"
+    )
+    return out_dir
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Tokenize text into llm.c-format token shards in <data_root>/<name>/.")
+    parser.add_argument(
+        "dataset",
+        nargs="?",
+        default="python_stdlib",
+        help="python_stdlib: Python's own standard library sources, no download; shakespeare_char: tiny"
+        " shakespeare, downloaded once unless --input is given; text: your files via --input"
+        " (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--input",
+        dest="inputs",
+        nargs="+",
+        metavar="PATH",
+        help="files, folders (every non-hidden file, recursively) or glob patterns to read"
+        " (default: the dataset's own)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="byte, char, gpt2 or any tiktoken encoding name (default: char for shakespeare_char, else byte)",
+    )
+    parser.add_argument("--data_root", default="data", help="folder of prepared datasets (default: %(default)s)")
+    parser.add_argument("--name", help="output folder name under --data_root (default: the dataset name)")
+    parser.add_argument(
+        "--val_fraction",
+        type=float,
+        default=0.1,
+        help="fraction of source bytes, taken from the end, that becomes the val split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shard_tokens", type=int, default=100_000_000, help="tokens per shard file (default: %(default)s)"
+    )
+    return parser
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        prepare(**vars(args))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

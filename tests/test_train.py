@@ -1,0 +1,193 @@
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, SHARED
+
+import prepare
+import train
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    prepare.prepare("shakespeare_char", inputs=[str(SHARED / "data" / "tinyshakespeare.txt")], data_root=root)
+    return root
+
+
+def tiny_args(data_root, out_dir, **overrides):
+    """A model small enough that a few dozen steps take seconds on two cores."""
+    args = {"dataset": "shakespeare_char", "data_root": data_root, "out_dir": out_dir, "n_layer": 2,
+            "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8, "max_iters": 40, "lr_decay_iters": 40,
+            "warmup_iters": 5, "eval_interval": 20, "eval_iters": 4, "log_interval": 5, "ckpt_interval": 20,
+            "sample_interval": 20, "sample_tokens": 20, "dropout": 0.1, "dtype": "float32", "compile": "false",
+            "device": "cpu"}
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_script(script, args, check=True, timeout=300):
+    result = subprocess.run([sys.executable, script, *args], check=False, cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_values():
+    lr = lambda it: train.lr_at(it, learning_rate=1.0, warmup_iters=10, decay_iters=110, min_lr=0.1)
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(9) == pytest.approx(1.0)  # warmup ends at full lr
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55)  # halfway through the cosine: midway between lr and min_lr
+    assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+    assert all(lr(i) >= lr(i + 1) for i in range(10, 200))
+
+
+def test_batches_are_deterministic_and_eval_batches_fixed(data_root):
+    windows = train.Windows(data_root / "shakespeare_char", "val", 32, 65)
+    x1, y1 = windows.random_batch(seed=1, index=7, batch_size=4)
+    x2, _ = windows.random_batch(seed=1, index=7, batch_size=4)
+    x3, _ = windows.random_batch(seed=1, index=8, batch_size=4)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
+    first, again = windows.fixed_batches(3, 4), windows.fixed_batches(3, 4)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert len({tuple(x[0].tolist()) for x, _ in first}) == 3
+
+
+def test_help_lists_every_key_with_default_and_meaning():
+    out = run_script("train.py", ["--help"]).stdout
+    for key in ("batch_size", "learning_rate", "stop_iter", "dtype"):
+        assert f"--{key}=" in out
+    assert "--learning_rate=1e-3" in out and "peak learning rate" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--no_such_key=1"], "unknown key --no_such_key"),
+    (["--batch_size=twelve"], "--batch_size=twelve is not a valid int"),
+    (["--batch_size=0"], "batch_size must be positive"),
+    (["config/missing.py"], "config file config/missing.py cannot be read"),
+    (["--gradient_accumulation_steps=-1"], "gradient_accumulation_steps must be positive"),
+    (["--device=cuda:7"], "device cuda:7 does not exist"),
+])
+def test_config_errors_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_config_file_errors(tmp_path, capsys):
+    raising, unknown = tmp_path / "raising.py", tmp_path / "unknown.py"
+    raising.write_text("batch_size = 1 / 0\n")
+    unknown.write_text("batch_sise = 4\n")
+    for path, message in ((raising, "ZeroDivisionError"), (unknown, "unknown key 'batch_sise'")):
+        with pytest.raises(SystemExit):
+            train.main([str(path)])
+        assert message in capsys.readouterr().err
+
+
+def test_training_loss_falls_and_logs(data_root, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", tiny_args(data_root, out, max_iters=60, lr_decay_iters=60))
+    assert "expected loss at init: ln(65) = 4.1744" in result.stdout
+    log = read_log(out)
+    evals = [r for r in log if "val_loss" in r]
+    assert evals[0]["step"] == 0 and abs(evals[0]["val_loss"] - math.log(65)) < 0.1
+    assert evals[-1]["step"] == 60 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    steps = [r for r in log if "lr" in r]
+    assert [r["step"] for r in steps] == list(range(5, 61, 5))
+    assert set(steps[0]) == {"step", "tokens", "train_loss", "lr", "grad_norm", "dt_ms", "tok_per_sec"}
+    assert steps[-1]["tokens"] == 60 * 8 * 32
+    assert any("sample" in r and r["sample"] for r in log)
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 60
+
+
+def test_resume_is_bitwise_exact_with_dropout(data_root, tmp_path):
+    whole, paused = tmp_path / "whole", tmp_path / "paused"
+    run_script("train.py", tiny_args(data_root, whole))
+    run_script("train.py", tiny_args(data_root, paused, stop_iter=15))
+    assert torch.load(paused / "last.pt", weights_only=True)["step"] == 15
+    run_script("train.py", tiny_args(data_root, paused, init_from="resume"))
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(paused / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 40
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+    def losses(out_dir):
+        return {(r["step"], "val_loss" in r): (r["train_loss"], r.get("val_loss")) for r in read_log(out_dir)
+                if "train_loss" in r}
+
+    assert losses(whole) == losses(paused)
+
+
+def test_fresh_run_refuses_to_overwrite_a_run(data_root, tmp_path):
+    out = tmp_path / "run"
+    run_script("train.py", tiny_args(data_root, out, max_iters=5, lr_decay_iters=5))
+    before = (out / "last.pt").read_bytes()
+    result = run_script("train.py", tiny_args(data_root, out, max_iters=5), check=False)
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("missing", "no checkpoint at"),
+    ("truncate", "truncated or corrupt"),
+    ("architecture", "holds a model with n_layer=2 but the config asks for n_layer=3"),
+])
+def test_bad_resume_is_one_clear_line(data_root, tmp_path, damage, message):
+    out = tmp_path / "run"
+    if damage != "missing":
+        run_script("train.py", tiny_args(data_root, out, max_iters=5, lr_decay_iters=5))
+    if damage == "truncate":
+        data = (out / "last.pt").read_bytes()
+        (out / "last.pt").write_bytes(data[: len(data) // 2])
+    n_layer = 3 if damage == "architecture" else 2
+    result = run_script("train.py", tiny_args(data_root, out, init_from="resume", n_layer=n_layer), check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_sigterm_saves_last_and_exits_cleanly(data_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_root, out, max_iters=100000,
+                                                                       lr_decay_iters=100000)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or len(read_log(out)) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    last_logged = max(r["step"] for r in read_log(out) if "lr" in r)
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == last_logged
+
+
+def test_sample_prints_text_from_a_run(data_root, tmp_path):
+    out = tmp_path / "run"
+    run_script("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10))
+    result = run_script("sample.py", [f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
+                                      "--start=ROMEO:", "--device=cpu"])
+    samples = result.stdout.split("---------------\n")
+    assert len(samples) == 3 and all(s.startswith("ROMEO:") for s in samples[:2])
+    again = run_script("sample.py", [f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
+                                     "--start=ROMEO:", "--device=cpu"])
+    assert again.stdout == result.stdout  # seeded

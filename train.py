@@ -1,0 +1,514 @@
+"""Train a GPT: `python train.py [config/x.py ...] [--key=value ...]`, or under torchrun for several processes.
+
+Read top to bottom: the config (every key with its default and meaning), the learning-rate schedule, the
+batch sampler, evaluation, checkpoints, then `train()`, the loop itself. Each optimizer step makes five moves:
+zero the gradients, forward and backward over the micro-batches, clip, step the optimizer, set the next lr.
+"""
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import prepare
+from configurator import ConfigError, load_config
+from model import GPT, GPTConfig
+
+# ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
+out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl
+init_from = "scratch"  # scratch (new run; out_dir must not hold one) or resume (continue out_dir/last.pt)
+data_root = "data"  # folder that holds the prepared datasets
+dataset = "python_stdlib"  # data_root/<dataset>, written by prepare.py (the default is prepared on first use)
+seed = 1337  # seeds weights, dropout and the order of training batches
+# batches
+batch_size = 16  # sequences per micro-batch, per process
+block_size = 128  # context length in tokens
+gradient_accumulation_steps = 1  # micro-batches per optimizer step over all processes (divided by world size)
+# model
+n_layer = 4  # transformer blocks
+n_head = 4  # attention heads per block
+n_embd = 128  # width of the residual stream
+dropout = 0.0  # dropout on attention, residual branches and embeddings
+bias = False  # biases in Linear layers and LayerNorms
+vocab_size = 0  # model vocabulary; 0 takes the dataset's, a larger value pads it (e.g. 50304 for GPT-2 BPE)
+# optimizer: AdamW with warmup and cosine decay
+learning_rate = 1e-3  # peak learning rate, reached after warmup
+min_lr = 1e-4  # floor the cosine decays to
+max_iters = 1500  # optimizer steps in the run
+warmup_iters = 100  # steps of linear warmup from 0
+lr_decay_iters = 0  # step where the cosine reaches min_lr; 0 means max_iters
+weight_decay = 0.1  # applied to 2-D weights and embeddings only
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.99  # AdamW beta2
+grad_clip = 1.0  # clip the global gradient norm to this; 0 disables clipping (the norm is still logged)
+# evaluation, logging, checkpoints
+eval_interval = 250  # steps between evaluations on the fixed held-out batches (best.pt follows the val loss)
+eval_iters = 20  # batches per split in each evaluation
+log_interval = 10  # steps between train lines in the console and log.jsonl
+ckpt_interval = 250  # steps between saves of last.pt (it is also saved when the run ends or stops)
+sample_interval = 500  # steps between text samples written to the log; 0 turns them off
+sample_tokens = 200  # length of each sample in tokens
+stop_iter = 0  # stop after this step (saving last.pt) without changing the schedule; 0 runs to max_iters
+# system
+device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
+dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
+compile = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+# ---- end of config ----
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+# ---- schedule ----
+
+def lr_at(it, learning_rate, warmup_iters, decay_iters, min_lr):
+    """Learning rate for the update that follows `it` completed updates: linear warmup, cosine to min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+# ---- batches ----
+
+class Windows:
+    """Windows of block_size + 1 tokens from one split's memmapped shards (x = first T, y = last T).
+
+    Shards are re-opened for every batch: a long-lived memmap of a large corpus keeps every page it
+    touched and grows the process's memory over a run.
+    """
+
+    def __init__(self, data_dir, split, block_size, vocab_size):
+        self.paths = prepare.shard_paths(data_dir, split)
+        self.block_size, self.vocab_size = block_size, vocab_size
+        self.starts_per_shard = np.array([max(0, len(prepare.load_shard(p)) - block_size) for p in self.paths])
+        self.total_starts = int(self.starts_per_shard.sum())
+        self.tokens = sum(len(prepare.load_shard(p)) for p in self.paths)
+        if self.total_starts == 0:
+            raise prepare.DataError(f"the {split} split of {data_dir} has {self.tokens} tokens, too few for "
+                                    f"block_size {block_size}; lower --block_size or prepare more data")
+
+    def batch(self, starts):
+        """(x, y) int64 tensors for windows at these global start positions (over the shards in order)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        first_start = np.cumsum(self.starts_per_shard) - self.starts_per_shard
+        shard_of = np.searchsorted(first_start, starts, side="right") - 1
+        window = np.empty((len(starts), self.block_size + 1), dtype=np.int64)
+        columns = np.arange(self.block_size + 1)
+        for s in np.unique(shard_of):
+            rows = shard_of == s
+            tokens = prepare.load_shard(self.paths[s]).view(np.ndarray)  # plain view: memmap slicing is slow
+            window[rows] = tokens[(starts[rows] - first_start[s])[:, None] + columns]
+        window = torch.from_numpy(window)
+        if int(window.max()) >= self.vocab_size:
+            raise prepare.DataError(f"token id {int(window.max())} in the data is >= the model's vocab_size "
+                                    f"{self.vocab_size}; the shards do not match meta.json, prepare them again")
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+    def random_batch(self, seed, index, batch_size):
+        """Training micro-batch number `index`: random windows drawn from (seed, index) alone, so the
+        sampler's whole state is one integer and any process can produce any batch."""
+        rng = np.random.default_rng([seed, index])
+        return self.batch(rng.integers(0, self.total_starts, size=batch_size))
+
+    def fixed_batches(self, n_batches, batch_size):
+        """Evaluation batches: evenly spaced windows, the same at every evaluation and in every run."""
+        starts = np.linspace(0, self.total_starts - 1, n_batches * batch_size).astype(np.int64)
+        return [self.batch(chunk) for chunk in np.split(starts, n_batches)]
+
+
+# ---- evaluation ----
+
+@torch.no_grad()
+def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
+    """Mean loss over fixed batches per split, in eval mode (no dropout); processes share the batches."""
+    model.eval()
+    losses = {}
+    for split, split_batches in batches.items():
+        total = torch.zeros(2, device=device)
+        for x, y in split_batches[rank::world_size]:
+            with autocast:
+                _, loss = model(x.to(device), y.to(device))
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        if world_size > 1:
+            dist.all_reduce(total)
+        losses[split] = (total[0] / total[1]).item()
+    model.train()
+    return losses
+
+
+# ---- checkpoints ----
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """Atomic save: write a temporary file in the same folder, fsync it, rename it over `path`, fsync the
+    folder. A crash at any instant leaves either the old or the new checkpoint, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint's contents (tensors and plain values only), or CheckpointError saying what is wrong."""
+    if not Path(path).exists():
+        raise CheckpointError(f"no checkpoint at {path}; train one first, or point --out_dir at a run folder")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); it is truncated or corrupt: "
+                              "restore it from a copy or start a new run in another out_dir") from None
+
+
+def check_architecture(ckpt, model_config, path):
+    for key, value in asdict(model_config).items():
+        if key != "dropout" and ckpt["model_config"].get(key) != value:
+            raise CheckpointError(f"{path} holds a model with {key}={ckpt['model_config'].get(key)} but the "
+                                  f"config asks for {key}={value}; use the run's own config to resume it")
+
+
+# ---- devices and precision ----
+
+def cpu_has_bf16():
+    """True where the CPU computes bf16 natively (x86 avx512_bf16 or AMX); elsewhere bf16 autocast is slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(requested, local_rank):
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank}"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        index = int(requested.partition(":")[2] or local_rank)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {requested} does not exist: torch sees {torch.cuda.device_count()} CUDA "
+                              "device(s); use --device=auto or --device=cpu")
+        return f"cuda:{index}"
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps is not available on this machine; use --device=auto or --device=cpu")
+    if requested not in ("cpu", "mps"):
+        raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+def pick_dtype(requested, device_type):
+    """(torch dtype, reason) for autocast; float32 means no autocast."""
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if requested != "auto":
+        if requested not in names:
+            raise ConfigError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
+        return names[requested], "as configured"
+    if device_type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "the GPU supports bf16"
+        return torch.float16, "the GPU lacks bf16, so fp16 with a gradient scaler"
+    if device_type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16, "the CPU has native bf16 (avx512_bf16/amx)"
+    return torch.float32, f"no fast bf16 on {device_type}"
+
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU in use, looked up from its name; None where unknown (no MFU then)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def check_config(cfg, world_size):
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+                "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "max_iters"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}")
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be divisible by "
+                          f"the {world_size} processes")
+    if cfg.init_from not in ("scratch", "resume"):
+        raise ConfigError(f"init_from must be scratch or resume, got {cfg.init_from!r}")
+    if cfg.compile not in ("auto", "true", "false"):
+        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def load_data(cfg):
+    """The dataset's meta, preparing the embedded default on first use."""
+    data_dir = Path(cfg.data_root) / cfg.dataset
+    if cfg.dataset == "python_stdlib" and not (data_dir / "meta.json").exists():
+        print(f"preparing the default dataset in {data_dir} (Python's standard library, byte tokens)")
+        prepare.prepare("python_stdlib", data_root=cfg.data_root)
+    return data_dir, prepare.read_meta(data_dir)
+
+
+# ---- the loop ----
+
+class Run:
+    """Where a run writes: log.jsonl lines and a short console line; only the main process writes."""
+
+    def __init__(self, out_dir, enabled):
+        self.enabled = enabled
+        self.log_path = Path(out_dir) / "log.jsonl"
+
+    def log(self, record, console=None):
+        if not self.enabled:
+            return
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            print(console, flush=True)
+
+
+def train(cfg):
+    ddp = "RANK" in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    check_config(cfg, world_size)
+    device = pick_device(cfg.device, local_rank)
+    device_type = device.split(":")[0]
+    if ddp:
+        if device_type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    try:
+        run_training(cfg, rank, world_size, device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def run_training(cfg, rank, world_size, device):
+    master = rank == 0
+    device_type = device.split(":")[0]
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "last.pt"
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+    elif ckpt_path.exists():
+        raise ConfigError(f"{out_dir} already holds a run (last.pt); continue it with --init_from=resume "
+                          "or choose another --out_dir")
+    data_dir, meta = load_data(cfg)
+    vocab = cfg.vocab_size or meta["vocab_size"]
+    if vocab < meta["vocab_size"]:
+        raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    train_data = Windows(data_dir, "train", cfg.block_size, vocab)
+    val_data = Windows(data_dir, "val", cfg.block_size, vocab)
+    eval_batches = {"train": train_data.fixed_batches(cfg.eval_iters, cfg.batch_size),
+                    "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
+
+    ptdtype, dtype_reason = pick_dtype(cfg.dtype, device_type)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    torch.manual_seed(cfg.seed + rank)
+    raw_model = GPT(model_config).to(device)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                              device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    step, best_val = 0, float("inf")
+    if ckpt is not None:
+        check_architecture(ckpt, model_config, ckpt_path)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        set_rng_state(ckpt["rng"])
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+
+    accum = cfg.gradient_accumulation_steps // world_size
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
+    run = Run(out_dir, master)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n_params = raw_model.num_params()
+        print(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M without "
+              f"embeddings), {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, vocab {vocab}, "
+              f"context {cfg.block_size}")
+        print(f"data: {cfg.dataset} ({meta['tokenizer']} tokens): {train_data.tokens:,} train, "
+              f"{val_data.tokens:,} val")
+        print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {accum} micro-steps x {world_size} "
+              f"process(es) = {tokens_per_step:,} tokens/step; {cfg.max_iters} steps = "
+              f"{tokens_per_step * cfg.max_iters / 1e6:.1f}M tokens "
+              f"({tokens_per_step * cfg.max_iters / train_data.tokens:.1f} epochs)")
+        print(f"compute: 6ND = {6 * n_params * tokens_per_step * cfg.max_iters:.2e} FLOPs; "
+              f"{raw_model.flops_per_token(cfg.block_size) / 1e6:.1f} MFLOPs per token with attention")
+        print(f"device: {device}, {str(ptdtype).removeprefix('torch.')} ({dtype_reason}), "
+              f"compile {'on' if use_compile else 'off'}")
+
+    def evaluate():
+        nonlocal best_val
+        losses = estimate_loss(model, eval_batches, device, autocast, rank, world_size)
+        run.log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
+                 "val_loss": losses["val"], "val_ppl": math.exp(min(losses["val"], 50.0))},
+                f"step {step}: eval train {losses['train']:.4f}, val {losses['val']:.4f}")
+        if losses["val"] < best_val:
+            best_val = losses["val"]
+            checkpoint(out_dir / "best.pt")
+
+    def checkpoint(path):
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
+                 "data_position": step * cfg.gradient_accumulation_steps, "best_val_loss": best_val,
+                 "rng": rng_state(), "config": vars(cfg), "model_config": asdict(model_config), "meta": meta}
+        if master:
+            save_checkpoint(path, state)
+        if world_size > 1:
+            dist.barrier()
+
+    def write_sample():
+        tokenizer = prepare.get_tokenizer(meta)
+        start = tokenizer.document_start()
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        with autocast:
+            ids = raw_model.generate(torch.tensor([start], device=device), cfg.sample_tokens, temperature=0.8,
+                                     top_k=200, vocab_limit=meta["vocab_size"], generator=generator)
+        text = tokenizer.decode(ids[0, len(start):].tolist())
+        run.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")
+
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    if ckpt is None:
+        if master:
+            print(f"expected loss at init: ln({vocab}) = {math.log(vocab):.4f}")
+        evaluate()
+    elif master and step >= end_step:
+        print(f"{ckpt_path} is already at step {step}; raise --max_iters to train further")
+    data_index = step * cfg.gradient_accumulation_steps + rank * accum
+    interval_time, interval_steps = 0.0, 0
+    while step < end_step:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = train_data.random_batch(cfg.seed, data_index + micro, cfg.batch_size)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # under DDP, gradients are all-reduced once per step: on the last micro-batch only
+            skip_sync = world_size > 1 and micro < accum - 1
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                with autocast:
+                    _, loss = model(x, y)
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+        data_index += cfg.gradient_accumulation_steps
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        log_step = step % cfg.log_interval == 0 or step == end_step
+        if log_step:  # the only host-device syncs of the loop happen here
+            if world_size > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            train_loss, norm = loss_sum.item() / accum, grad_norm.item()
+        interval_time += time.perf_counter() - t0
+        interval_steps += 1
+
+        if log_step:
+            dt = interval_time / interval_steps
+            interval_time, interval_steps = 0.0, 0
+            record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
+                      "grad_norm": norm, "dt_ms": 1000 * dt, "tok_per_sec": tokens_per_step / dt}
+            peak = peak_flops(device)
+            if peak:
+                record["mfu"] = raw_model.flops_per_token(cfg.block_size) * record["tok_per_sec"] / (peak * world_size)
+            eta = time.strftime("%H:%M:%S", time.gmtime(dt * (end_step - step)))
+            run.log(record, f"step {step}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                            f"{1000 * dt:.1f} ms | {record['tok_per_sec']:,.0f} tok/s | ETA {eta}")
+            if stop_requested(stop_signal, device, world_size):
+                if master:
+                    print(f"stopping at step {step} on signal {stop_signal[0]}; saving {ckpt_path}")
+                checkpoint(ckpt_path)
+                return
+        # the schedule's end, not stop_iter, decides the final eval and sample, so a paused run matches
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            evaluate()
+        if cfg.sample_interval and (step % cfg.sample_interval == 0 or step == cfg.max_iters) and master:
+            write_sample()
+        if step % cfg.ckpt_interval == 0 or step == end_step:
+            checkpoint(ckpt_path)
+
+
+def stop_requested(stop_signal, device, world_size):
+    """Whether any process got SIGINT/SIGTERM; agreed by all so that every process stops at the same step."""
+    flag = torch.tensor(float(bool(stop_signal)), device=device)
+    if world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def main(argv=None):
+    try:
+        train(load_config(__file__, sys.argv[1:] if argv is None else argv))
+    except (ConfigError, prepare.DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
