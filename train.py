@@ -251,16 +251,29 @@ def pick_dtype(requested, device_type):
     return torch.float32, f"no fast bf16 on {device_type}"
 
 
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense (no sparsity) tensor-core peaks in FLOP/s from the vendors' data sheets, per autocast dtype; fp32
+# matmuls run as TF32 here. Checked in order, so a more specific name comes before its prefix.
+GPU_PEAK_FLOPS = [
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12}),  # SXM
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12}),
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12}),
+    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12}),
+    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12}),
+    ("V100", {"fp16": 125e12}),
+]
 
 
-def peak_flops(device):
-    """Dense bf16 peak of the GPU in use, looked up from its name; None where unknown (no MFU then)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+def peak_flops(device_name, dtype):
+    """The dense peak of a GPU (by its name) for an autocast dtype; None where unknown (then no MFU)."""
+    kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32"}[dtype]
+    return next((peaks.get(kind) for key, peaks in GPU_PEAK_FLOPS if key in device_name), None)
 
 
 def check_config(cfg, world_size):
@@ -291,6 +304,30 @@ def load_data(cfg):
 
 
 # ---- the loop ----
+
+def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
+    """One optimizer step over a list of (x, y) micro-batches: set the lr, forward and backward each
+    micro-batch (loss scaled by their count), clip, step, zero the gradients. Returns the summed
+    micro-batch loss and the gradient norm before clipping, as tensors: reading them syncs the device."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=batches[0][0].device)
+    for micro, (x, y) in enumerate(batches):
+        # under DDP, gradients are all-reduced once per step: on the last micro-batch only
+        skip_sync = isinstance(model, DDP) and micro < len(batches) - 1
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            with autocast:
+                _, loss = model(x, y)
+            scaler.scale(loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
 
 class Run:
     """Where a run writes: log.jsonl lines and a short console line; only the main process writes."""
@@ -379,6 +416,7 @@ def run_training(cfg, rank, world_size, device):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
     run = Run(out_dir, master)
+    peak = peak_flops(torch.cuda.get_device_name(device), ptdtype) if device_type == "cuda" else None
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         n_params = raw_model.num_params()
@@ -441,25 +479,10 @@ def run_training(cfg, rank, world_size, device):
     while step < end_step:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = train_data.random_batch(cfg.seed, data_index + micro, cfg.batch_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # under DDP, gradients are all-reduced once per step: on the last micro-batch only
-            skip_sync = world_size > 1 and micro < accum - 1
-            with model.no_sync() if skip_sync else contextlib.nullcontext():
-                with autocast:
-                    _, loss = model(x, y)
-                scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach()
+        batches = [train_data.random_batch(cfg.seed, data_index + micro, cfg.batch_size) for micro in range(accum)]
+        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+        loss_sum, grad_norm = train_step(model, optimizer, scaler, autocast, batches, lr, cfg.grad_clip)
         data_index += cfg.gradient_accumulation_steps
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         log_step = step % cfg.log_interval == 0 or step == end_step
         if log_step:  # the only host-device syncs of the loop happen here
@@ -474,7 +497,6 @@ def run_training(cfg, rank, world_size, device):
             interval_time, interval_steps = 0.0, 0
             record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
                       "grad_norm": norm, "dt_ms": 1000 * dt, "tok_per_sec": tokens_per_step / dt}
-            peak = peak_flops(device)
             if peak:
                 record["mfu"] = raw_model.flops_per_token(cfg.block_size) * record["tok_per_sec"] / (peak * world_size)
             eta = time.strftime("%H:%M:%S", time.gmtime(dt * (end_step - step)))
