@@ -6,7 +6,6 @@ zero the gradients, forward and backward over the micro-batches, clip, step the 
 """
 
 import contextlib
-import json
 import math
 import os
 import pickle
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
+import runlog
 from configurator import ConfigError, load_config
 from model import GPT, GPTConfig
 
@@ -65,6 +65,13 @@ stop_iter = 0  # stop after this step (saving last.pt) without changing the sche
 device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
 dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
 compile = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+# safety and records
+keep_last_k = 0  # also keep the k newest periodic checkpoints as ckpt_<step>.pt; 0 keeps only last.pt
+max_skipped_steps = 25  # stop the run after this many consecutive updates skipped for non-finite values
+loss_spike_factor = 1.5  # warn when a step's loss exceeds this multiple of its running average
+wandb_log = False  # also send the logged metrics to Weights & Biases (needs `pip install wandb`)
+wandb_project = "gpt"  # wandb project name
+wandb_run_name = ""  # wandb run name; empty lets wandb choose
 # ---- end of config ----
 
 
@@ -306,11 +313,14 @@ def load_data(cfg):
 # ---- the loop ----
 
 def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
-    """One optimizer step over a list of (x, y) micro-batches: set the lr, forward and backward each
-    micro-batch (loss scaled by their count), clip, step, zero the gradients. Returns the summed
-    micro-batch loss and the gradient norm before clipping, as tensors: reading them syncs the device."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    """One optimizer step over a list of (x, y) micro-batches, in five moves: zero the gradients, forward
+    and backward each micro-batch (its loss scaled by their count), clip, step the optimizer at this lr.
+
+    Returns (mean loss, gradient norm before clipping, whether the update was applied). A non-finite loss
+    or gradient skips the update, so a divergence never reaches the weights; reading the two values for
+    that check is the step's one host-device sync. Gradients stay in place until the next call.
+    """
+    optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=batches[0][0].device)
     for micro, (x, y) in enumerate(batches):
         # under DDP, gradients are all-reduced once per step: on the last micro-batch only
@@ -320,29 +330,27 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
                 _, loss = model(x, y)
             scaler.scale(loss / len(batches)).backward()
         loss_sum += loss.detach()
+    if isinstance(model, DDP):
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # every process then takes the same skip decision
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-    scaler.step(optimizer)
+    loss_value, norm = torch.stack([loss_sum / len(batches), grad_norm.float()]).tolist()
+    applied = math.isfinite(loss_value) and math.isfinite(norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if applied:
+        scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_value, norm, applied
 
 
-class Run:
-    """Where a run writes: log.jsonl lines and a short console line; only the main process writes."""
+def nonfinite_gradients(model):
+    return [name for name, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
 
-    def __init__(self, out_dir, enabled):
-        self.enabled = enabled
-        self.log_path = Path(out_dir) / "log.jsonl"
 
-    def log(self, record, console=None):
-        if not self.enabled:
-            return
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if console:
-            print(console, flush=True)
+class Diverged(Exception):
+    """Too many consecutive updates skipped for non-finite values."""
 
 
 def train(cfg):
@@ -397,14 +405,15 @@ def run_training(cfg, rank, world_size, device):
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                               device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    step, best_val = 0, float("inf")
+    step, best_val, best_step, wandb_id = 0, float("inf"), None, runlog.new_wandb_id()
     if ckpt is not None:
         check_architecture(ckpt, model_config, ckpt_path)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        step, best_val, best_step = ckpt["step"], ckpt["best_val_loss"], ckpt["best_step"]
+        wandb_id = ckpt["wandb_id"]
         set_rng_state(ckpt["rng"])
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     model = torch.compile(raw_model) if use_compile else raw_model
@@ -415,10 +424,10 @@ def run_training(cfg, rank, world_size, device):
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
-    run = Run(out_dir, master)
     peak = peak_flops(torch.cuda.get_device_name(device), ptdtype) if device_type == "cuda" else None
+    run = runlog.RunLog(out_dir, master)
+    run.start(cfg, meta, device, ptdtype, world_size, ckpt["step"] if ckpt else None, wandb_id)
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
         n_params = raw_model.num_params()
         print(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M without "
               f"embeddings), {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, vocab {vocab}, "
@@ -435,24 +444,28 @@ def run_training(cfg, rank, world_size, device):
               f"compile {'on' if use_compile else 'off'}")
 
     def evaluate():
-        nonlocal best_val
+        nonlocal best_val, best_step
         losses = estimate_loss(model, eval_batches, device, autocast, rank, world_size)
         run.log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
                  "val_loss": losses["val"], "val_ppl": math.exp(min(losses["val"], 50.0))},
                 f"step {step}: eval train {losses['train']:.4f}, val {losses['val']:.4f}")
         if losses["val"] < best_val:
-            best_val = losses["val"]
+            best_val, best_step = losses["val"], step
             checkpoint(out_dir / "best.pt")
+        run.evaluated(step, step * tokens_per_step, losses["val"], best_val, best_step)
 
     def checkpoint(path):
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
                  "data_position": step * cfg.gradient_accumulation_steps, "best_val_loss": best_val,
-                 "rng": rng_state(), "config": vars(cfg), "model_config": asdict(model_config), "meta": meta}
+                 "best_step": best_step, "rng": rng_state(), "wandb_id": wandb_id, "config": vars(cfg),
+                 "model_config": asdict(model_config), "meta": meta}
+        if world_size > 1:
+            dist.barrier()  # every process has finished the step before its state is written
         if master:
             save_checkpoint(path, state)
-        if world_size > 1:
-            dist.barrier()
+            if path == ckpt_path and cfg.keep_last_k:
+                keep_step_checkpoint(ckpt_path, step, cfg.keep_last_k)
 
     def write_sample():
         tokenizer = prepare.get_tokenizer(meta)
@@ -466,33 +479,52 @@ def run_training(cfg, rank, world_size, device):
 
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
 
     if ckpt is None:
         if master:
             print(f"expected loss at init: ln({vocab}) = {math.log(vocab):.4f}")
         evaluate()
-    elif master and step >= end_step:
-        print(f"{ckpt_path} is already at step {step}; raise --max_iters to train further")
+    else:
+        run.log({"step": step, "event": "resumed"}, f"resumed from {ckpt_path} at step {step}")
+        if step >= end_step and master:
+            print(f"{ckpt_path} is already at step {step}; raise --max_iters to train further")
     data_index = step * cfg.gradient_accumulation_steps + rank * accum
-    interval_time, interval_steps = 0.0, 0
+    interval_time, interval_steps, skipped, recent_norms, loss_ema = 0.0, 0, 0, [], None
+    end_reason = "finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}"
     while step < end_step:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr)
         batches = [train_data.random_batch(cfg.seed, data_index + micro, cfg.batch_size) for micro in range(accum)]
         batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
-        loss_sum, grad_norm = train_step(model, optimizer, scaler, autocast, batches, lr, cfg.grad_clip)
+        train_loss, norm, applied = train_step(model, optimizer, scaler, autocast, batches, lr, cfg.grad_clip)
         data_index += cfg.gradient_accumulation_steps
         step += 1
-        log_step = step % cfg.log_interval == 0 or step == end_step
-        if log_step:  # the only host-device syncs of the loop happen here
-            if world_size > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            train_loss, norm = loss_sum.item() / accum, grad_norm.item()
         interval_time += time.perf_counter() - t0
         interval_steps += 1
 
-        if log_step:
+        if not applied:
+            skipped += 1
+            run.log({"step": step, "skipped": "non-finite loss or gradient norm", "loss": train_loss,
+                     "grad_norm": norm, "lr": lr, "recent_grad_norms": recent_norms[-10:],
+                     "nonfinite_grads": nonfinite_gradients(raw_model)[:20], "consecutive_skips": skipped},
+                    f"step {step}: skipped the update: loss {train_loss}, grad norm {norm} "
+                    f"({skipped} in a row, limit {cfg.max_skipped_steps})")
+            if skipped >= cfg.max_skipped_steps:
+                run.finish(step, step * tokens_per_step, "diverged")
+                raise Diverged(f"training diverged: {skipped} consecutive steps up to step {step} had a non-finite "
+                               f"loss or gradient; the last good checkpoint is {ckpt_path}; lower the "
+                               "learning rate or check the data, then resume")
+        else:
+            skipped = 0
+            recent_norms = [*recent_norms[-99:], norm]
+            if loss_ema is not None and train_loss > cfg.loss_spike_factor * loss_ema:
+                run.log({"step": step, "warning": "loss spike", "loss": train_loss, "running_average": loss_ema},
+                        f"step {step}: warning: loss {train_loss:.4f} is over {cfg.loss_spike_factor}x its "
+                        f"running average {loss_ema:.4f}")
+            loss_ema = train_loss if loss_ema is None else 0.95 * loss_ema + 0.05 * train_loss
+
+        if step % cfg.log_interval == 0 or step == end_step:
             dt = interval_time / interval_steps
             interval_time, interval_steps = 0.0, 0
             record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
@@ -504,9 +536,10 @@ def run_training(cfg, rank, world_size, device):
                             f"{1000 * dt:.1f} ms | {record['tok_per_sec']:,.0f} tok/s | ETA {eta}")
             if stop_requested(stop_signal, device, world_size):
                 if master:
-                    print(f"stopping at step {step} on signal {stop_signal[0]}; saving {ckpt_path}")
+                    print(f"stopping at step {step} on {stop_signal[0]}; saving {ckpt_path}")
                 checkpoint(ckpt_path)
-                return
+                end_reason = f"stopped by {stop_signal[0] if stop_signal else 'a signal to another process'}"
+                break
         # the schedule's end, not stop_iter, decides the final eval and sample, so a paused run matches
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             evaluate()
@@ -514,6 +547,16 @@ def run_training(cfg, rank, world_size, device):
             write_sample()
         if step % cfg.ckpt_interval == 0 or step == end_step:
             checkpoint(ckpt_path)
+    run.finish(step, step * tokens_per_step, end_reason)
+
+
+def keep_step_checkpoint(ckpt_path, step, keep):
+    """Keep last.pt of this step as ckpt_<step>.pt too (a hard link: no copy), and only the newest `keep`."""
+    link = ckpt_path.with_name(f"ckpt_{step:07d}.pt")
+    link.unlink(missing_ok=True)
+    os.link(ckpt_path, link)
+    for old in sorted(ckpt_path.parent.glob("ckpt_*.pt"))[:-keep]:
+        old.unlink()
 
 
 def stop_requested(stop_signal, device, world_size):
@@ -530,6 +573,9 @@ def main(argv=None):
     except (ConfigError, prepare.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

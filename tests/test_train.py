@@ -1,46 +1,10 @@
-import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, SHARED
+from conftest import read_log, run_script, tiny_args
 
-import prepare
 import train
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    prepare.prepare("shakespeare_char", inputs=[str(SHARED / "data" / "tinyshakespeare.txt")], data_root=root)
-    return root
-
-
-def tiny_args(data_root, out_dir, **overrides):
-    """A model small enough that a few dozen steps take seconds on two cores."""
-    args = {"dataset": "shakespeare_char", "data_root": data_root, "out_dir": out_dir, "n_layer": 2,
-            "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8, "max_iters": 40, "lr_decay_iters": 40,
-            "warmup_iters": 5, "eval_interval": 20, "eval_iters": 4, "log_interval": 5, "ckpt_interval": 20,
-            "sample_interval": 20, "sample_tokens": 20, "dropout": 0.1, "dtype": "float32", "compile": "false",
-            "device": "cpu"}
-    args.update(overrides)
-    return [f"--{k}={v}" for k, v in args.items()]
-
-
-def run_script(script, args, check=True, timeout=300):
-    result = subprocess.run([sys.executable, script, *args], check=False, cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def read_log(out_dir):
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
 def test_lr_schedule_values():
@@ -163,22 +127,6 @@ def test_bad_resume_is_one_clear_line(data_root, tmp_path, damage, message):
     result = run_script("train.py", tiny_args(data_root, out, init_from="resume", n_layer=n_layer), check=False)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
-
-
-def test_sigterm_saves_last_and_exits_cleanly(data_root, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_root, out, max_iters=100000,
-                                                                       lr_decay_iters=100000)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "log.jsonl").exists() or len(read_log(out)) < 3:
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    last_logged = max(r["step"] for r in read_log(out) if "lr" in r)
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == last_logged
 
 
 def test_sample_prints_text_from_a_run(data_root, tmp_path):

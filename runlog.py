@@ -1,0 +1,123 @@
+"""What a run writes besides checkpoints: log.jsonl, the console, run.json, loss.png, and wandb if asked.
+
+Only the main process writes; on other processes every method does nothing.
+"""
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+import plot
+from configurator import ConfigError
+
+SELECTION_RULE = "lowest val loss on the fixed val batches"
+
+
+def now():
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def code_version():
+    """The git commit of this checkout and whether tracked files differ from it; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def write_json_atomic(path, data):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class RunLog:
+    def __init__(self, out_dir, enabled):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.record = {}
+        self.wandb = None
+        self.said_no_plot = False
+
+    def start(self, cfg, meta, device, dtype, world_size, resumed_from, wandb_id):
+        """Write run.json's opening state and, with wandb_log, open (or reopen) the wandb run."""
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.record = {
+            "code": code_version(), "config": vars(cfg), "seed": cfg.seed,
+            "data": {k: meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "source_sha256", "tokens")},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda},
+            "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+            "dtype": str(dtype).removeprefix("torch."), "world_size": world_size,
+            "command": " ".join(["python", *sys.argv]), "started": now(), "resumed_from_step": resumed_from,
+            "ended": None, "end_reason": "running", "step": resumed_from or 0, "tokens_seen": 0,
+            "final_val_loss": None, "best_val_loss": None, "best_step": None,
+            "selected_checkpoint": None, "selection_rule": SELECTION_RULE,
+        }
+        self.write_record()
+        if cfg.wandb_log:
+            self.wandb = open_wandb(cfg, wandb_id, self.record)
+
+    def log(self, record, console=None):
+        """Append a line to log.jsonl (and its numbers to wandb); print `console` if given."""
+        if not self.enabled:
+            return
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            print(console, flush=True)
+        if self.wandb is not None:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.wandb.log(numbers, step=record["step"])
+
+    def evaluated(self, step, tokens, val_loss, best_val_loss, best_step):
+        """Record an evaluation in run.json and redraw loss.png."""
+        if not self.enabled:
+            return
+        self.record.update(step=step, tokens_seen=tokens, final_val_loss=val_loss, best_val_loss=best_val_loss,
+                           best_step=best_step, selected_checkpoint="best.pt" if math.isfinite(best_val_loss) else None)
+        self.write_record()
+        if not plot.draw([self.out_dir / "log.jsonl"], self.out_dir / "loss.png") and not self.said_no_plot:
+            print(plot.MISSING_MATPLOTLIB)
+            self.said_no_plot = True
+
+    def finish(self, step, tokens, reason):
+        """Close the run record with why it ended: finished, stopped by a signal, paused at stop_iter, diverged."""
+        if not self.enabled:
+            return
+        self.record.update(step=step, tokens_seen=tokens, ended=now(), end_reason=reason)
+        self.write_record()
+        if self.wandb is not None:
+            self.wandb.summary.update({k: self.record[k] for k in ("end_reason", "best_val_loss", "best_step")})
+            self.wandb.finish(exit_code=0 if reason != "diverged" else 1)
+
+    def write_record(self):
+        write_json_atomic(self.out_dir / "run.json", self.record)
+
+
+def new_wandb_id():
+    return uuid.uuid4().hex[:12]
+
+
+def open_wandb(cfg, run_id, record):
+    """A wandb run with a stable id, so a resumed training run continues the same wandb run."""
+    try:
+        import wandb  # optional: only needed with wandb_log=True
+    except ImportError:
+        raise ConfigError("wandb_log=True needs the wandb package: pip install wandb") from None
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id, resume="allow",
+                      config={**vars(cfg), "run": record}, dir=str(Path(cfg.out_dir)))
