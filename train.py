@@ -178,6 +178,24 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng_states(world_size):
+    """Every process's RNG state, in rank order: each process draws its own dropout masks."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng(states, rank, world_size):
+    """This process's saved RNG state. The data order does not depend on the world size, but dropout
+    masks do: resuming on another world size continues correctly, though not bitwise like the original."""
+    if len(states) != world_size and rank == 0:
+        print(f"note: resuming {len(states)} process(es)' run on {world_size}; dropout masks will differ "
+              "from an uninterrupted run")
+    return states[rank % len(states)]
+
+
 def save_checkpoint(path, state):
     """Atomic save: write a temporary file in the same folder, fsync it, rename it over `path`, fsync the
     folder. A crash at any instant leaves either the old or the new checkpoint, never a torn one."""
@@ -331,7 +349,8 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
             scaler.scale(loss / len(batches)).backward()
         loss_sum += loss.detach()
     if isinstance(model, DDP):
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # every process then takes the same skip decision
+        dist.all_reduce(loss_sum)  # every process then takes the same skip decision
+        loss_sum /= dist.get_world_size()  # (a sum: gloo has no average)
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
@@ -414,7 +433,7 @@ def run_training(cfg, rank, world_size, device):
             scaler.load_state_dict(ckpt["scaler"])
         step, best_val, best_step = ckpt["step"], ckpt["best_val_loss"], ckpt["best_step"]
         wandb_id = ckpt["wandb_id"]
-        set_rng_state(ckpt["rng"])
+        set_rng_state(restore_rng(ckpt["rng"], rank, world_size))
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     model = torch.compile(raw_model) if use_compile else raw_model
     if world_size > 1:
@@ -458,7 +477,7 @@ def run_training(cfg, rank, world_size, device):
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
                  "data_position": step * cfg.gradient_accumulation_steps, "best_val_loss": best_val,
-                 "best_step": best_step, "rng": rng_state(), "wandb_id": wandb_id, "config": vars(cfg),
+                 "best_step": best_step, "rng": gather_rng_states(world_size), "wandb_id": wandb_id, "config": vars(cfg),
                  "model_config": asdict(model_config), "meta": meta}
         if world_size > 1:
             dist.barrier()  # every process has finished the step before its state is written

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+import torch
+from conftest import ROOT, read_log, run_script, tiny_args
+
+
+def torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["train_loss"] for r in read_log(out_dir) if "lr" in r}
+
+
+def test_two_processes_match_one_with_twice_the_accumulation(data_root, tmp_path):
+    common = {"gradient_accumulation_steps": 4, "max_iters": 12, "lr_decay_iters": 12, "log_interval": 1,
+              "eval_interval": 6, "ckpt_interval": 6, "dropout": 0.0}
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_script("train.py", tiny_args(data_root, single, **common))
+    result = torchrun(tiny_args(data_root, ddp, **common))
+    assert "x 2 micro-steps x 2 process(es)" in result.stdout
+    a, b = train_losses(single), train_losses(ddp)
+    assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-5 for s in a)
+    val = [[r["val_loss"] for r in read_log(d) if "val_loss" in r] for d in (single, ddp)]
+    assert all(abs(x - y) < 1e-5 for x, y in zip(*val)) and len(val[0]) == 3
+    wa = torch.load(single / "last.pt", weights_only=True)["model"]
+    wb = torch.load(ddp / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)
+    assert len(list(ddp.glob("*.pt"))) == 2  # one writer: rank 0
+
+
+def test_resume_under_ddp_is_exact_with_dropout(data_root, tmp_path):
+    common = {"gradient_accumulation_steps": 2, "max_iters": 10, "lr_decay_iters": 10, "log_interval": 1,
+              "eval_interval": 5, "ckpt_interval": 5, "dropout": 0.1}
+    whole, paused = tmp_path / "whole", tmp_path / "paused"
+    torchrun(tiny_args(data_root, whole, **common))
+    torchrun(tiny_args(data_root, paused, stop_iter=4, **common))
+    assert len(torch.load(paused / "last.pt", weights_only=True)["rng"]) == 2  # each process's own RNG
+    torchrun(tiny_args(data_root, paused, init_from="resume", **common))
+    wa = torch.load(whole / "last.pt", weights_only=True)["model"]
+    wb = torch.load(paused / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert train_losses(whole) == train_losses(paused)
