@@ -19,6 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
@@ -65,6 +73,7 @@ stop_iter = 0  # stop after this step (saving last.pt) without changing the sche
 device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
 dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
 compile = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2: parameters, gradients, optimizer state sharded)
 # safety and records
 keep_last_k = 0  # also keep the k newest periodic checkpoints as ckpt_<step>.pt; 0 keeps only last.pt
 max_skipped_steps = 25  # stop the run after this many consecutive updates skipped for non-finite values
@@ -143,15 +152,19 @@ class Windows:
 
 @torch.no_grad()
 def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
-    """Mean loss over fixed batches per split, in eval mode (no dropout); processes share the batches."""
+    """Mean loss over fixed batches per split, in eval mode (no dropout). Processes share the batches;
+    each runs the same number of forward passes (FSDP gathers parameters in every one), the surplus
+    ones counting zero."""
     model.eval()
     losses = {}
     for split, split_batches in batches.items():
         total = torch.zeros(2, device=device)
-        for x, y in split_batches[rank::world_size]:
+        for i in range(rank, math.ceil(len(split_batches) / world_size) * world_size, world_size):
+            x, y = split_batches[min(i, len(split_batches) - 1)]
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
+            weight = float(i < len(split_batches))
+            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=device)])
         if world_size > 1:
             dist.all_reduce(total)
         losses[split] = (total[0] / total[1]).item()
@@ -176,6 +189,22 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state(model, optimizer, sharded):
+    """Model and optimizer state dicts with whole tensors. Under FSDP they are gathered to rank 0 (others
+    get empty dicts), so an FSDP checkpoint's weights load in a single process like any other."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state, sharded):
+    if sharded:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 def gather_rng_states(world_size):
@@ -313,6 +342,8 @@ def check_config(cfg, world_size):
                           f"the {world_size} processes")
     if cfg.init_from not in ("scratch", "resume"):
         raise ConfigError(f"init_from must be scratch or resume, got {cfg.init_from!r}")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.compile not in ("auto", "true", "false"):
         raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -341,19 +372,19 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=batches[0][0].device)
     for micro, (x, y) in enumerate(batches):
-        # under DDP, gradients are all-reduced once per step: on the last micro-batch only
-        skip_sync = isinstance(model, DDP) and micro < len(batches) - 1
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
+        with gradient_sync(model, enabled=micro == len(batches) - 1):
             with autocast:
                 _, loss = model(x, y)
             scaler.scale(loss / len(batches)).backward()
         loss_sum += loss.detach()
-    if isinstance(model, DDP):
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(loss_sum)  # every process then takes the same skip decision
         loss_sum /= dist.get_world_size()  # (a sum: gloo has no average)
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards
+        grad_norm = grad_norm.full_tensor()
     loss_value, norm = torch.stack([loss_sum / len(batches), grad_norm.float()]).tolist()
     applied = math.isfinite(loss_value) and math.isfinite(norm)
     for group in optimizer.param_groups:
@@ -364,8 +395,21 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
     return loss_value, norm, applied
 
 
+def gradient_sync(model, enabled):
+    """Whether this micro-batch's backward exchanges gradients between processes (DDP all-reduce, FSDP
+    reduce-scatter): only the last of a step's micro-batches needs to, the others just accumulate."""
+    if isinstance(model, DDP) and not enabled:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
 def nonfinite_gradients(model):
-    return [name for name, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+    """Names of parameters whose gradient (this process's shard of it, under FSDP) holds inf or nan."""
+    grads = {name: p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+             for name, p in model.named_parameters() if p.grad is not None}
+    return [name for name, grad in grads.items() if not grad.isfinite().all()]
 
 
 class Diverged(Exception):
@@ -419,24 +463,35 @@ def run_training(cfg, rank, world_size, device):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
     raw_model = GPT(model_config).to(device)
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                              device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
     step, best_val, best_step, wandb_id = 0, float("inf"), None, runlog.new_wandb_id()
     if ckpt is not None:
         check_architecture(ckpt, model_config, ckpt_path)
+        if ckpt["config"].get("parallel", "ddp") != cfg.parallel:
+            raise CheckpointError(f"{ckpt_path} was saved with parallel={ckpt['config']['parallel']}, whose "
+                                  f"optimizer state does not load under parallel={cfg.parallel}; resume with "
+                                  f"--parallel={ckpt['config']['parallel']}")
         raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
         step, best_val, best_step = ckpt["step"], ckpt["best_val_loss"], ckpt["best_step"]
         wandb_id = ckpt["wandb_id"]
         set_rng_state(restore_rng(ckpt["rng"], rank, world_size))
+    sharded = world_size > 1 and cfg.parallel == "fsdp"
+    if sharded:  # FSDP2: each block's parameters, gradients and optimizer state split across the processes
+        for block in raw_model.transformer.h:
+            fully_shard(block)
+        fully_shard(raw_model)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                              device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    if ckpt is not None:
+        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], sharded)
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     model = torch.compile(raw_model) if use_compile else raw_model
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
     accum = cfg.gradient_accumulation_steps // world_size
@@ -468,13 +523,14 @@ def run_training(cfg, rank, world_size, device):
         run.log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
                  "val_loss": losses["val"], "val_ppl": math.exp(min(losses["val"], 50.0))},
                 f"step {step}: eval train {losses['train']:.4f}, val {losses['val']:.4f}")
-        if losses["val"] < best_val:
+        if losses["val"] < best_val and step > 0:  # the untrained model is not a candidate
             best_val, best_step = losses["val"], step
             checkpoint(out_dir / "best.pt")
         run.evaluated(step, step * tokens_per_step, losses["val"], best_val, best_step)
 
     def checkpoint(path):
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+        model_state, optimizer_state = full_state(raw_model, optimizer, sharded)
+        state = {"model": model_state, "optimizer": optimizer_state,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
                  "data_position": step * cfg.gradient_accumulation_steps, "best_val_loss": best_val,
                  "best_step": best_step, "rng": gather_rng_states(world_size), "wandb_id": wandb_id, "config": vars(cfg),
@@ -486,7 +542,7 @@ def run_training(cfg, rank, world_size, device):
             if path == ckpt_path and cfg.keep_last_k:
                 keep_step_checkpoint(ckpt_path, step, cfg.keep_last_k)
 
-    def write_sample():
+    def write_sample():  # on every process: under FSDP each forward gathers parameters from all of them
         tokenizer = prepare.get_tokenizer(meta)
         start = tokenizer.document_start()
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -562,7 +618,7 @@ def run_training(cfg, rank, world_size, device):
         # the schedule's end, not stop_iter, decides the final eval and sample, so a paused run matches
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             evaluate()
-        if cfg.sample_interval and (step % cfg.sample_interval == 0 or step == cfg.max_iters) and master:
+        if cfg.sample_interval and (step % cfg.sample_interval == 0 or step == cfg.max_iters):
             write_sample()
         if step % cfg.ckpt_interval == 0 or step == end_step:
             checkpoint(ckpt_path)
