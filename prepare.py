@@ -3,6 +3,8 @@
     python prepare.py                    # Python's own standard library sources, byte-level, no download
     python prepare.py shakespeare_char   # tiny shakespeare, character-level (downloaded once)
     python prepare.py text --input notes/ "docs/*.md" --tokenizer gpt2 --name notes
+    python prepare.py fineweb10B         # FineWeb's 10B-token sample, GPT-2 BPE, streamed (pip install datasets)
+    python prepare.py fineweb10B --input local/*.parquet --max_docs 10000 --val_tokens 100000
 
 The result is <data_root>/<name>/ holding train_000000.bin, ..., val_000000.bin, ... and meta.json.
 
@@ -16,15 +18,29 @@ exactly nanoGPT's shakespeare_char split (first 90% of characters train, last 10
 document is followed by the end-of-text token when the tokenizer has one (a straddling document
 gets it in val only; empty files contribute nothing, not even that token).
 
+Web datasets (fineweb10B, fineweb_edu10B, openwebtext) are a stream of documents instead: from the
+Hugging Face hub through the optional `datasets` package, or with --input from local files read in
+order of their path relative to their input root (so a local copy of the hub's files keeps the hub's
+order): .jsonl (one JSON object with a "text" field per line), .parquet (a "text" column; needs
+pyarrow) or any other file as one document. As in llm.c, the end-of-text token goes BEFORE each
+document, even an empty one, and the first --val_tokens tokens of the stream are val: the document
+that crosses that count is cut there and the rest of it dropped, so no document is in both splits
+and train starts at a document. --max_docs stops early.
+
 Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header
 of 256 little-endian int32 -- magic 20240520, version 1, token count, then zeros -- followed by the
-tokens as uint16.
+tokens as uint16. Shards made by llm.c or modded-nanogpt (e.g. their published FineWeb ones) need
+no tokenizing: put the .bin files in <data_root>/<name>/ and run `python prepare.py meta --name
+<name>`, which checks every shard's header and writes a meta.json saying they hold GPT-2 tokens
+(--tokenizer names another).
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -45,7 +61,16 @@ MAX_VOCAB = 2**16  # token ids are stored as uint16
 MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as int32
 CHUNK_BYTES = 2 << 20  # read size; small enough that memory stays flat on any input size
 BATCH_BYTES = CHUNK_BYTES * (os.cpu_count() or 1)  # enough chunks to keep every core busy
-DEFAULT_TOKENIZER = {"python_stdlib": "byte", "shakespeare_char": "char", "text": "byte"}
+WEB_DATASETS = {  # name: (Hugging Face hub repository, config), streamed unless --input names local files
+    "fineweb10B": ("HuggingFaceFW/fineweb", "sample-10BT"),
+    "fineweb_edu10B": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
+    "openwebtext": ("Skylion007/openwebtext", None),
+}
+DEFAULT_TOKENIZER = {
+    "python_stdlib": "byte", "shakespeare_char": "char", "text": "byte", **dict.fromkeys(WEB_DATASETS, "gpt2")
+}
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_VAL_TOKENS = 100_000_000  # llm.c's convention for web data: the stream's first 100M tokens are val
 TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}  # same ranks; r50k's single cached file serves gpt2 offline
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DOWNLOAD_CACHE = "input.txt"  # a downloaded source kept inside its dataset folder
@@ -120,6 +145,12 @@ def shard_paths(data_dir, split: str) -> list[Path]:
 def read_meta(data_dir) -> dict:
     """The meta.json that prepare wrote next to the shards."""
     meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.is_file() and any(Path(data_dir).glob("*.bin")):
+        raise DataError(
+            f"{data_dir} holds shards but no meta.json; for shards from llm.c or modded-nanogpt run"
+            f" `{_prepare_command(data_dir, f' meta --name {Path(data_dir).name}')}`,"
+            f" else re-create them with `{_prepare_command(data_dir)}`"
+        )
     if not meta_path.is_file():
         raise DataError(f"no prepared data in {data_dir} (no meta.json); run `{_prepare_command(data_dir)}` first")
     try:
@@ -128,13 +159,13 @@ def read_meta(data_dir) -> dict:
         raise DataError(f"{meta_path} is not JSON ({e}); re-create it with `{_prepare_command(data_dir)}`") from None
 
 
-def _prepare_command(data_dir) -> str:
-    """The command line that (re)creates data_dir, for error messages."""
+def _prepare_command(data_dir, arguments=None) -> str:
+    """The command line that (re)creates data_dir, or runs other arguments on it, for error messages."""
     data_dir = Path(data_dir)
-    name = data_dir.name
-    arguments = {"python_stdlib": "", "shakespeare_char": " shakespeare_char"}.get(
-        name, f" text --input ... --name {name}"
-    )
+    if arguments is None:
+        arguments = {"python_stdlib": "", **{name: f" {name}" for name in ("shakespeare_char", *WEB_DATASETS)}}.get(
+            data_dir.name, f" text --input ... --name {data_dir.name}"
+        )
     if data_dir.parent.resolve() != Path("data").resolve():
         arguments += f" --data_root {data_dir.parent}"
     return "python prepare.py" + arguments
@@ -495,14 +526,15 @@ def _encode_batch(batch: list, tokenizer: Tokenizer):
 class _ShardWriter:
     """Packs token arrays into a preallocated buffer and writes it out as a shard whenever it fills."""
 
-    def __init__(self, folder: Path, split: str, shard_tokens: int, started: float):
-        self.folder, self.split, self.started = folder, split, started
+    def __init__(self, folder: Path, split: str, shard_tokens: int, started: float, log=print):
+        self.folder, self.split, self.started, self.log = folder, split, started, log
         self.buffer = np.empty(shard_tokens, dtype=np.uint16)
         self.filled = 0
         self.shards = 0
-        self.tokens = 0
+        self.tokens = 0  # added so far, written or not
 
     def add(self, tokens: np.ndarray) -> None:
+        self.tokens += len(tokens)
         while len(tokens):
             take = min(len(tokens), len(self.buffer) - self.filled)
             self.buffer[self.filled : self.filled + take] = tokens[:take]
@@ -516,8 +548,7 @@ class _ShardWriter:
             return
         path = self.folder / f"{self.split}_{self.shards:06d}.bin"
         write_shard(path, self.buffer[: self.filled])
-        print(f"  {path.name}: {self.filled:,} tokens ({time.perf_counter() - self.started:.1f}s)")
-        self.tokens += self.filled
+        self.log(f"  {path.name}: {self.filled:,} tokens ({time.perf_counter() - self.started:.1f}s)")
         self.shards += 1
         self.filled = 0
 
@@ -535,6 +566,19 @@ def _write_splits(folder: Path, splits: dict, tokenizer: Tokenizer, shard_tokens
     return tokens, source_hash.hexdigest()
 
 
+@contextlib.contextmanager
+def _new_folder(out_dir: Path):
+    """A temporary sibling folder to fill, swapped in for out_dir if the block succeeds, else deleted."""
+    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        yield tmp_dir
+        _replace_folder(out_dir, tmp_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already after a successful swap
+
+
 def _replace_folder(target: Path, new: Path) -> None:
     """Swap new in for target; whatever fails, complete data stays under one of the two names."""
     old = target.with_name(f"{target.name}.old-{os.getpid()}")
@@ -547,16 +591,188 @@ def _replace_folder(target: Path, new: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_meta(folder: Path, meta: dict) -> None:
+    tmp = folder / f".meta.json.tmp-{os.getpid()}"  # then renamed, so meta.json is never half-written
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, folder / "meta.json")
+
+
+# ---- web-scale datasets: a stream of documents -------------------------------------------------
+
+
+def _hub_documents(dataset: str):
+    """The dataset's texts, streamed from the Hugging Face hub in the hub's order."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"streaming {dataset} needs `pip install datasets`, or pass --input with local files") from None
+    return _hub_texts(datasets, *WEB_DATASETS[dataset])
+
+
+def _hub_texts(datasets, repository: str, config):
+    try:
+        for record in datasets.load_dataset(repository, config, split="train", streaming=True):
+            yield record["text"]
+    except Exception as e:  # the hub client raises many unrelated types (OSError, httpx, RuntimeError, ...)
+        raise DataError(
+            f"could not stream {repository} from the Hugging Face hub ({e}); download its files and pass --input"
+        ) from e
+
+
+def _local_documents(files: list[Path]):
+    """The texts in the files, in order, each checked to be a string."""
+    for path in files:
+        try:
+            for text in _file_texts(path):
+                if not isinstance(text, str):
+                    raise DataError(f"{path} has a text of type {type(text).__name__}, not str; fix or drop it")
+                yield text
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 ({e.reason}); convert it or leave it out of --input") from None
+
+
+def _file_texts(path: Path):
+    """A .jsonl file's "text" fields, a .parquet file's "text" column, else the whole file as one text."""
+    if path.suffix == ".jsonl":
+        return _jsonl_texts(path)
+    if path.suffix == ".parquet":
+        return _parquet_texts(path)
+    return [path.read_bytes().decode()]  # from bytes, so line ends stay as they are
+
+
+def _jsonl_texts(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):  # not JSON, no "text", not an object
+                    raise DataError(f"line {number} of {path} is not a JSON object with a text field; fix it") from None
+
+
+def _parquet_texts(path: Path):
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"reading {path} needs `pip install pyarrow`, or convert it to .jsonl") from None
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+    except pyarrow.ArrowException as e:
+        raise DataError(f"{path} is not a readable parquet file ({e}); fix it or leave it out of --input") from None
+    if "text" not in parquet.schema_arrow.names:
+        raise DataError(f"{path} has no text column, only {', '.join(parquet.schema_arrow.names)}; pass files with one")
+    for batch in parquet.iter_batches(columns=["text"]):
+        yield from batch.column("text").to_pylist()
+
+
+def _document_batches(documents):
+    """Documents in lists of about BATCH_BYTES characters: enough to keep every core busy, little memory."""
+    batch, size = [], 0
+    for text in documents:
+        batch.append(text)
+        size += len(text)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _document_tokens(documents, tokenizer: Tokenizer):
+    """(UTF-8 text, tokens led by end-of-text as in llm.c) per document, tokenized a batch at a time on all cores."""
+    eot = np.array([tokenizer.eot_id], dtype=np.uint16)
+    for batch in _document_batches(documents):
+        encoded = [text.encode() for text in batch]
+        for data, tokens in zip(encoded, tokenizer.encode_chunks(batch if tokenizer.reads_text else encoded)):
+            yield data, np.concatenate([eot, tokens])
+
+
+def _write_stream(folder: Path, documents, tokenizer: Tokenizer, shard_tokens: int, val_tokens: int, started) -> dict:
+    """Val shards of the stream's first val_tokens tokens, then train shards; returns meta's counts."""
+    progress = _Progress()
+    writers = {split: _ShardWriter(folder, split, shard_tokens, started, progress.log) for split in ("train", "val")}
+    documents_per_split = {"train": 0, "val": 0}
+    source_hash, source_bytes = hashlib.sha256(), 0
+    for data, tokens in _document_tokens(documents, tokenizer):
+        source_hash.update(data)
+        source_bytes += len(data)
+        split = "val" if writers["val"].tokens < val_tokens else "train"
+        if split == "val":
+            tokens = tokens[: val_tokens - writers["val"].tokens]  # the rest of the crossing document is dropped
+        writers[split].add(tokens)
+        if split == "val" and writers["val"].tokens == val_tokens:
+            writers["val"].flush()  # val is complete: write it now rather than after all of train
+        documents_per_split[split] += 1
+        progress.update(documents_per_split, writers)
+    if not documents_per_split["train"]:
+        raise DataError(
+            f"the documents give {writers['val'].tokens:,} tokens, none left for train after --val_tokens"
+            f" {val_tokens:,}; use more documents or a smaller --val_tokens"
+        )
+    for writer in writers.values():
+        writer.flush()
+    progress.update(documents_per_split, writers, done=True)
+    tokens = {split: writer.tokens for split, writer in writers.items()}
+    return {"tokens": tokens, "documents": documents_per_split, "source_bytes": source_bytes,
+            "source_sha256": source_hash.hexdigest()}
+
+
+class _Progress:
+    """A status line redrawn in place about once a second; log prints a message over it."""
+
+    def __init__(self):
+        self.started = self.shown = time.perf_counter()
+        self.width = 0  # of the status line on screen, which the next print must cover
+
+    def update(self, documents: dict, writers: dict, done=False) -> None:
+        now = time.perf_counter()
+        if done or now - self.shown >= 1:
+            self.shown, seconds = now, max(now - self.started, 1e-9)
+            docs, tokens = sum(documents.values()), sum(writer.tokens for writer in writers.values())
+            shards = sum(writer.shards for writer in writers.values())
+            rates = f"{docs:,} docs ({docs / seconds:,.0f}/s), {tokens:,} tokens ({tokens / seconds:,.0f}/s)"
+            self.log(f"{rates}, {shards} shards written", end="\n" if done else "")
+
+    def log(self, message: str, end="\n") -> None:
+        print("\r" + message.ljust(self.width), end=end, flush=True)
+        self.width = 0 if end else len(message)
+
+
+def _tokenizer_without_source(name: str) -> Tokenizer:
+    """A tokenizer that needs nothing from the source up front: any but char."""
+    if name == "char":
+        raise DataError("the char tokenizer takes its vocabulary from a whole source, not a stream; use gpt2 or byte")
+    return _build_tokenizer(name, [])
+
+
+def describe_shards(data_dir, tokenizer="gpt2") -> dict:
+    """Write meta.json for shards made elsewhere (llm.c, modded-nanogpt), after checking every shard's header."""
+    data_dir = Path(data_dir)
+    tok = _tokenizer_without_source(tokenizer)
+    tokens = {split: sum(len(load_shard(path)) for path in shard_paths(data_dir, split)) for split in ("train", "val")}
+    meta = _meta(data_dir.name, tokenizer, tok, tokens=tokens)
+    _write_meta(data_dir, meta)
+    print(f"{data_dir / 'meta.json'}: {tokens['train']:,} train + {tokens['val']:,} val {tokenizer} tokens")
+    return meta
+
+
 # ---- the pipeline ------------------------------------------------------------------------------
 
 
-def _check_options(dataset: str, val_fraction: float, shard_tokens: int) -> None:
+def _check_options(dataset: str, val_fraction, shard_tokens: int, val_tokens, max_docs) -> None:
     if dataset not in DEFAULT_TOKENIZER:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DEFAULT_TOKENIZER)}")
-    if not 0 < val_fraction < 1:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DEFAULT_TOKENIZER)} (or meta)")
+    if dataset in WEB_DATASETS and val_fraction is not None:
+        raise DataError(f"{dataset} takes the first --val_tokens tokens as val, so drop --val_fraction")
+    if dataset not in WEB_DATASETS and (val_tokens, max_docs) != (None, None):
+        raise DataError(f"--val_tokens and --max_docs are for the web datasets ({', '.join(WEB_DATASETS)}) only")
+    if val_fraction is not None and not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be strictly between 0 and 1, not {val_fraction}; 0.1 is typical")
     if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
         raise DataError(f"--shard_tokens must be between 1 and {MAX_SHARD_TOKENS:,}, not {shard_tokens:,}")
+    for option, value in (("--val_tokens", val_tokens), ("--max_docs", max_docs)):
+        if value is not None and value < 1:
+            raise DataError(f"{option} must be at least 1, not {value:,}")
 
 
 def _check_inputs_survive(documents: list[Path], out_dir: Path) -> None:
@@ -576,14 +792,34 @@ def prepare(
     tokenizer=None,
     data_root="data",
     name=None,
-    val_fraction=0.1,
+    val_fraction=None,
     shard_tokens=100_000_000,
+    val_tokens=None,
+    max_docs=None,
 ) -> Path:
-    """Tokenize a dataset into shards plus meta.json under <data_root>/<name>/ and return that folder."""
+    """Tokenize a dataset into shards plus meta.json under <data_root>/<name>/ and return that folder.
+
+    val_fraction (default 0.1) splits the file datasets; val_tokens (default 100M) and max_docs are for the
+    web datasets."""
     started = time.perf_counter()
-    _check_options(dataset, val_fraction, shard_tokens)
+    _check_options(dataset, val_fraction, shard_tokens, val_tokens, max_docs)
     tokenizer_name = tokenizer or DEFAULT_TOKENIZER[dataset]
     out_dir = Path(data_root) / (name or dataset)
+    if dataset in WEB_DATASETS:
+        val_tokens = DEFAULT_VAL_TOKENS if val_tokens is None else val_tokens
+        meta = _prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_tokens, max_docs, started)
+    else:
+        val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        meta = _prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, shard_tokens, started)
+    seconds = time.perf_counter() - started
+    print(
+        f"{out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens"
+        f" in {seconds:.1f}s ({meta['source_bytes'] / 1e6 / seconds:.1f} MB/s)"
+    )
+    return out_dir
+
+
+def _prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, shard_tokens, started) -> dict:
     documents = _source_documents(dataset, inputs, data_root)
     _check_inputs_survive(documents, out_dir)
     source_bytes, splits = _plan_splits(documents, val_fraction)
@@ -592,33 +828,33 @@ def prepare(
         f"{dataset}: {source_bytes:,} bytes in {len(documents):,} file(s),"
         f" tokenizer {tokenizer_name} (vocab {tok.vocab_size:,})"
     )
+    with _new_folder(out_dir) as folder:
+        tokens, source_sha256 = _write_splits(folder, splits, tok, shard_tokens, started)
+        meta = _meta(dataset, tokenizer_name, tok, tokens=tokens, source_bytes=source_bytes,
+                     source_sha256=source_sha256, val_fraction=val_fraction)
+        _write_meta(folder, meta)
+    return meta
 
-    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
-        tokens, source_sha256 = _write_splits(tmp_dir, splits, tok, shard_tokens, started)
-        meta = {
-            "dataset": dataset,
-            "tokenizer": tokenizer_name,
-            **_tokenizer_meta(tok),
-            "tokens": tokens,
-            "source_bytes": source_bytes,
-            "source_sha256": source_sha256,
-            "val_fraction": val_fraction,
-            "shard_format": "llm.c v1 uint16",
-        }
-        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_folder(out_dir, tmp_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already after a successful swap
 
-    seconds = time.perf_counter() - started
-    print(
-        f"{out_dir}: {tokens['train']:,} train + {tokens['val']:,} val tokens"
-        f" in {seconds:.1f}s ({source_bytes / 1e6 / seconds:.1f} MB/s)"
-    )
-    return out_dir
+def _prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_tokens, max_docs, started) -> dict:
+    files = _input_files(inputs) if inputs else {}
+    files = sorted(files, key=lambda path: (files[path], path))  # by path relative to the input root
+    _check_inputs_survive(files, out_dir)
+    documents = _local_documents(files) if inputs else _hub_documents(dataset)
+    tok = _tokenizer_without_source(tokenizer_name)
+    source = f"{len(files):,} file(s)" if inputs else f"the Hugging Face hub ({WEB_DATASETS[dataset][0]})"
+    print(f"{dataset}: documents from {source}, tokenizer {tokenizer_name} (vocab {tok.vocab_size:,})")
+    with _new_folder(out_dir) as folder:
+        counts = _write_stream(folder, itertools.islice(documents, max_docs), tok, shard_tokens, val_tokens, started)
+        meta = _meta(dataset, tokenizer_name, tok, **counts, val_tokens=val_tokens)
+        _write_meta(folder, meta)
+    return meta
+
+
+def _meta(dataset: str, tokenizer_name: str, tokenizer: Tokenizer, **fields) -> dict:
+    """meta.json's content: what the shards hold and how to decode them."""
+    return {"dataset": dataset, "tokenizer": tokenizer_name, **_tokenizer_meta(tokenizer), **fields,
+            "shard_format": "llm.c v1 uint16"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -628,7 +864,9 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         default="python_stdlib",
         help="python_stdlib: Python's own standard library sources, no download; shakespeare_char: tiny"
-        " shakespeare, downloaded once unless --input is given; text: your files via --input"
+        " shakespeare, downloaded once unless --input is given; text: your files via --input;"
+        f" {', '.join(WEB_DATASETS)}: web text streamed from the Hugging Face hub (pip install datasets) unless"
+        " --input is given; meta: write meta.json for llm.c-format shards already in <data_root>/<name>/"
         " (default: %(default)s)",
     )
     parser.add_argument(
@@ -636,21 +874,29 @@ def _parser() -> argparse.ArgumentParser:
         dest="inputs",
         nargs="+",
         metavar="PATH",
-        help="files, folders (every non-hidden file, recursively) or glob patterns to read"
+        help="files, folders (every non-hidden file, recursively) or glob patterns to read; for web datasets"
+        " .jsonl (a text field per line), .parquet (a text column) or other files (one document each)"
         " (default: the dataset's own)",
     )
     parser.add_argument(
         "--tokenizer",
-        help="byte, char, gpt2 or any tiktoken encoding name (default: char for shakespeare_char, else byte)",
+        help="byte, char, gpt2 or any tiktoken encoding name (default: char for shakespeare_char, gpt2 for web"
+        " datasets and meta, else byte)",
     )
     parser.add_argument("--data_root", default="data", help="folder of prepared datasets (default: %(default)s)")
     parser.add_argument("--name", help="output folder name under --data_root (default: the dataset name)")
     parser.add_argument(
         "--val_fraction",
         type=float,
-        default=0.1,
-        help="fraction of source bytes, taken from the end, that becomes the val split (default: %(default)s)",
+        help="fraction of source bytes, taken from the end, that becomes the val split; not for web datasets"
+        f" (default: {DEFAULT_VAL_FRACTION})",
     )
+    parser.add_argument(
+        "--val_tokens",
+        type=int,
+        help=f"web datasets: the stream's first this many tokens become the val split (default: {DEFAULT_VAL_TOKENS})",
+    )
+    parser.add_argument("--max_docs", type=int, help="web datasets: stop after this many documents (default: all)")
     parser.add_argument(
         "--shard_tokens", type=int, default=100_000_000, help="tokens per shard file (default: %(default)s)"
     )
@@ -660,7 +906,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     try:
-        prepare(**vars(args))
+        if args.dataset != "meta":
+            prepare(**vars(args))
+        elif args.name:
+            describe_shards(Path(args.data_root) / args.name, args.tokenizer or "gpt2")
+        else:
+            raise DataError("meta needs --name, the folder under --data_root that holds the shards")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

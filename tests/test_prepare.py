@@ -344,6 +344,7 @@ def test_inputs_inside_the_replaced_folder_are_refused(tmp_path):
     [
         ("python_stdlib", "`python prepare.py --data_root"),
         ("shakespeare_char", "`python prepare.py shakespeare_char --data_root"),
+        ("fineweb10B", "`python prepare.py fineweb10B --data_root"),
         ("mine", "`python prepare.py text --input ... --name mine --data_root"),
     ],
 )
@@ -361,5 +362,6 @@ def test_read_meta_returns_what_prepare_wrote(tmp_path):
 
 def test_help_lists_every_option():
     result = subprocess.run([sys.executable, "prepare.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True)
-    for option in ["dataset", "--input", "--tokenizer", "--data_root", "--name", "--val_fraction", "--shard_tokens"]:
+    for option in ["dataset", "--input", "--tokenizer", "--data_root", "--name", "--val_fraction", "--shard_tokens",
+                   "--val_tokens", "--max_docs", "fineweb10B", "fineweb_edu10B", "openwebtext", "meta"]:
         assert option in result.stdout
