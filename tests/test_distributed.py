@@ -1,8 +1,11 @@
+import json
+import re
+import shlex
 import subprocess
 import sys
 
 import torch
-from conftest import ROOT, read_log, run_script, tiny_args
+from conftest import ROOT, SHARED, read_log, run_script, tiny_args
 
 
 def torchrun(args, nproc=2):
@@ -63,3 +66,24 @@ def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(data_root, tmp
     out = run_script("sample.py", [f"--out_dir={fsdp}", "--ckpt=last", "--num_samples=1", "--max_new_tokens=10",
                                    "--device=cpu"]).stdout
     assert out.endswith("---------------\n")
+
+
+def test_readme_fineweb_cpu_command_runs_logs_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """The README's CPU-sized config/fineweb.py command, on a local jsonl stand-in for the download."""
+    readme = (ROOT / "README.md").read_text()
+    prepare_line, train_line = re.search(r"\n(python prepare.py fineweb10B --input sample.jsonl.*)\n(torchrun .*)\n",
+                                         readme).groups()
+    source = (SHARED / "data" / "tinyshakespeare.txt").read_text()
+    with open(tmp_path / "sample.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": source[i:i + 2_000]}) + "\n" for i in range(0, 200_000, 2_000))
+    data = tmp_path / "data"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))  # GPT-2 BPE offline
+    prepare_args = [str(tmp_path / a) if a == "sample.jsonl" else a for a in shlex.split(prepare_line)[2:]]
+    run_script("prepare.py", [*prepare_args, "--data_root", str(data)])
+    args = [*shlex.split(train_line)[4:], f"--data_root={data}", f"--out_dir={tmp_path / 'out'}"]
+    torchrun(args)
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log if "lr" in r] == [10] and [r["step"] for r in log if "val_loss" in r] == [0, 10]
+    assert torch.load(tmp_path / "out" / "last.pt", weights_only=True)["step"] == 10
+    torchrun([*args, "--init_from=resume", "--max_iters=20", "--lr_decay_iters=20"])
+    assert torch.load(tmp_path / "out" / "last.pt", weights_only=True)["step"] == 20
