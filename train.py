@@ -112,9 +112,9 @@ class Windows:
     def __init__(self, data_dir, split, block_size, vocab_size):
         self.paths = prepare.shard_paths(data_dir, split)
         self.block_size, self.vocab_size = block_size, vocab_size
-        self.starts_per_shard = np.array([max(0, len(prepare.load_shard(p)) - block_size) for p in self.paths])
-        self.total_starts = int(self.starts_per_shard.sum())
-        self.tokens = sum(len(prepare.load_shard(p)) for p in self.paths)
+        lengths = np.array([len(prepare.load_shard(p)) for p in self.paths])
+        self.starts_per_shard = np.maximum(lengths - block_size, 0)
+        self.total_starts, self.tokens = int(self.starts_per_shard.sum()), int(lengths.sum())
         if self.total_starts == 0:
             raise prepare.DataError(f"the {split} split of {data_dir} has {self.tokens} tokens, too few for "
                                     f"block_size {block_size}; lower --block_size or prepare more data")
@@ -571,6 +571,8 @@ def run_training(cfg, rank, world_size, device):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr)
         batches = [train_data.random_batch(cfg.seed, data_index + micro, cfg.batch_size) for micro in range(accum)]
+        if device_type == "cuda":  # page-locked host memory lets the copies overlap with compute
+            batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
         batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
         train_loss, norm, applied = train_step(model, optimizer, scaler, autocast, batches, lr, cfg.grad_clip)
         data_index += cfg.gradient_accumulation_steps
