@@ -73,8 +73,8 @@ def test_sigterm_leaves_last_pt_and_run_record(data_root, tmp_path):
     assert record["end_reason"] == "stopped by SIGTERM" and record["step"] == last_logged and record["ended"]
 
 
-def train_in_process(args, nan_steps=()):
-    """train.main in this process, with the training loss of the given steps (1-based) made NaN."""
+def train_in_process(args, loss_factors):
+    """train.main in this process, with the training loss of some steps (1-based) multiplied by a factor."""
     original = model.GPT.forward
     calls = [0]
 
@@ -82,8 +82,7 @@ def train_in_process(args, nan_steps=()):
         logits, loss = original(self, idx, targets, kv_cache)
         if targets is not None and self.training:
             calls[0] += 1
-            if calls[0] in nan_steps:
-                loss = loss * float("nan")
+            loss = loss * loss_factors.get(calls[0], 1.0)
         return logits, loss
 
     with pytest.MonkeyPatch.context() as mp:
@@ -93,7 +92,7 @@ def train_in_process(args, nan_steps=()):
 
 def test_injected_nan_is_skipped_and_reported(data_root, tmp_path):
     out = tmp_path / "run"
-    train_in_process(tiny_args(data_root, out, max_iters=12, lr_decay_iters=12, dropout=0.0), nan_steps={7})
+    train_in_process(tiny_args(data_root, out, max_iters=12, lr_decay_iters=12, dropout=0.0), {7: float("nan")})
     skips = [r for r in read_log(out) if "skipped" in r]
     assert [r["step"] for r in skips] == [7]
     assert "transformer.wte.weight" in skips[0]["nonfinite_grads"] and len(skips[0]["recent_grad_norms"]) == 6
@@ -106,7 +105,7 @@ def test_persistent_nan_stops_with_last_good_checkpoint(data_root, tmp_path, cap
     out = tmp_path / "run"
     args = tiny_args(data_root, out, max_iters=40, lr_decay_iters=40, ckpt_interval=5, max_skipped_steps=4)
     with pytest.raises(SystemExit) as exit_info:
-        train_in_process(args, nan_steps=set(range(8, 100)))
+        train_in_process(args, dict.fromkeys(range(8, 100), float("nan")))
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "training diverged: 4 consecutive steps up to step 11" in err and "last.pt" in err
@@ -117,20 +116,7 @@ def test_persistent_nan_stops_with_last_good_checkpoint(data_root, tmp_path, cap
 
 def test_loss_spike_is_a_warning(data_root, tmp_path):
     out = tmp_path / "run"
-    original = model.GPT.forward
-    calls = [0]
-
-    def forward(self, idx, targets=None, kv_cache=None):
-        logits, loss = original(self, idx, targets, kv_cache)
-        if targets is not None and self.training:
-            calls[0] += 1
-            if calls[0] == 10:
-                loss = loss * 3
-        return logits, loss
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model.GPT, "forward", forward)
-        train.main(tiny_args(data_root, out, max_iters=12, lr_decay_iters=12))
+    train_in_process(tiny_args(data_root, out, max_iters=12, lr_decay_iters=12), {10: 3.0})
     warnings = [r for r in read_log(out) if r.get("warning") == "loss spike"]
     assert [r["step"] for r in warnings] == [10]
 

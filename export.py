@@ -1,0 +1,79 @@
+"""Export a run's checkpoint in the Hugging Face GPT-2 layout: `python export.py out/best.pt hf-dir/`.
+
+The folder gets config.json and model.safetensors, which transformers' GPT2LMHeadModel loads with the same
+logits (and GPT.from_pretrained loads back), plus the run's meta.json, from which prepare.get_tokenizer
+rebuilds its tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go with them.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model import GPT, GPTConfig
+from train import CheckpointError, load_checkpoint
+
+GPT2_ENCODINGS = ("gpt2", "r50k_base")  # tiktoken names of GPT-2's BPE (the same ranks)
+
+
+class ExportError(Exception):
+    """An export that would overwrite files; the message names the fix."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a run's checkpoint, e.g. out/best.pt")
+    parser.add_argument("folder", help="where to write config.json, model.safetensors and meta.json")
+    parser.add_argument("--crop_vocab", action="store_true",
+                        help="drop the vocabulary padding beyond the tokenizer's (e.g. 50304 -> 50257 rows); "
+                             "the logits of real tokens stay the same")
+    parser.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    return parser.parse_args(argv)
+
+
+def check_destination(folder, force):
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{folder} is a file; choose a folder to export into")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise ExportError(f"{folder} is not empty; pass --force to overwrite its files, or choose another folder")
+
+
+def export(checkpoint, folder, crop_vocab=False, force=False):
+    """Write the checkpoint's model in the Hugging Face layout, and its tokenizer meta, to `folder`."""
+    folder = Path(folder)
+    check_destination(folder, force)
+    ckpt = load_checkpoint(checkpoint)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    meta = ckpt["meta"]
+    model.save_pretrained(folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return model, meta
+
+
+def report(folder, model, meta, crop_vocab):
+    cfg = model.config
+    vocab = meta["vocab_size"] if crop_vocab else cfg.vocab_size
+    print(f"wrote {folder}/config.json, model.safetensors and meta.json: {cfg.n_layer} layers, {cfg.n_head} "
+          f"heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} ({meta['vocab_size']} tokens)")
+    print(f'load it with transformers: GPT2LMHeadModel.from_pretrained("{folder}"), or here: '
+          f'GPT.from_pretrained("{folder}")')
+    if meta.get("encoding") in GPT2_ENCODINGS:
+        print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
+    else:
+        print(f"tokenizer: {meta['tokenizer']}, not a Hugging Face one; rebuild it with "
+              f'prepare.get_tokenizer(prepare.read_meta("{folder}"))')
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        model, meta = export(args.checkpoint, args.folder, args.crop_vocab, args.force)
+    except (CheckpointError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    report(Path(args.folder), model, meta, args.crop_vocab)
+
+
+if __name__ == "__main__":
+    main()
