@@ -10,12 +10,13 @@ import torch
 
 import prepare
 from configurator import ConfigError, load_config
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, WeightsError
 from train import CheckpointError, load_checkpoint, pick_device, pick_dtype
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to sample from (train.py's default run)
 ckpt = "best"  # which checkpoint: best (lowest val loss) or last
+init_from = ""  # instead of a run: GPT-2 weights, gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
 start = ""  # prompt text, or FILE:path to read it from a file; empty starts a new document
 num_samples = 3  # independent samples to print
 max_new_tokens = 500  # tokens generated per sample
@@ -38,10 +39,21 @@ def prompt_ids(tokenizer, text):
     return tokenizer.encode(text) if text else tokenizer.document_start()
 
 
-def load_model(out_dir, which, device):
-    if which not in ("best", "last"):
-        raise ConfigError(f"ckpt must be best or last, got {which!r}")
-    state = load_checkpoint(Path(out_dir) / f"{which}.pt", map_location=device)
+GPT2_META = {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257, "eot_id": 50256}
+
+
+def load_model(cfg, device):
+    """(model in eval mode, tokenizer meta) from GPT-2 weights if init_from is set, else from a run's checkpoint."""
+    if cfg.init_from:
+        folder = Path(cfg.init_from)
+        meta = prepare.read_meta(folder) if (folder / "meta.json").is_file() else GPT2_META
+        try:
+            return GPT.from_pretrained(cfg.init_from).to(device).eval(), meta
+        except WeightsError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.ckpt not in ("best", "last"):
+        raise ConfigError(f"ckpt must be best or last, got {cfg.ckpt!r}")
+    state = load_checkpoint(Path(cfg.out_dir) / f"{cfg.ckpt}.pt", map_location=device)
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state["meta"]
@@ -51,7 +63,7 @@ def sample(cfg):
     device = pick_device(cfg.device, 0)
     device_type = device.split(":")[0]
     ptdtype, _ = pick_dtype(cfg.dtype, device_type)
-    model, meta = load_model(cfg.out_dir, cfg.ckpt, device)
+    model, meta = load_model(cfg, device)
     tokenizer = prepare.get_tokenizer(meta)
     ids = prompt_ids(tokenizer, cfg.start)
     if not ids:

@@ -13,7 +13,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +32,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 import runlog
 from configurator import ConfigError, load_config
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, WeightsError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl
-init_from = "scratch"  # scratch (new run; out_dir must not hold one) or resume (continue out_dir/last.pt)
+init_from = "scratch"  # scratch (new model), resume (continue out_dir/last.pt), or GPT-2 weights: gpt2 ... gpt2-xl or a Hugging Face folder
 data_root = "data"  # folder that holds the prepared datasets
 dataset = "python_stdlib"  # data_root/<dataset>, written by prepare.py (the default is prepared on first use)
 seed = 1337  # seeds weights, dropout and the order of training batches
@@ -340,14 +340,38 @@ def check_config(cfg, world_size):
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be divisible by "
                           f"the {world_size} processes")
-    if cfg.init_from not in ("scratch", "resume"):
-        raise ConfigError(f"init_from must be scratch or resume, got {cfg.init_from!r}")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.compile not in ("auto", "true", "false"):
         raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def architecture(cfg, meta, weights_from, ckpt):
+    """(GPTConfig, pretrained state dict or None). From scratch the config's keys decide; with GPT-2 weights
+    their config.json does, the position table cropped to block_size; a resume keeps the checkpoint's."""
+    if weights_from == "scratch":
+        vocab = cfg.vocab_size or meta["vocab_size"]
+        if vocab < meta["vocab_size"]:
+            raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
+        return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias), None
+    if meta.get("encoding") != "r50k_base":
+        raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} tokens; "
+                          "prepare the data with --tokenizer gpt2")
+    if ckpt is not None:
+        return replace(GPTConfig(**ckpt["model_config"]), dropout=cfg.dropout), None
+    try:
+        pretrained = GPT.from_pretrained(weights_from, dropout=cfg.dropout)
+    except WeightsError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.block_size > pretrained.config.block_size:
+        raise ConfigError(f"block_size {cfg.block_size} exceeds the {pretrained.config.block_size} positions of "
+                          f"{weights_from}; use --block_size={pretrained.config.block_size} or less")
+    state = pretrained.state_dict()
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.block_size]
+    return replace(pretrained.config, block_size=cfg.block_size), state
 
 
 def load_data(cfg):
@@ -448,13 +472,11 @@ def run_training(cfg, rank, world_size, device):
         raise ConfigError(f"{out_dir} already holds a run (last.pt); continue it with --init_from=resume "
                           "or choose another --out_dir")
     data_dir, meta = load_data(cfg)
-    vocab = cfg.vocab_size or meta["vocab_size"]
-    if vocab < meta["vocab_size"]:
-        raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
-    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-    train_data = Windows(data_dir, "train", cfg.block_size, vocab)
-    val_data = Windows(data_dir, "val", cfg.block_size, vocab)
+    weights_from = ckpt["weights_from"] if ckpt else cfg.init_from  # scratch or a GPT-2 source, kept by resumes
+    model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
+    vocab = model_config.vocab_size
+    train_data = Windows(data_dir, "train", model_config.block_size, vocab)
+    val_data = Windows(data_dir, "val", model_config.block_size, vocab)
     eval_batches = {"train": train_data.fixed_batches(cfg.eval_iters, cfg.batch_size),
                     "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
 
@@ -465,6 +487,8 @@ def run_training(cfg, rank, world_size, device):
     autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
     raw_model = GPT(model_config).to(device)
+    if pretrained_state is not None:
+        raw_model.load_state_dict(pretrained_state)
     torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
     step, best_val, best_step, wandb_id = 0, float("inf"), None, runlog.new_wandb_id()
     if ckpt is not None:
@@ -533,7 +557,8 @@ def run_training(cfg, rank, world_size, device):
         state = {"model": model_state, "optimizer": optimizer_state,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
                  "data_position": step * cfg.gradient_accumulation_steps, "best_val_loss": best_val,
-                 "best_step": best_step, "rng": gather_rng_states(world_size), "wandb_id": wandb_id, "config": vars(cfg),
+                 "best_step": best_step, "rng": gather_rng_states(world_size), "wandb_id": wandb_id,
+                 "weights_from": weights_from, "config": vars(cfg),
                  "model_config": asdict(model_config), "meta": meta}
         if world_size > 1:
             dist.barrier()  # every process has finished the step before its state is written

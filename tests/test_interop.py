@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script, tiny_args
+from conftest import ROOT, SHARED, read_log, run_script, tiny_args
 
 import export
 from model import GPT, GPTConfig, WeightsError, read_safetensors, write_safetensors
@@ -195,3 +195,34 @@ def test_named_model_offline_and_not_cached(tmp_path):
                             timeout=120, check=True)
     assert result.stdout.startswith("gpt2 is not in the Hugging Face cache and could not be downloaded")
     assert result.stdout.count("\n") == 1
+
+
+def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path, monkeypatch):
+    """train.py --init_from=<HF folder> fine-tunes from those weights (context cropped), resumes, and
+    sample.py --init_from samples from them directly; GPT-2 BPE comes from the offline tiktoken cache."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+    torch.manual_seed(0)
+    hf = tmp_path / "tiny-gpt2"
+    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, bias=True)).save_pretrained(hf)
+    data = tmp_path / "data"
+    run_script("prepare.py", ["text", "--input", str(SHARED / "data" / "tinyshakespeare.txt"), "--tokenizer", "gpt2",
+                              "--name", "shakespeare_gpt2", "--data_root", str(data)])
+    out = tmp_path / "run"
+    args = tiny_args(data, out, dataset="shakespeare_gpt2", init_from=hf, max_iters=20, lr_decay_iters=20,
+                     eval_interval=10, sample_interval=0)
+    run_script("train.py", [*args, "--stop_iter=10"])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["weights_from"] == str(hf) and ckpt["model_config"]["block_size"] == 32  # cropped to the config
+    assert ckpt["model_config"]["n_embd"] == 32 and ckpt["model_config"]["bias"] is True
+    run_script("train.py", [*args, "--init_from=resume"])
+    evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert evals[-1] < evals[0]
+    text = run_script("sample.py", [f"--init_from={hf}", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"])
+    assert text.stdout.endswith("---------------\n")
+
+
+def test_pretrained_weights_need_gpt2_tokens(data_root, tmp_path):
+    hf = tmp_path / "tiny-gpt2"
+    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(hf)
+    result = run_script("train.py", tiny_args(data_root, tmp_path / "run", init_from=hf), check=False)
+    assert result.returncode == 2 and "prepare the data with --tokenizer gpt2" in result.stderr
