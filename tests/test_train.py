@@ -139,3 +139,30 @@ def test_sample_prints_text_from_a_run(data_root, tmp_path):
     again = run_script("sample.py", [f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
                                      "--start=ROMEO:", "--device=cpu"])
     assert again.stdout == result.stdout  # seeded
+
+
+def test_dtype_choice_follows_the_device(monkeypatch):
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert train.pick_dtype("auto", "cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    assert train.pick_dtype("auto", "cpu")[0] == torch.float32
+    assert train.pick_dtype("auto", "mps")[0] == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    dtype, reason = train.pick_dtype("auto", "cuda")
+    assert dtype == torch.float16 and "gradient scaler" in reason
+    assert train.pick_dtype("float32", "cuda") == (torch.float32, "as configured")
+    with pytest.raises(train.ConfigError, match="unknown dtype"):
+        train.pick_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cpu_autocast_training_runs_and_loss_falls(data_root, tmp_path, dtype):
+    """The CUDA mixed-precision paths exercised on CPU: bf16 autocast, and fp16 with a gradient scaler."""
+    out = tmp_path / "run"
+    result = run_script("train.py", tiny_args(data_root, out, dtype=dtype, max_iters=30, lr_decay_iters=30,
+                                              eval_interval=30, dropout=0.0))
+    assert f"{dtype} (as configured)" in result.stdout
+    evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.3
+    scaler = torch.load(out / "last.pt", weights_only=True)["scaler"]
+    assert (scaler is not None) == (dtype == "float16")
