@@ -10,8 +10,9 @@ import torch
 
 import prepare
 from configurator import ConfigError, load_config
+from devices import pick_device, pick_dtype
 from model import GPT, GPTConfig, WeightsError
-from train import CheckpointError, load_checkpoint, pick_device, pick_dtype
+from train import CheckpointError, load_checkpoint
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to sample from (train.py's default run)

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 import runlog
 from configurator import ConfigError, load_config
+from devices import peak_flops, pick_device, pick_dtype
 from model import GPT, GPTConfig, WeightsError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -258,76 +259,6 @@ def check_architecture(ckpt, model_config, path):
         if key != "dropout" and ckpt["model_config"].get(key) != value:
             raise CheckpointError(f"{path} holds a model with {key}={ckpt['model_config'].get(key)} but the "
                                   f"config asks for {key}={value}; use the run's own config to resume it")
-
-
-# ---- devices and precision ----
-
-def cpu_has_bf16():
-    """True where the CPU computes bf16 natively (x86 avx512_bf16 or AMX); elsewhere bf16 autocast is slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_device(requested, local_rank):
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{local_rank}"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        index = int(requested.partition(":")[2] or local_rank)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {requested} does not exist: torch sees {torch.cuda.device_count()} CUDA "
-                              "device(s); use --device=auto or --device=cpu")
-        return f"cuda:{index}"
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device mps is not available on this machine; use --device=auto or --device=cpu")
-    if requested not in ("cpu", "mps"):
-        raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
-    return requested
-
-
-def pick_dtype(requested, device_type):
-    """(torch dtype, reason) for autocast; float32 means no autocast."""
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if requested != "auto":
-        if requested not in names:
-            raise ConfigError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
-        return names[requested], "as configured"
-    if device_type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "the GPU supports bf16"
-        return torch.float16, "the GPU lacks bf16, so fp16 with a gradient scaler"
-    if device_type == "cpu" and cpu_has_bf16():
-        return torch.bfloat16, "the CPU has native bf16 (avx512_bf16/amx)"
-    return torch.float32, f"no fast bf16 on {device_type}"
-
-
-# Dense (no sparsity) tensor-core peaks in FLOP/s from the vendors' data sheets, per autocast dtype; fp32
-# matmuls run as TF32 here. Checked in order, so a more specific name comes before its prefix.
-GPU_PEAK_FLOPS = [
-    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12}),  # SXM
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12}),
-    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12}),
-    ("A10G", {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12}),
-    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12}),
-    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12}),
-    ("V100", {"fp16": 125e12}),
-]
-
-
-def peak_flops(device_name, dtype):
-    """The dense peak of a GPU (by its name) for an autocast dtype; None where unknown (then no MFU)."""
-    kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32"}[dtype]
-    return next((peaks.get(kind) for key, peaks in GPU_PEAK_FLOPS if key in device_name), None)
 
 
 def check_config(cfg, world_size):

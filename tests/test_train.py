@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import read_log, run_script, tiny_args
 
+import devices
 import train
 
 
@@ -142,17 +143,17 @@ def test_sample_prints_text_from_a_run(data_root, tmp_path):
 
 
 def test_dtype_choice_follows_the_device(monkeypatch):
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
-    assert train.pick_dtype("auto", "cpu")[0] == torch.bfloat16
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    assert train.pick_dtype("auto", "cpu")[0] == torch.float32
-    assert train.pick_dtype("auto", "mps")[0] == torch.float32
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert devices.pick_dtype("auto", "cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    assert devices.pick_dtype("auto", "cpu")[0] == torch.float32
+    assert devices.pick_dtype("auto", "mps")[0] == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    dtype, reason = train.pick_dtype("auto", "cuda")
+    dtype, reason = devices.pick_dtype("auto", "cuda")
     assert dtype == torch.float16 and "gradient scaler" in reason
-    assert train.pick_dtype("float32", "cuda") == (torch.float32, "as configured")
-    with pytest.raises(train.ConfigError, match="unknown dtype"):
-        train.pick_dtype("fp8", "cpu")
+    assert devices.pick_dtype("float32", "cuda") == (torch.float32, "as configured")
+    with pytest.raises(devices.ConfigError, match="unknown dtype"):
+        devices.pick_dtype("fp8", "cpu")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
