@@ -1,0 +1,144 @@
+"""The data pipeline's speed: `python bench/data_speed.py [--key=value ...]`.
+
+1. The loader's share of a training step: train.py's loop alternates `Windows.random_batch` (plus the copy to
+   the device) with `train.train_step`; both are timed here on a prepared dataset, for a configurable model
+   (train.py's default small one).
+2. prepare.py's throughput in MB of source text per second, per tokenizer, each run into a temporary folder.
+"""
+
+import contextlib
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# run as `python bench/data_speed.py`, Python puts bench/ on the path, not the repo root with the project
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import devices
+import prepare
+import train
+from bench import train_speed
+from configurator import ConfigError, load_config
+
+# ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
+# 1. loader against step: the dataset and train.py's default model
+data_root = "data"  # folder that holds the prepared datasets
+dataset = "python_stdlib"  # data_root/<dataset>, written by prepare.py (the default is prepared on first use)
+seed = 1337  # seeds the weights and the batch draws
+batch_size = 16  # sequences per micro-batch
+block_size = 128  # context length in tokens
+n_layer = 4  # transformer blocks
+n_head = 4  # attention heads per block
+n_embd = 128  # width of the residual stream
+vocab_size = 0  # model vocabulary; 0 takes the dataset's
+bias = False  # biases in Linear layers and LayerNorms
+dropout = 0.0  # dropout on attention, residual branches and embeddings
+device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
+dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
+compile = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+warmup_steps = 3  # untimed batches and steps first
+steps = 30  # timed batches and steps
+# 2. tokenizing
+tokenize_input = ""  # file or folder for prepare.py to tokenize; empty is Python's standard library (python_stdlib)
+tokenizers = "byte,gpt2"  # tokenizers to time, comma-separated (gpt2 needs TIKTOKEN_CACHE_DIR offline)
+tokenize_repeats = 5  # prepare runs per tokenizer; the median counts
+out = "bench/results/data_speed.json"  # JSON report
+# ---- end of config ----
+
+
+def check_config(cfg):
+    train_speed.check_model_shape(cfg)
+    train_speed.check_positive(cfg, ("batch_size", "steps", "tokenize_repeats"))
+    train_speed.check_positive(cfg, ("warmup_steps", "vocab_size"), allow_zero=True)
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+
+
+# ---- 1. the loader's share of a step ----
+
+def loader_share(cfg, device):
+    """Median ms of a micro-batch and of a train step, as train.py's loop runs them one after the other."""
+    ptdtype, dtype_reason = devices.pick_dtype(cfg.dtype, device.split(":")[0])
+    compiled = train_speed.use_compile(cfg.compile, device)
+    data_dir, meta = train.load_data(cfg)
+    vocab = cfg.vocab_size or meta["vocab_size"]
+    if vocab < meta["vocab_size"]:
+        raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
+    windows = train.Windows(data_dir, "train", cfg.block_size, vocab)
+    setting = train_speed.Setting(train_speed.model_config(cfg, vocab), cfg.seed, device, ptdtype, compiled)
+    batch_seconds, step_seconds = [], []
+    for index in range(cfg.warmup_steps + cfg.steps):
+        start = time.perf_counter()
+        x, y = windows.random_batch(cfg.seed, index, cfg.batch_size)
+        if device.startswith("cuda"):  # as train.py's loop: page-locked memory, so the copy can overlap compute
+            x, y = x.pin_memory(), y.pin_memory()
+        batch = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))]
+        train_speed.sync(device)
+        batch_s = time.perf_counter() - start
+        step_s = setting.step(batch)
+        if index >= cfg.warmup_steps:
+            batch_seconds.append(batch_s)
+            step_seconds.append(step_s)
+    batch_ms, step_ms = 1000 * statistics.median(batch_seconds), 1000 * statistics.median(step_seconds)
+    return {"dataset": cfg.dataset, "tokenizer": meta["tokenizer"], "train_tokens": windows.tokens,
+            "dtype": train_speed.dtype_name(ptdtype), "dtype_reason": dtype_reason, "compile": compiled,
+            "batch_ms": batch_ms, "step_ms": step_ms, "loader_share_pct": 100 * batch_ms / (batch_ms + step_ms),
+            "note": "medians over the timed steps; the step is train.train_step and the batch is "
+                    "Windows.random_batch plus the copy to the device (pinned on CUDA). On CUDA the loop can draw "
+                    "a batch while the GPU finishes the optimizer update queued after train_step's one sync, "
+                    "so there the share is an upper bound"}
+
+
+# ---- 2. tokenizing ----
+
+def tokenize_speed(cfg, tokenizer, data_root):
+    """prepare.py's throughput with one tokenizer, from the median of its runs."""
+    dataset, inputs = ("text", [cfg.tokenize_input]) if cfg.tokenize_input else ("python_stdlib", None)
+    seconds = []
+    for _ in range(cfg.tokenize_repeats):
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # prepare's progress lines would bury the summary
+            folder = prepare.prepare(dataset, inputs=inputs, tokenizer=tokenizer, data_root=data_root, name=tokenizer)
+        seconds.append(time.perf_counter() - start)
+    meta = prepare.read_meta(folder)
+    median = statistics.median(seconds)
+    tokens = sum(meta["tokens"].values())
+    return {"source": cfg.tokenize_input or "python_stdlib", "source_bytes": meta["source_bytes"],
+            "tokens": tokens, "bytes_per_token": meta["source_bytes"] / tokens, "seconds_median": median,
+            "seconds_all": seconds, "mb_per_sec": meta["source_bytes"] / 1e6 / median,
+            "tokens_per_sec": tokens / median}
+
+
+def benchmark(cfg):
+    check_config(cfg)
+    names = [name for name in cfg.tokenizers.split(",") if name]
+    device = train_speed.setup_device(cfg.device)
+    machine = train_speed.machine_record(device)
+    loader = loader_share(cfg, device)
+    print(f"loader: {loader['dataset']} ({loader['tokenizer']} tokens), batch {cfg.batch_size} x {cfg.block_size}, "
+          f"model {cfg.n_layer} layers x {cfg.n_embd}, {loader['dtype']}, "
+          f"compile {'on' if loader['compile'] else 'off'}, on {device}")
+    print(f"  batch {loader['batch_ms']:.2f} ms, step {loader['step_ms']:.1f} ms (medians): "
+          f"the loader is {loader['loader_share_pct']:.2f}% of the step time")
+    with tempfile.TemporaryDirectory() as data_root:
+        tokenizing = {name: tokenize_speed(cfg, name, data_root) for name in names}
+    for name, result in tokenizing.items():
+        print(f"prepare.py, {name}: {result['source_bytes'] / 1e6:.1f} MB in {result['seconds_median']:.2f} s = "
+              f"{result['mb_per_sec']:.1f} MB/s, {result['tokens_per_sec'] / 1e6:.2f}M tokens/s, "
+              f"{result['bytes_per_token']:.2f} bytes/token")
+    train_speed.write_report(cfg.out, {**machine, "config": vars(cfg), "loader": loader, "tokenize": tokenizing})
+
+
+def main():
+    try:
+        benchmark(load_config(__file__, sys.argv[1:]))
+    except (ConfigError, prepare.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Smoke tests of the bench scripts: each runs as a subprocess on a tiny model and writes its JSON report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SHARED
+
+import prepare
+
+TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--device=cpu"]
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py"]
+
+
+def run_bench(script, args, env=None):
+    return subprocess.run([sys.executable, script, *args], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def report_of(script, args, tmp_path, env=None):
+    out = tmp_path / "report.json"
+    result = run_bench(script, [*args, f"--out={out}"], env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["command"].startswith(f"python {script} ")
+    assert report["device"] and report["torch"] and report["date"] and isinstance(report["cpu_bf16"], bool)
+    return report
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_key_and_unknown_keys_are_one_line_errors(script):
+    result = run_bench(script, ["--help"])
+    assert result.returncode == 0 and "--out=bench/results/" in result.stdout and "--device=auto" in result.stdout
+    result = run_bench(script, ["--no_such_key=1"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown key --no_such_key; see --help for the keys"
+
+
+def test_train_speed_compares_with_fp32_eager(tmp_path):
+    report = report_of("bench/train_speed.py", [*TINY_MODEL, "--vocab_size=100", "--batch_size=4", "--steps=2",
+                                                "--warmup_steps=1", "--rounds=2", "--dtype=bfloat16",
+                                                "--compare_fp32_eager=True"], tmp_path)
+    assert report["dtype"] == "bfloat16" and report["compile"] is False and report["compile_s"] is None
+    assert report["tokens_per_step"] == 4 * 32 and report["steps_timed"] == 4
+    assert report["tokens_per_sec"] > 0 and report["ms_per_step_median"] > 0 and report["flops_per_token"] > 0
+    assert report["mfu"] is None and "CPU" in report["mfu_note"] and report["peak_memory_mib"] > 0
+    baseline = report["baseline"]
+    assert baseline["dtype"] == "float32" and baseline["steps_timed"] == 4 and baseline["tokens_per_sec"] > 0
+    assert report["speedup"] == pytest.approx(baseline["ms_per_step_median"] / report["ms_per_step_median"])
+
+
+def test_train_speed_mfu_against_a_given_peak(tmp_path):
+    report = report_of("bench/train_speed.py", [*TINY_MODEL, "--vocab_size=100", "--batch_size=2", "--steps=2",
+                                                "--warmup_steps=0", "--dtype=float32", "--peak_flops=1e12"], tmp_path)
+    assert "baseline" not in report and report["steps_timed"] == 2
+    assert report["mfu"] == pytest.approx(report["flops_per_token"] * report["tokens_per_sec"] / 1e12)
+
+
+def test_sample_speed_kv_cache_matches_recomputation(tmp_path):
+    # 30 + 10 tokens outgrow block_size 32, so the cropped path is compared too
+    report = report_of("bench/sample_speed.py", [*TINY_MODEL, "--vocab_size=100", "--prompt_lengths=4,30",
+                                                 "--new_tokens=10"], tmp_path)
+    assert report["tokens_match"] is True and len(report["cases"]) == 2
+    for case in report["cases"]:
+        assert case["tokens_match"] and case["kv_cache_tokens_per_sec"] > 0 and case["recompute_tokens_per_sec"] > 0
+        assert case["speedup"] == pytest.approx(case["recompute_s"] / case["kv_cache_s"])
+    assert report["issue_check"] is None  # the 16-token, 500-token case is not in this grid
+
+
+def test_data_speed_reports_loader_share_and_tokenizer_throughput(tmp_path):
+    prepare.prepare("shakespeare_char", inputs=[str(SHAKESPEARE)], data_root=tmp_path / "data")
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken")}
+    report = report_of("bench/data_speed.py", [*TINY_MODEL, "--batch_size=4", "--steps=3", "--warmup_steps=1",
+                                               f"--data_root={tmp_path / 'data'}", "--dataset=shakespeare_char",
+                                               f"--tokenize_input={SHAKESPEARE}", "--tokenize_repeats=1"],
+                       tmp_path, env)
+    loader = report["loader"]
+    assert loader["batch_ms"] > 0 and loader["step_ms"] > 0 and 0 < loader["loader_share_pct"] < 100
+    assert set(report["tokenize"]) == {"byte", "gpt2"}
+    for result in report["tokenize"].values():
+        assert result["mb_per_sec"] > 0 and result["source_bytes"] == SHAKESPEARE.stat().st_size
+    assert report["tokenize"]["gpt2"]["bytes_per_token"] > 2 * report["tokenize"]["byte"]["bytes_per_token"]
