@@ -450,7 +450,8 @@ def run_training(cfg, rank, world_size, device):
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
     accum = cfg.gradient_accumulation_steps // world_size
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    T = model_config.block_size
+    tokens_per_step = cfg.batch_size * T * cfg.gradient_accumulation_steps
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
     peak = peak_flops(torch.cuda.get_device_name(device), ptdtype) if device_type == "cuda" else None
@@ -459,16 +460,16 @@ def run_training(cfg, rank, world_size, device):
     if master:
         n_params = raw_model.num_params()
         print(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M without "
-              f"embeddings), {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, vocab {vocab}, "
-              f"context {cfg.block_size}")
+              f"embeddings), {model_config.n_layer} layers, {model_config.n_head} heads, {model_config.n_embd} wide, "
+              f"vocab {vocab}, context {T}")
         print(f"data: {cfg.dataset} ({meta['tokenizer']} tokens): {train_data.tokens:,} train, "
               f"{val_data.tokens:,} val")
-        print(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {accum} micro-steps x {world_size} "
+        print(f"batch: {cfg.batch_size} x {T} tokens x {accum} micro-steps x {world_size} "
               f"process(es) = {tokens_per_step:,} tokens/step; {cfg.max_iters} steps = "
               f"{tokens_per_step * cfg.max_iters / 1e6:.1f}M tokens "
               f"({tokens_per_step * cfg.max_iters / train_data.tokens:.1f} epochs)")
         print(f"compute: 6ND = {6 * n_params * tokens_per_step * cfg.max_iters:.2e} FLOPs; "
-              f"{raw_model.flops_per_token(cfg.block_size) / 1e6:.1f} MFLOPs per token with attention")
+              f"{raw_model.flops_per_token(T) / 1e6:.1f} MFLOPs per token with attention")
         print(f"device: {device}, {str(ptdtype).removeprefix('torch.')} ({dtype_reason}), "
               f"compile {'on' if use_compile else 'off'}")
 
@@ -563,7 +564,7 @@ def run_training(cfg, rank, world_size, device):
             record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
                       "grad_norm": norm, "dt_ms": 1000 * dt, "tok_per_sec": tokens_per_step / dt}
             if peak:
-                record["mfu"] = raw_model.flops_per_token(cfg.block_size) * record["tok_per_sec"] / (peak * world_size)
+                record["mfu"] = raw_model.flops_per_token(T) * record["tok_per_sec"] / (peak * world_size)
             eta = time.strftime("%H:%M:%S", time.gmtime(dt * (end_step - step)))
             run.log(record, f"step {step}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
                             f"{1000 * dt:.1f} ms | {record['tok_per_sec']:,.0f} tok/s | ETA {eta}")
