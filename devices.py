@@ -22,7 +22,10 @@ def pick_device(requested, local_rank):
             return f"cuda:{local_rank}"
         return "mps" if torch.backends.mps.is_available() else "cpu"
     if requested.startswith("cuda"):
-        index = int(requested.partition(":")[2] or local_rank)
+        name, _, index = requested.partition(":")
+        if name != "cuda" or not (index.isdigit() or requested == "cuda"):
+            raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
+        index = int(index or local_rank)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device {requested} does not exist: torch sees {torch.cuda.device_count()} CUDA "
                               "device(s); use --device=auto or --device=cpu")

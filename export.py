@@ -2,7 +2,8 @@
 
 The folder gets config.json and model.safetensors, which transformers' GPT2LMHeadModel loads with the same
 logits (and GPT.from_pretrained loads back), plus the run's meta.json, from which prepare.get_tokenizer
-rebuilds its tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go with them.
+rebuilds its tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go with them. A LoRA run's
+adapters are merged into the weights; with --adapters_only they are written alone instead, in PEFT's layout.
 """
 
 import argparse
@@ -10,8 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from model import GPT, GPTConfig
-from train import CheckpointError, load_checkpoint
+from train import CheckpointError, load_checkpoint, model_from_checkpoint
 
 GPT2_ENCODINGS = ("gpt2", "r50k_base")  # tiktoken names of GPT-2's BPE (the same ranks)
 
@@ -27,6 +27,9 @@ def parse_args(argv):
     parser.add_argument("--crop_vocab", action="store_true",
                         help="drop the vocabulary padding beyond the tokenizer's (e.g. 50304 -> 50257 rows); "
                              "the logits of real tokens stay the same")
+    parser.add_argument("--adapters_only", action="store_true",
+                        help="a LoRA run: write only its adapters (adapter_config.json, adapter_model.safetensors, "
+                             "PEFT's layout), to apply to the base weights it was trained on")
     parser.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     return parser.parse_args(argv)
 
@@ -38,17 +41,29 @@ def check_destination(folder, force):
         raise ExportError(f"{folder} is not empty; pass --force to overwrite its files, or choose another folder")
 
 
-def export(checkpoint, folder, crop_vocab=False, force=False):
-    """Write the checkpoint's model in the Hugging Face layout, and its tokenizer meta, to `folder`."""
+def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=False):
+    """Write the checkpoint's model in the Hugging Face layout (or its LoRA adapters alone), and its tokenizer
+    meta, to `folder`."""
     folder = Path(folder)
     check_destination(folder, force)
     ckpt = load_checkpoint(checkpoint)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    meta = ckpt["meta"]
-    model.save_pretrained(folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
+    model, meta = model_from_checkpoint(ckpt), ckpt["meta"]
+    if adapters_only:
+        if not model.config.lora_rank:
+            raise ExportError(f"{checkpoint} is not a LoRA run (lora_rank 0), so it has no adapters; export "
+                              "it without --adapters_only")
+        model.save_adapters(folder, base_model=ckpt["weights_from"])
+    else:
+        model.save_pretrained(folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return model, meta
+    return model, meta, ckpt["weights_from"]
+
+
+def report_adapters(folder, model, base):
+    print(f"wrote {folder}/adapter_config.json and adapter_model.safetensors: LoRA rank {model.config.lora_rank} "
+          f"on {model.config.lora_targets}, {sum(t.numel() for t in model.adapter_state().values()):,} parameters")
+    print(f'apply them to {base}: here `python sample.py --init_from={base} --adapters={folder}`; with PEFT '
+          f'PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("{base}"), "{folder}")')
 
 
 def report(folder, model, meta, crop_vocab):
@@ -68,11 +83,14 @@ def report(folder, model, meta, crop_vocab):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        model, meta = export(args.checkpoint, args.folder, args.crop_vocab, args.force)
+        model, meta, base = export(args.checkpoint, args.folder, args.crop_vocab, args.force, args.adapters_only)
     except (CheckpointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    report(Path(args.folder), model, meta, args.crop_vocab)
+    if args.adapters_only:
+        report_adapters(Path(args.folder), model, base)
+    else:
+        report(Path(args.folder), model, meta, args.crop_vocab)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    lora_rank: int = 0  # > 0: the targeted projections get trained low-rank adapters and every other weight is frozen
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "attn,mlp"  # which blocks' projections get adapters: attn, mlp or both
 
 
 class KVCache:
@@ -46,6 +50,39 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class LoRALinear(nn.Linear):
+    """A frozen Linear plus a trained low-rank update (LoRA): y = x W^T + b + (alpha / r) x A^T B^T.
+
+    B starts at zero, so training starts from the base model's function. Being an nn.Linear with two extra
+    parameters, it keeps the base's state-dict names (`weight`, `bias`) and adds `lora_A`, `lora_B`.
+    """
+
+    def __init__(self, in_features, out_features, bias, rank, alpha, dropout):
+        super().__init__(in_features, out_features, bias=bias)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return super().forward(x) + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+
+    def merged_weight(self):
+        return self.weight + self.scale * self.lora_B @ self.lora_A
+
+
+def projection(config, part, in_features, out_features):
+    """A block's Linear layer: with LoRA adapters when lora_rank > 0 and lora_targets names this part."""
+    if config.lora_rank > 0 and part in config.lora_targets.split(","):
+        return LoRALinear(in_features, out_features, config.bias, config.lora_rank, config.lora_alpha,
+                          config.lora_dropout)
+    return nn.Linear(in_features, out_features, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -53,8 +90,8 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = projection(config, "attn", config.n_embd, 3 * config.n_embd)
+        self.c_proj = projection(config, "attn", config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, kv_cache=None):
@@ -76,8 +113,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = projection(config, "mlp", config.n_embd, 4 * config.n_embd)
+        self.c_proj = projection(config, "mlp", 4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -116,6 +153,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.lora_rank > 0:  # only the adapters train
+            for name, p in self.named_parameters():
+                p.requires_grad_("lora_" in name)
 
     @staticmethod
     def _init_weights(module):
@@ -144,8 +184,11 @@ class GPT(nn.Module):
 
     # ---- counting ----
 
-    def num_params(self, embeddings=True):
-        """Unique parameters (the tied head counted once); without embeddings drops the token and position tables."""
+    def num_params(self, embeddings=True, trainable_only=False):
+        """Unique parameters (the tied head counted once); without embeddings drops the token and position
+        tables; trainable_only counts those that get gradients (with LoRA, the adapters)."""
+        if trainable_only:
+            return sum(p.numel() for p in self.parameters() if p.requires_grad)
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
@@ -189,8 +232,17 @@ class GPT(nn.Module):
         is absolute, so once the sequence outgrows block_size the cached keys sit at the wrong positions:
         from then on every step re-prefills the last block_size tokens (the cost of recomputing, but the
         same tokens). temperature=0 is greedy; `vocab_limit` keeps padded vocabulary entries from being
-        sampled; `generator` makes sampling reproducible without touching the global RNG.
+        sampled; `generator` makes sampling reproducible without touching the global RNG. Runs in eval
+        mode (no dropout) and restores the mode it found.
         """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator):
         block_size = self.config.block_size
         cache_dtype = self.lm_head.weight.dtype
         if torch.is_autocast_enabled(idx.device.type):
@@ -205,6 +257,60 @@ class GPT(nn.Module):
             next_id = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+    # ---- LoRA ----
+
+    def adapter_state(self):
+        """Only the LoRA adapters' tensors: all a LoRA fine-tune adds to its base weights."""
+        return {name: t for name, t in self.state_dict().items() if ".lora_" in name}
+
+    def merge_lora(self):
+        """A plain GPT (no adapters) whose weights hold the adapters' updates: the same function, no extra
+        cost per token, and the layout every other tool reads."""
+        merged = {name: t for name, t in self.state_dict().items() if ".lora_" not in name}
+        for name, module in self.named_modules():
+            if isinstance(module, LoRALinear):
+                merged[f"{name}.weight"] = module.merged_weight().detach()
+        model = GPT(replace(self.config, lora_rank=0)).to(self.lm_head.weight.device)
+        model.load_state_dict(merged)
+        return model
+
+    def save_adapters(self, folder, base_model):
+        """Write the LoRA adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors):
+        `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), folder)` applies them to
+        transformers' GPT-2, GPT.from_pretrained(base_model).with_adapters(folder) to this one."""
+        cfg = self.config
+        modules = [f"{part}.{name}" for part, names in PEFT_TARGETS.items() if part in cfg.lora_targets.split(",")
+                   for name in names]
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+                  "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                  "target_modules": modules, "fan_in_fan_out": True, "bias": "none", "inference_mode": True}
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tensors = {f"base_model.model.{name}.weight": t.detach().float().cpu().contiguous()
+                   for name, t in self.adapter_state().items()}
+        write_safetensors(folder / "adapter_model.safetensors", tensors)
+
+    def with_adapters(self, folder):
+        """A LoRA model: these weights plus the adapters save_adapters wrote to `folder`."""
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            tensors = read_safetensors(folder / "adapter_model.safetensors")
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"{folder} holds no readable LoRA adapters ({e}); write them with "
+                               "`python export.py CKPT FOLDER --adapters_only`") from None
+        parts = sorted({module.split(".")[0] for module in config["target_modules"]})
+        model = GPT(replace(self.config, lora_rank=config["r"], lora_alpha=config["lora_alpha"],
+                            lora_targets=",".join(parts)))
+        adapters = {name.removeprefix("base_model.model.").removesuffix(".weight"): t for name, t in tensors.items()}
+        expected = model.adapter_state()
+        if adapters.keys() != expected.keys() or any(adapters[k].shape != t.shape for k, t in expected.items()):
+            raise WeightsError(f"the adapters in {folder} do not fit this model's layers; they were trained on "
+                               "other base weights")
+        model.load_state_dict({**self.state_dict(), **adapters})
+        return model.to(self.lm_head.weight.device)
 
     # ---- Hugging Face GPT-2 interop (the layout's helpers are at the end of the file) ----
 
@@ -224,7 +330,10 @@ class GPT(nn.Module):
         same logits, as does GPT.from_pretrained. GPT-2 always has biases: a model without them gets zeros.
         The vocabulary is written as is, padding included (e.g. 50304 rows for GPT-2's 50257 tokens), unless
         `vocab_size` crops it to the tokenizer's (the kept tokens' logits stay the same). `eot_id`, the
-        tokenizer's end-of-text id, becomes the config's bos/eos ids (where HF's generate stops)."""
+        tokenizer's end-of-text id, becomes the config's bos/eos ids (where HF's generate stops). LoRA
+        adapters are merged into the weights first: the layout has no place for them."""
+        if self.config.lora_rank > 0:
+            return self.merge_lora().save_pretrained(folder, vocab_size, eot_id)
         vocab_size = vocab_size or self.config.vocab_size
         assert vocab_size <= self.config.vocab_size, f"cannot crop vocab {self.config.vocab_size} to {vocab_size}"
         folder = Path(folder)
@@ -232,6 +341,9 @@ class GPT(nn.Module):
         hf_config = config_to_hf(replace(self.config, vocab_size=vocab_size), eot_id)
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         write_safetensors(folder / "model.safetensors", state_to_hf(self, vocab_size))
+
+
+PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora_targets -> module names
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 import plot
-from configurator import ConfigError
 
 SELECTION_RULE = "lowest val loss on the fixed val batches"
+CARRIED_ON_RESUME = ("started", "tokens_seen", "final_val_loss", "best_val_loss", "best_step", "selected_checkpoint")
 
 
 def now():
@@ -53,10 +53,12 @@ class RunLog:
         self.said_no_plot = False
 
     def start(self, cfg, meta, device, dtype, world_size, resumed_from, wandb_id):
-        """Write run.json's opening state and, with wandb_log, open (or reopen) the wandb run."""
+        """Write run.json's opening state and, with wandb_log, open (or reopen) the wandb run. A resumed
+        run keeps what run.json already says about the run's start, progress and best checkpoint."""
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        earlier = self.read_record() if resumed_from is not None else {}
         self.record = {
             "code": code_version(), "config": vars(cfg), "seed": cfg.seed,
             "data": {k: meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "source_sha256", "tokens")},
@@ -67,6 +69,7 @@ class RunLog:
             "ended": None, "end_reason": "running", "step": resumed_from or 0, "tokens_seen": 0,
             "final_val_loss": None, "best_val_loss": None, "best_step": None,
             "selected_checkpoint": None, "selection_rule": SELECTION_RULE,
+            **{key: earlier[key] for key in CARRIED_ON_RESUME if key in earlier},
         }
         self.write_record()
         if cfg.wandb_log:
@@ -105,6 +108,12 @@ class RunLog:
             self.wandb.summary.update({k: self.record[k] for k in ("end_reason", "best_val_loss", "best_step")})
             self.wandb.finish(exit_code=0 if reason != "diverged" else 1)
 
+    def read_record(self):
+        try:
+            return json.loads((self.out_dir / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
     def write_record(self):
         write_json_atomic(self.out_dir / "run.json", self.record)
 
@@ -115,9 +124,7 @@ def new_wandb_id():
 
 def open_wandb(cfg, run_id, record):
     """A wandb run with a stable id, so a resumed training run continues the same wandb run."""
-    try:
-        import wandb  # optional: only needed with wandb_log=True
-    except ImportError:
-        raise ConfigError("wandb_log=True needs the wandb package: pip install wandb") from None
+    import wandb  # optional: only needed with wandb_log=True (train.check_config has made sure it is there)
+
     return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id, resume="allow",
                       config={**vars(cfg), "run": record}, dir=str(Path(cfg.out_dir)))

@@ -11,19 +11,20 @@ import torch
 import prepare
 from configurator import ConfigError, load_config
 from devices import pick_device, pick_dtype
-from model import GPT, GPTConfig, WeightsError
-from train import CheckpointError, load_checkpoint
+from model import GPT, WeightsError
+from train import CheckpointError, load_checkpoint, model_from_checkpoint
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to sample from (train.py's default run)
 ckpt = "best"  # which checkpoint: best (lowest val loss) or last
 init_from = ""  # instead of a run: GPT-2 weights, gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
+adapters = ""  # LoRA adapters to apply to the init_from weights: a folder from export.py --adapters_only
 start = ""  # prompt text, or FILE:path to read it from a file; empty starts a new document
 num_samples = 3  # independent samples to print
 max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # below 1 sharpens, above 1 flattens the distribution; 0 is greedy
 top_k = 200  # sample only among the k most likely tokens; 0 keeps all
-top_p = 1.0  # nucleus sampling: keep the smallest set of tokens holding this much probability
+top_p = 1.0  # nucleus sampling: keep the fewest most likely tokens that hold this much probability; 1 keeps all
 seed = 1337  # makes the samples reproducible
 device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
 dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
@@ -43,28 +44,45 @@ def prompt_ids(tokenizer, text):
 GPT2_META = {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257, "eot_id": 50256}
 
 
-def load_model(cfg, device):
-    """(model in eval mode, tokenizer meta) from GPT-2 weights if init_from is set, else from a run's checkpoint."""
+def load_model(cfg):
+    """(model, tokenizer meta) from GPT-2 weights (plus adapters) if init_from is set, else from a run's
+    checkpoint. LoRA adapters come merged into the weights: the same tokens, faster."""
+    if cfg.adapters and not cfg.init_from:
+        raise ConfigError("--adapters apply to base weights: name them with --init_from (e.g. gpt2)")
     if cfg.init_from:
         folder = Path(cfg.init_from)
         meta = prepare.read_meta(folder) if (folder / "meta.json").is_file() else GPT2_META
         try:
-            return GPT.from_pretrained(cfg.init_from).to(device).eval(), meta
+            model = GPT.from_pretrained(cfg.init_from)
+            return (model.with_adapters(cfg.adapters).merge_lora() if cfg.adapters else model), meta
         except WeightsError as e:
             raise ConfigError(str(e)) from None
     if cfg.ckpt not in ("best", "last"):
         raise ConfigError(f"ckpt must be best or last, got {cfg.ckpt!r}")
-    state = load_checkpoint(Path(cfg.out_dir) / f"{cfg.ckpt}.pt", map_location=device)
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state["meta"]
+    state = load_checkpoint(Path(cfg.out_dir) / f"{cfg.ckpt}.pt")
+    model = model_from_checkpoint(state)
+    return (model.merge_lora() if model.config.lora_rank else model), state["meta"]
+
+
+def check_sampling(cfg):
+    for key in ("num_samples", "max_new_tokens"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.temperature < 0:
+        raise ConfigError(f"temperature must be 0 (greedy) or more, got {cfg.temperature}")
+    if cfg.top_k < 0:
+        raise ConfigError(f"top_k must be 0 (keep all) or more, got {cfg.top_k}")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}; 1 keeps all tokens")
 
 
 def sample(cfg):
+    check_sampling(cfg)
     device = pick_device(cfg.device, 0)
     device_type = device.split(":")[0]
     ptdtype, _ = pick_dtype(cfg.dtype, device_type)
-    model, meta = load_model(cfg, device)
+    model, meta = load_model(cfg)
+    model = model.to(device).eval()
     tokenizer = prepare.get_tokenizer(meta)
     ids = prompt_ids(tokenizer, cfg.start)
     if not ids:

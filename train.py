@@ -6,6 +6,7 @@ zero the gradients, forward and backward over the micro-batches, clip, step the 
 """
 
 import contextlib
+import importlib
 import math
 import os
 import pickle
@@ -79,6 +80,12 @@ parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2: 
 keep_last_k = 0  # also keep the k newest periodic checkpoints as ckpt_<step>.pt; 0 keeps only last.pt
 max_skipped_steps = 25  # stop the run after this many consecutive updates skipped for non-finite values
 loss_spike_factor = 1.5  # warn when a step's loss exceeds this multiple of its running average
+# fine-tuning (SFT data comes from `prepare.py sft`; its prompt tokens are never trained)
+lora_rank = 0  # > 0 trains low-rank adapters (LoRA) of this rank and freezes every other weight
+lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = "attn,mlp"  # projections that get adapters: attn (c_attn, c_proj), mlp (c_fc, c_proj), or both
+pack_examples = False  # SFT data: rows of whole examples back to back (attention crosses them) instead of one padded example per row
 wandb_log = False  # also send the logged metrics to Weights & Biases (needs `pip install wandb`)
 wandb_project = "gpt"  # wandb project name
 wandb_run_name = ""  # wandb run name; empty lets wandb choose
@@ -116,6 +123,8 @@ class Windows:
         lengths = np.array([len(prepare.load_shard(p)) for p in self.paths])
         self.starts_per_shard = np.maximum(lengths - block_size, 0)
         self.total_starts, self.tokens = int(self.starts_per_shard.sum()), int(lengths.sum())
+        self.rows_per_epoch = self.tokens / block_size
+        self.summary = f"{self.tokens:,} tokens"
         if self.total_starts == 0:
             raise prepare.DataError(f"the {split} split of {data_dir} has {self.tokens} tokens, too few for "
                                     f"block_size {block_size}; lower --block_size or prepare more data")
@@ -149,6 +158,54 @@ class Windows:
         return [self.batch(chunk) for chunk in np.split(starts, n_batches)]
 
 
+class Examples:
+    """Fine-tuning examples from `prepare.py sft`: the same interface as Windows, but a row is one example,
+    its prompt's targets -100 (no loss, no gradient) and its padding too.
+
+    With `pack`, a training row is instead the block_size + 1 tokens that start at an example, examples
+    following each other in it (the last one cut off where the row ends): no padding, but attention
+    crosses from an example into the ones before it in the row. Evaluation is always one example per row.
+    """
+
+    def __init__(self, data_dir, split, block_size, vocab_size, pack=False):
+        self.ids, self.trained, self.offsets = prepare.load_sft(data_dir, split)
+        self.block_size, self.pack = block_size, pack
+        self.count, self.tokens = len(self.offsets) - 1, len(self.ids)
+        longest = int(np.diff(self.offsets).max(initial=0))
+        if self.count == 0:
+            raise prepare.DataError(f"the {split} split of {data_dir} holds no examples; prepare more records")
+        if longest > block_size + 1:
+            raise prepare.DataError(f"{data_dir} holds examples of up to {longest} tokens, more than block_size + 1 "
+                                    f"= {block_size + 1}; raise --block_size or prepare it with --block_size "
+                                    f"{block_size} (which drops longer examples)")
+        if int(self.ids.max()) >= vocab_size:
+            raise prepare.DataError(f"token id {int(self.ids.max())} in {data_dir} is >= the model's vocab_size "
+                                    f"{vocab_size}; the files do not match meta.json, prepare them again")
+        self.rows_per_epoch = self.tokens / block_size if pack else self.count
+        self.summary = f"{self.count:,} examples ({self.tokens:,} tokens, {int(self.trained.sum()):,} trained)"
+
+    def rows(self, examples, packed):
+        """(x, y) for these example numbers: y is x shifted by one, -100 where the target is not trained."""
+        x = np.zeros((len(examples), self.block_size), dtype=np.int64)
+        y = np.full((len(examples), self.block_size), -100, dtype=np.int64)
+        for row, example in enumerate(examples):
+            start = self.offsets[example]
+            end = start + self.block_size + 1 if packed else self.offsets[example + 1]
+            span = np.arange(start, end) % self.tokens  # a packed row runs on into the first examples
+            ids, trained = self.ids[span].astype(np.int64), self.trained[span[1:]].astype(bool)
+            x[row, :len(span) - 1] = ids[:-1]
+            y[row, :len(span) - 1] = np.where(trained, ids[1:], -100)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def random_batch(self, seed, index, batch_size):
+        rng = np.random.default_rng([seed, index])
+        return self.rows(rng.integers(0, self.count, size=batch_size), self.pack)
+
+    def fixed_batches(self, n_batches, batch_size):
+        examples = np.linspace(0, self.count - 1, n_batches * batch_size).astype(np.int64)
+        return [self.rows(chunk, packed=False) for chunk in np.split(examples, n_batches)]
+
+
 # ---- evaluation ----
 
 @torch.no_grad()
@@ -179,7 +236,7 @@ def rng_state():
     np_state = np.random.get_state()
     return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}  # this process's GPU
 
 
 def set_rng_state(state):
@@ -188,24 +245,20 @@ def set_rng_state(state):
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def full_state(model, optimizer, sharded):
-    """Model and optimizer state dicts with whole tensors. Under FSDP they are gathered to rank 0 (others
-    get empty dicts), so an FSDP checkpoint's weights load in a single process like any other."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict()
+def full_state(model, optimizer):
+    """Model and optimizer state dicts with whole tensors, the optimizer's keyed by parameter name. Under
+    FSDP they are gathered to rank 0 (others get empty dicts). One format for every run: a checkpoint
+    resumes in one process, under DDP or under FSDP, whichever wrote it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def load_optimizer_state(model, optimizer, state, sharded):
-    if sharded:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+def load_optimizer_state(model, optimizer, state):
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def gather_rng_states(world_size):
@@ -254,10 +307,18 @@ def load_checkpoint(path, map_location="cpu"):
                               "restore it from a copy or start a new run in another out_dir") from None
 
 
+def model_from_checkpoint(ckpt):
+    """The GPT (LoRA adapters included) whose weights a checkpoint holds, on the CPU."""
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
 def check_architecture(ckpt, model_config, path):
+    saved = asdict(GPTConfig(**ckpt["model_config"]))  # a checkpoint from before a field existed has its default
     for key, value in asdict(model_config).items():
-        if key != "dropout" and ckpt["model_config"].get(key) != value:
-            raise CheckpointError(f"{path} holds a model with {key}={ckpt['model_config'].get(key)} but the "
+        if key not in ("dropout", "lora_dropout") and saved[key] != value:
+            raise CheckpointError(f"{path} holds a model with {key}={saved[key]} but the "
                                   f"config asks for {key}={value}; use the run's own config to resume it")
 
 
@@ -271,28 +332,44 @@ def check_config(cfg, world_size):
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be divisible by "
                           f"the {world_size} processes")
+    if world_size > 1 and cfg.device.startswith("cuda:"):
+        raise ConfigError(f"device {cfg.device} would put every process on one GPU; under torchrun use "
+                          "--device=cuda (each process takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick GPUs")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.compile not in ("auto", "true", "false"):
         raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"LoRA needs lora_rank >= 0, lora_alpha > 0 and lora_dropout in [0, 1), got "
+                          f"{cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout}")
+    if not set(cfg.lora_targets.split(",")) <= {"attn", "mlp"}:
+        raise ConfigError(f"lora_targets must be attn, mlp or attn,mlp, got {cfg.lora_targets!r}")
+    if cfg.wandb_log:  # checked by every process, so that all of them stop
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            raise ConfigError("wandb_log=True needs the wandb package: pip install wandb") from None
 
 
 def architecture(cfg, meta, weights_from, ckpt):
     """(GPTConfig, pretrained state dict or None). From scratch the config's keys decide; with GPT-2 weights
-    their config.json does, the position table cropped to block_size; a resume keeps the checkpoint's."""
+    their config.json does, the position table cropped to block_size; a resume keeps the checkpoint's.
+    Dropout and the LoRA keys always come from the config."""
+    tuning = {"dropout": cfg.dropout, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+              "lora_dropout": cfg.lora_dropout, "lora_targets": cfg.lora_targets}
     if weights_from == "scratch":
         vocab = cfg.vocab_size or meta["vocab_size"]
         if vocab < meta["vocab_size"]:
             raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias), None
+                         n_embd=cfg.n_embd, bias=cfg.bias, **tuning), None
     if meta.get("encoding") != "r50k_base":
         raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} tokens; "
                           "prepare the data with --tokenizer gpt2")
     if ckpt is not None:
-        return replace(GPTConfig(**ckpt["model_config"]), dropout=cfg.dropout), None
+        return replace(GPTConfig(**ckpt["model_config"]), **tuning), None
     try:
         pretrained = GPT.from_pretrained(weights_from, dropout=cfg.dropout)
     except WeightsError as e:
@@ -302,15 +379,27 @@ def architecture(cfg, meta, weights_from, ckpt):
                           f"{weights_from}; use --block_size={pretrained.config.block_size} or less")
     state = pretrained.state_dict()
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.block_size]
-    return replace(pretrained.config, block_size=cfg.block_size), state
+    return replace(pretrained.config, block_size=cfg.block_size, **tuning), state
 
 
-def load_data(cfg):
-    """The dataset's meta, preparing the embedded default on first use."""
+def load_data(cfg, local_rank, world_size):
+    """The dataset's meta, preparing the embedded default on first use: by one process per machine while
+    the others wait, and if it fails every process stops with its error."""
     data_dir = Path(cfg.data_root) / cfg.dataset
     if cfg.dataset == "python_stdlib" and not (data_dir / "meta.json").exists():
-        print(f"preparing the default dataset in {data_dir} (Python's standard library, byte tokens)")
-        prepare.prepare("python_stdlib", data_root=cfg.data_root)
+        error = None
+        if local_rank == 0:
+            print(f"preparing the default dataset in {data_dir} (Python's standard library, byte tokens)")
+            try:
+                prepare.prepare("python_stdlib", data_root=cfg.data_root)
+            except prepare.DataError as e:
+                error = str(e)
+        errors = [error]
+        if world_size > 1:
+            errors = [None] * world_size
+            dist.all_gather_object(errors, error)
+        if any(errors):
+            raise prepare.DataError(next(e for e in errors if e))
     return data_dir, prepare.read_meta(data_dir)
 
 
@@ -385,13 +474,13 @@ def train(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     try:
-        run_training(cfg, rank, world_size, device)
+        run_training(cfg, rank, local_rank, world_size, device)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def run_training(cfg, rank, world_size, device):
+def run_training(cfg, rank, local_rank, world_size, device):
     master = rank == 0
     device_type = device.split(":")[0]
     out_dir = Path(cfg.out_dir)
@@ -402,12 +491,16 @@ def run_training(cfg, rank, world_size, device):
     elif ckpt_path.exists():
         raise ConfigError(f"{out_dir} already holds a run (last.pt); continue it with --init_from=resume "
                           "or choose another --out_dir")
-    data_dir, meta = load_data(cfg)
+    data_dir, meta = load_data(cfg, local_rank, world_size)
     weights_from = ckpt["weights_from"] if ckpt else cfg.init_from  # scratch or a GPT-2 source, kept by resumes
     model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
     vocab = model_config.vocab_size
-    train_data = Windows(data_dir, "train", model_config.block_size, vocab)
-    val_data = Windows(data_dir, "val", model_config.block_size, vocab)
+    if meta.get("format") == "sft":
+        train_data = Examples(data_dir, "train", model_config.block_size, vocab, cfg.pack_examples)
+        val_data = Examples(data_dir, "val", model_config.block_size, vocab)
+    else:
+        train_data = Windows(data_dir, "train", model_config.block_size, vocab)
+        val_data = Windows(data_dir, "val", model_config.block_size, vocab)
     eval_batches = {"train": train_data.fixed_batches(cfg.eval_iters, cfg.batch_size),
                     "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
 
@@ -418,16 +511,12 @@ def run_training(cfg, rank, world_size, device):
     autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
     raw_model = GPT(model_config).to(device)
-    if pretrained_state is not None:
-        raw_model.load_state_dict(pretrained_state)
+    if pretrained_state is not None:  # LoRA adapters, not in the pretrained weights, keep their initial values
+        raw_model.load_state_dict({**raw_model.state_dict(), **pretrained_state})
     torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
     step, best_val, best_step, wandb_id = 0, float("inf"), None, runlog.new_wandb_id()
     if ckpt is not None:
         check_architecture(ckpt, model_config, ckpt_path)
-        if ckpt["config"].get("parallel", "ddp") != cfg.parallel:
-            raise CheckpointError(f"{ckpt_path} was saved with parallel={ckpt['config']['parallel']}, whose "
-                                  f"optimizer state does not load under parallel={cfg.parallel}; resume with "
-                                  f"--parallel={ckpt['config']['parallel']}")
         raw_model.load_state_dict(ckpt["model"])
         step, best_val, best_step = ckpt["step"], ckpt["best_val_loss"], ckpt["best_step"]
         wandb_id = ckpt["wandb_id"]
@@ -441,7 +530,7 @@ def run_training(cfg, rank, world_size, device):
                                               device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     if ckpt is not None:
-        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], sharded)
+        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
@@ -450,6 +539,7 @@ def run_training(cfg, rank, world_size, device):
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
     accum = cfg.gradient_accumulation_steps // world_size
+    data_index = (ckpt["data_position"] if ckpt else 0) + rank * accum  # the sampler's whole state
     T = model_config.block_size
     tokens_per_step = cfg.batch_size * T * cfg.gradient_accumulation_steps
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
@@ -462,12 +552,16 @@ def run_training(cfg, rank, world_size, device):
         print(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M without "
               f"embeddings), {model_config.n_layer} layers, {model_config.n_head} heads, {model_config.n_embd} wide, "
               f"vocab {vocab}, context {T}")
-        print(f"data: {cfg.dataset} ({meta['tokenizer']} tokens): {train_data.tokens:,} train, "
-              f"{val_data.tokens:,} val")
+        if model_config.lora_rank:
+            trainable = raw_model.num_params(trainable_only=True)
+            print(f"LoRA: rank {model_config.lora_rank} adapters on {model_config.lora_targets}; {trainable:,} "
+                  f"trainable of {n_params:,} parameters ({100 * trainable / n_params:.2f}%)")
+        print(f"data: {cfg.dataset} ({meta['tokenizer']} tokens): {train_data.summary} train, "
+              f"{val_data.summary} val")
+        rows = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_iters
         print(f"batch: {cfg.batch_size} x {T} tokens x {accum} micro-steps x {world_size} "
               f"process(es) = {tokens_per_step:,} tokens/step; {cfg.max_iters} steps = "
-              f"{tokens_per_step * cfg.max_iters / 1e6:.1f}M tokens "
-              f"({tokens_per_step * cfg.max_iters / train_data.tokens:.1f} epochs)")
+              f"{tokens_per_step * cfg.max_iters / 1e6:.1f}M tokens ({rows / train_data.rows_per_epoch:.1f} epochs)")
         print(f"compute: 6ND = {6 * n_params * tokens_per_step * cfg.max_iters:.2e} FLOPs; "
               f"{raw_model.flops_per_token(T) / 1e6:.1f} MFLOPs per token with attention")
         print(f"device: {device}, {str(ptdtype).removeprefix('torch.')} ({dtype_reason}), "
@@ -485,10 +579,10 @@ def run_training(cfg, rank, world_size, device):
         run.evaluated(step, step * tokens_per_step, losses["val"], best_val, best_step)
 
     def checkpoint(path):
-        model_state, optimizer_state = full_state(raw_model, optimizer, sharded)
+        model_state, optimizer_state = full_state(raw_model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
-                 "data_position": step * cfg.gradient_accumulation_steps, "best_val_loss": best_val,
+                 "data_position": data_index - rank * accum, "best_val_loss": best_val,
                  "best_step": best_step, "rng": gather_rng_states(world_size), "wandb_id": wandb_id,
                  "weights_from": weights_from, "config": vars(cfg),
                  "model_config": asdict(model_config), "meta": meta}
@@ -521,7 +615,6 @@ def run_training(cfg, rank, world_size, device):
         run.log({"step": step, "event": "resumed"}, f"resumed from {ckpt_path} at step {step}")
         if step >= end_step and master:
             print(f"{ckpt_path} is already at step {step}; raise --max_iters to train further")
-    data_index = step * cfg.gradient_accumulation_steps + rank * accum
     interval_time, interval_steps, skipped, recent_norms, loss_ema = 0.0, 0, 0, [], None
     end_reason = "finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}"
     while step < end_step:
@@ -539,11 +632,14 @@ def run_training(cfg, rank, world_size, device):
 
         if not applied:
             skipped += 1
+            # under fp16 the first steps' overflows are routine: the scaler halves its scale after each
+            scale = f", fp16 loss scale now {scaler.get_scale():g}" if scaler.is_enabled() else ""
             run.log({"step": step, "skipped": "non-finite loss or gradient norm", "loss": train_loss,
                      "grad_norm": norm, "lr": lr, "recent_grad_norms": recent_norms[-10:],
-                     "nonfinite_grads": nonfinite_gradients(raw_model)[:20], "consecutive_skips": skipped},
+                     "nonfinite_grads": nonfinite_gradients(raw_model)[:20], "consecutive_skips": skipped,
+                     "loss_scale": scaler.get_scale() if scaler.is_enabled() else None},
                     f"step {step}: skipped the update: loss {train_loss}, grad norm {norm} "
-                    f"({skipped} in a row, limit {cfg.max_skipped_steps})")
+                    f"({skipped} in a row, limit {cfg.max_skipped_steps}{scale})")
             if skipped >= cfg.max_skipped_steps:
                 run.finish(step, step * tokens_per_step, "diverged")
                 raise Diverged(f"training diverged: {skipped} consecutive steps up to step {step} had a non-finite "

@@ -1,6 +1,7 @@
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -51,18 +52,21 @@ def test_resume_under_ddp_is_exact_with_dropout(data_root, tmp_path):
     assert train_losses(whole) == train_losses(paused)
 
 
-def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(data_root, tmp_path):
+def test_fsdp_matches_ddp_and_its_checkpoint_resumes_in_one_process(data_root, tmp_path):
     common = {"gradient_accumulation_steps": 2, "max_iters": 10, "lr_decay_iters": 10, "log_interval": 1,
               "eval_interval": 5, "ckpt_interval": 5, "dropout": 0.0}
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    ddp, fsdp, single = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "single"
     torchrun(tiny_args(data_root, ddp, **common))
     torchrun(tiny_args(data_root, fsdp, parallel="fsdp", stop_iter=5, **common))
+    shutil.copytree(fsdp, single)
     torchrun(tiny_args(data_root, fsdp, parallel="fsdp", init_from="resume", **common))
+    run_script("train.py", tiny_args(data_root, single, init_from="resume", **common))
     a, b = train_losses(ddp), train_losses(fsdp)
     assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-5 for s in a)
     wa = torch.load(ddp / "last.pt", weights_only=True)["model"]
-    wb = torch.load(fsdp / "last.pt", weights_only=True)["model"]
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)
+    for other in (fsdp, single):
+        wb = torch.load(other / "last.pt", weights_only=True)["model"]
+        assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)
     out = run_script("sample.py", [f"--out_dir={fsdp}", "--ckpt=last", "--num_samples=1", "--max_new_tokens=10",
                                    "--device=cpu"]).stdout
     assert out.endswith("---------------\n")

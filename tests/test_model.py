@@ -110,6 +110,14 @@ def test_generate_respects_vocab_limit_and_generator():
     assert torch.equal(a, b) and int(a.max()) < 7
 
 
+def test_generate_runs_without_dropout_and_restores_the_mode():
+    model = tiny_model(dropout=0.5).train()
+    prompt = torch.randint(0, 50, (2, 4))
+    got = model.generate(prompt, 10, temperature=0)
+    assert model.training
+    assert torch.equal(got, greedy_by_recomputing(model.eval(), prompt, 10))
+
+
 def test_sample_next_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)

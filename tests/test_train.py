@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -101,6 +102,10 @@ def test_resume_is_bitwise_exact_with_dropout(data_root, tmp_path):
                 if "train_loss" in r}
 
     assert losses(whole) == losses(paused)
+    record_a, record_b = (json.loads((d / "run.json").read_text()) for d in (whole, paused))
+    for key in ("best_val_loss", "best_step", "final_val_loss", "tokens_seen", "selected_checkpoint"):
+        assert record_a[key] == record_b[key], key
+    assert record_b["resumed_from_step"] == 15
 
 
 def test_fresh_run_refuses_to_overwrite_a_run(data_root, tmp_path):
@@ -140,6 +145,17 @@ def test_sample_prints_text_from_a_run(data_root, tmp_path):
     again = run_script("sample.py", [f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
                                      "--start=ROMEO:", "--device=cpu"])
     assert again.stdout == result.stdout  # seeded
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("--top_p=0", "top_p must be in (0, 1]"),
+    ("--temperature=-1", "temperature must be 0"),
+    ("--num_samples=0", "num_samples must be positive"),
+    ("--device=cuda:x", "unknown device 'cuda:x'"),
+])
+def test_sample_rejects_bad_settings_in_one_line(tmp_path, option, message):
+    result = run_script("sample.py", [f"--out_dir={tmp_path}", option], check=False)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_dtype_choice_follows_the_device(monkeypatch):

@@ -1,0 +1,128 @@
+"""LoRA: adapters start as a no-op, merge into the weights without changing the logits, are the only thing
+a LoRA run trains, and travel alone in PEFT's layout."""
+
+import pytest
+import torch
+from conftest import SHARED, run_script, tiny_args
+
+import prepare
+from model import GPT, GPTConfig, LoRALinear, WeightsError
+from train import load_checkpoint, model_from_checkpoint
+
+BASE = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)
+
+
+def lora_model(targets="attn,mlp", rank=4):
+    """A LoRA model whose adapters are random (B starts at zero, which would hide any mix-up)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**BASE.__dict__, "lora_rank": rank, "lora_alpha": 8.0, "lora_targets": targets}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def logits(model, seed=1):
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(seed))
+    return model(ids, targets=ids)[0]
+
+
+@pytest.mark.parametrize("targets", ["attn", "mlp", "attn,mlp"])
+def test_merged_and_unmerged_give_the_same_logits(targets):
+    model = lora_model(targets)
+    merged = model.merge_lora()
+    assert merged.config.lora_rank == 0 and not any("lora_" in k for k in merged.state_dict())
+    assert (logits(model) - logits(merged)).abs().max().item() <= 1e-5
+    assert (logits(model) - logits(GPT(BASE).eval().requires_grad_(False))).abs().max() > 1e-2  # adapters act
+
+
+def test_new_adapters_change_nothing_and_only_they_train():
+    torch.manual_seed(0)
+    base = GPT(BASE).eval()
+    model = GPT(GPTConfig(**{**BASE.__dict__, "lora_rank": 4, "lora_targets": "attn"})).eval()
+    model.load_state_dict({**model.state_dict(), **base.state_dict()})
+    assert torch.equal(logits(model), logits(base))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"transformer.h.{i}.attn.{m}.lora_{ab}" for i in range(2) for m in ("c_attn", "c_proj")
+                         for ab in "AB"}
+    assert model.num_params(trainable_only=True) == 2 * 4 * ((32 + 96) + (32 + 32))
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 4
+
+
+def test_adapters_round_trip_alone_and_refuse_other_weights(tmp_path):
+    model = lora_model()
+    model.save_adapters(tmp_path / "adapters", base_model="base")
+    plain = GPT(BASE)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    again = plain.with_adapters(tmp_path / "adapters").eval()
+    assert torch.equal(logits(again), logits(model))
+    wider = GPT(GPTConfig(**{**BASE.__dict__, "n_embd": 64}))
+    with pytest.raises(WeightsError, match="do not fit"):
+        wider.with_adapters(tmp_path / "adapters")
+    with pytest.raises(WeightsError, match="no readable LoRA adapters"):
+        plain.with_adapters(tmp_path)
+
+
+def test_peft_applies_our_adapters_to_transformers_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = lora_model()
+    base = model.merge_lora()
+    plain = GPT(BASE)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    plain.save_pretrained(tmp_path / "base")
+    model.save_adapters(tmp_path / "adapters", base_model=tmp_path / "base")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapters").eval()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(ids).logits - logits(model)).abs().max().item() <= 1e-4
+    assert (logits(base) - logits(model)).abs().max().item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    """A LoRA fine-tune of random GPT-2-layout weights on tiny shakespeare in GPT-2 BPE."""
+    tmp = tmp_path_factory.mktemp("lora")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+        prepare.prepare("text", inputs=[str(SHARED / "data" / "tinyshakespeare.txt")], tokenizer="gpt2",
+                        name="shakespeare_gpt2", data_root=tmp / "data")
+        torch.manual_seed(0)
+        GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(tmp / "hf")
+        args = tiny_args(tmp / "data", tmp / "run", dataset="shakespeare_gpt2", init_from=tmp / "hf", lora_rank=4,
+                         lora_targets="attn,mlp", learning_rate=1e-2, max_iters=20, lr_decay_iters=20,
+                         eval_interval=10, sample_interval=20)
+        result = run_script("train.py", args)
+    return tmp, result
+
+
+def test_a_lora_run_changes_only_the_adapters(gpt2_run):
+    tmp, result = gpt2_run
+    assert "LoRA: rank 4 adapters on attn,mlp; 4,096 trainable of" in result.stdout
+    ckpt = load_checkpoint(tmp / "run" / "last.pt")
+    base = GPT.from_pretrained(tmp / "hf").state_dict()
+    base["transformer.wpe.weight"] = base["transformer.wpe.weight"][:32]
+    saved = ckpt["model"]
+    assert all(torch.equal(saved[k], base[k]) for k in base)
+    assert all(saved[k].abs().sum() > 0 for k in saved if ".lora_B" in k)  # B started at zero
+    assert set(ckpt["optimizer"]["state"]) == {k for k in saved if ".lora_" in k}
+
+
+def test_a_lora_run_exports_merged_or_alone_and_samples(gpt2_run, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    tmp, _ = gpt2_run
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+    run_script("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "merged")])
+    ours = model_from_checkpoint(load_checkpoint(tmp / "run" / "best.pt")).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids, targets=ids)[0]).abs().max().item() <= 1e-4
+    run_script("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "adapters"), "--adapters_only"])
+    sample_args = ["--num_samples=1", "--max_new_tokens=8", "--device=cpu", "--temperature=0"]
+    from_run = run_script("sample.py", [f"--out_dir={tmp / 'run'}", *sample_args]).stdout
+    with_adapters = run_script("sample.py", [f"--init_from={tmp / 'hf'}", f"--adapters={tmp_path / 'adapters'}",
+                                             *sample_args]).stdout
+    assert from_run == with_adapters  # greedy: the same tokens from the run and from base + adapters
