@@ -1,5 +1,6 @@
 """Which device and precision a run uses, and the GPU peaks that MFU is measured against."""
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -14,6 +15,32 @@ def cpu_has_bf16():
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def keep_freed_memory():
+    """Make glibc keep freed memory for reuse instead of returning it to the OS at once (no-op elsewhere).
+
+    A CPU training step frees and re-allocates the same large tensors every time (the logits alone are
+    B * T * vocab floats). By default glibc serves those from fresh mmap pages, which the kernel must fault
+    in and zero on each step: a quarter of a GPT-2 124M step on CPU (bench/RESULTS.md). The cost: the
+    process holds on to its peak memory.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters, from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def tune_for(device, keep_freed=True):
+    """Process-wide speed settings for the device: fp32 matmuls on TF32 tensor cores on CUDA (outside
+    autocast), freed memory kept for reuse on CPU."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device == "cpu" and keep_freed:
+        keep_freed_memory()
 
 
 def pick_device(requested, local_rank):

@@ -10,7 +10,7 @@ import torch
 
 import prepare
 from configurator import ConfigError, load_config
-from devices import pick_device, pick_dtype
+from devices import pick_device, pick_dtype, tune_for
 from model import GPT, WeightsError
 from train import CheckpointError, load_checkpoint, model_from_checkpoint
 
@@ -19,26 +19,32 @@ out_dir = "out"  # run folder to sample from (train.py's default run)
 ckpt = "best"  # which checkpoint: best (lowest val loss) or last
 init_from = ""  # instead of a run: GPT-2 weights, gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
 adapters = ""  # LoRA adapters to apply to the init_from weights: a folder from export.py --adapters_only
-start = ""  # prompt text, or FILE:path to read it from a file; empty starts a new document
+start = ""  # prompt text (in bash $'...\n' writes a newline), or FILE:path to read it from a file; empty starts a new document
 num_samples = 3  # independent samples to print
 max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # below 1 sharpens, above 1 flattens the distribution; 0 is greedy
 top_k = 200  # sample only among the k most likely tokens; 0 keeps all
 top_p = 1.0  # nucleus sampling: keep the fewest most likely tokens that hold this much probability; 1 keeps all
+stop_at_eot = True  # end a sample at the first end-of-text token it generates (where its document ends)
 seed = 1337  # makes the samples reproducible
 device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
 dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
 # ---- end of config ----
 
 
-def prompt_ids(tokenizer, text):
-    """Token ids of the prompt; an empty prompt is the end-of-text token (start a new document), or a newline."""
-    if text.startswith("FILE:"):
-        path = Path(text[len("FILE:"):])
+def prompt(tokenizer, start):
+    """(prompt text, its token ids). The ids open a new document, as every document in the training data
+    (and every fine-tuning example) was opened: with the end-of-text token where the tokenizer has one; an
+    empty prompt without one is a newline."""
+    text = start
+    if start.startswith("FILE:"):
+        path = Path(start[len("FILE:"):])
         if not path.is_file():
             raise ConfigError(f"prompt file {path} does not exist; give --start=FILE:path to an existing file")
         text = path.read_text()
-    return tokenizer.encode(text) if text else tokenizer.document_start()
+    if tokenizer.eot_id is None:
+        return text, tokenizer.encode(text) if text else tokenizer.document_start()
+    return text, tokenizer.document_start() + tokenizer.encode(text)
 
 
 GPT2_META = {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257, "eot_id": 50256}
@@ -79,12 +85,13 @@ def check_sampling(cfg):
 def sample(cfg):
     check_sampling(cfg)
     device = pick_device(cfg.device, 0)
+    tune_for(device)
     device_type = device.split(":")[0]
     ptdtype, _ = pick_dtype(cfg.dtype, device_type)
     model, meta = load_model(cfg)
     model = model.to(device).eval()
     tokenizer = prepare.get_tokenizer(meta)
-    ids = prompt_ids(tokenizer, cfg.start)
+    text, ids = prompt(tokenizer, cfg.start)
     if not ids:
         raise ConfigError("the prompt encodes to no tokens; give a longer --start")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -92,8 +99,10 @@ def sample(cfg):
     with torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32):
         out = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                              top_p=cfg.top_p, vocab_limit=meta["vocab_size"], generator=generator)
-    for row in out.tolist():
-        print(tokenizer.decode(row[len(ids):]) if not cfg.start else tokenizer.decode(row))
+    for row in out[:, len(ids):].tolist():
+        if cfg.stop_at_eot and tokenizer.eot_id in row:
+            row = row[:row.index(tokenizer.eot_id)]
+        print(text + tokenizer.decode(row))
         print("---------------")
 
 

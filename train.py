@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 import runlog
 from configurator import ConfigError, load_config
-from devices import peak_flops, pick_device, pick_dtype
+from devices import peak_flops, pick_device, pick_dtype, tune_for
 from model import GPT, GPTConfig, WeightsError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -505,9 +505,7 @@ def run_training(cfg, rank, local_rank, world_size, device):
                     "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
 
     ptdtype, dtype_reason = pick_dtype(cfg.dtype, device_type)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+    tune_for(device)
     autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
     raw_model = GPT(model_config).to(device)

@@ -63,7 +63,7 @@ def loader_share(cfg, device):
     """Median ms of a micro-batch and of a train step, as train.py's loop runs them one after the other."""
     ptdtype, dtype_reason = devices.pick_dtype(cfg.dtype, device.split(":")[0])
     compiled = train_speed.use_compile(cfg.compile, device)
-    data_dir, meta = train.load_data(cfg)
+    data_dir, meta = train.load_data(cfg, local_rank=0, world_size=1)
     vocab = cfg.vocab_size or meta["vocab_size"]
     if vocab < meta["vocab_size"]:
         raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")

@@ -51,6 +51,7 @@ steps = 10  # timed optimizer steps (per round with compare_fp32_eager)
 peak_flops = 0.0  # peak FLOP/s for MFU, for every setting; 0 looks a GPU up by name (no CPU peaks are known)
 compare_fp32_eager = False  # also time an fp32, uncompiled baseline, in alternating rounds, and report the speedup
 rounds = 3  # with compare_fp32_eager: rounds of `steps` steps per setting, alternating between the two
+keep_freed_memory = True  # CPU: glibc keeps freed memory for reuse, as in train.py; False measures the default
 out = "bench/results/train_speed.json"  # JSON report
 # ---- end of config ----
 
@@ -76,12 +77,10 @@ def model_config(cfg, vocab):
     return GPTConfig(vocab_size=vocab, **{key: getattr(cfg, key) for key in MODEL_KEYS if hasattr(cfg, key)})
 
 
-def setup_device(requested):
-    """The device to run on, with TF32 matmuls enabled on CUDA, as train.py does."""
+def setup_device(requested, keep_freed_memory=True):
+    """The device to run on, tuned as train.py tunes it."""
     device = devices.pick_device(requested, local_rank=0)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    devices.tune_for(device, keep_freed_memory)
     return device
 
 
@@ -245,7 +244,7 @@ def measure(settings, step_batches, cfg):
 
 def benchmark(cfg):
     check_config(cfg)
-    device = setup_device(cfg.device)
+    device = setup_device(cfg.device, cfg.keep_freed_memory)
     ptdtype, dtype_reason = devices.pick_dtype(cfg.dtype, device.split(":")[0])
     compiled = use_compile(cfg.compile, device)
     if compiled and cfg.warmup_steps < 1:
