@@ -6,6 +6,8 @@
     python prepare.py fineweb10B         # FineWeb's 10B-token sample, GPT-2 BPE, streamed (pip install datasets)
     python prepare.py fineweb10B --input local/*.parquet --max_docs 10000 --val_tokens 100000
 
+    python prepare.py sft --input data.jsonl     # fine-tuning records, GPT-2 BPE, with a loss mask
+
 The result is <data_root>/<name>/ holding train_000000.bin, ..., val_000000.bin, ... and meta.json.
 
 Split rule (deterministic): the source documents (files) are ordered by the sha256 of their path
@@ -26,6 +28,25 @@ pyarrow) or any other file as one document. As in llm.c, the end-of-text token g
 document, even an empty one, and the first --val_tokens tokens of the stream are val: the document
 that crosses that count is cut there and the rest of it dropped, so no document is in both splits
 and train starts at a document. --max_docs stops early.
+
+Fine-tuning records (sft): JSON Lines files, one record per line (blank lines skipped), read in order of
+their path relative to their input root. A record is {"prompt": ..., "completion": ...} or
+{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}. Rendering (template "sft v1";
+its only special token is the tokenizer's end-of-text, <|endoftext|> in GPT-2, written EOT here):
+    prompt/completion: EOT prompt completion EOT       (the texts joined as given: put any separator,
+                                                        such as a newline, at the end of the prompt)
+    messages:          EOT, then per message "System: {content}\n\n" or "User: {content}\n\n", and for
+                       the assistant "Assistant: " {content} EOT
+Text is encoded as ordinary text, so a literal "<|endoftext|>" in a record never becomes the special token.
+Loss mask: the completion (or each assistant content) and the EOT after it are trained; everything else
+(the opening EOT, prompts, other turns, role headers) gets target -100 in train.py. Dropped and counted: a
+record with nothing to train (an empty completion, no assistant turn) and one longer than --block_size + 1
+tokens (a training row is block_size + 1 tokens; cutting a record would cut its end token or its prompt).
+Split: of the n records, v = max(1, round(val_fraction * n)) spread evenly are val: record i (from 0) is
+val when floor((i + 1) * v / n) > floor(i * v / n); the split is decided before any record is dropped.
+Output: {split}_tokens.npy (uint16), {split}_mask.npy (uint8, 1 where the token is a trained target) and
+{split}_offsets.npy (int64: example i is tokens[offsets[i]:offsets[i + 1]]) per split, and meta.json with
+"format": "sft".
 
 Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header
 of 256 little-endian int32 -- magic 20240520, version 1, token count, then zeros -- followed by the
@@ -67,8 +88,12 @@ WEB_DATASETS = {  # name: (Hugging Face hub repository, config), streamed unless
     "openwebtext": ("Skylion007/openwebtext", None),
 }
 DEFAULT_TOKENIZER = {
-    "python_stdlib": "byte", "shakespeare_char": "char", "text": "byte", **dict.fromkeys(WEB_DATASETS, "gpt2")
+    "python_stdlib": "byte", "shakespeare_char": "char", "text": "byte", **dict.fromkeys(WEB_DATASETS, "gpt2"),
+    "sft": "gpt2",
 }
+DEFAULT_SFT_BLOCK_SIZE = 1024  # GPT-2's context
+SFT_TEMPLATE = "sft v1"  # the rendering in the module docstring
+SFT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_VAL_TOKENS = 100_000_000  # llm.c's convention for web data: the stream's first 100M tokens are val
 TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}  # same ranks; r50k's single cached file serves gpt2 offline
@@ -166,6 +191,8 @@ def _prepare_command(data_dir, arguments=None) -> str:
         arguments = {"python_stdlib": "", **{name: f" {name}" for name in ("shakespeare_char", *WEB_DATASETS)}}.get(
             data_dir.name, f" text --input ... --name {data_dir.name}"
         )
+        if data_dir.name == "sft" or (data_dir / "train_tokens.npy").exists():
+            arguments = f" sft --input ... --name {data_dir.name}"
     if data_dir.parent.resolve() != Path("data").resolve():
         arguments += f" --data_root {data_dir.parent}"
     return "python prepare.py" + arguments
@@ -756,12 +783,151 @@ def describe_shards(data_dir, tokenizer="gpt2") -> dict:
     return meta
 
 
+# ---- fine-tuning records (sft) -----------------------------------------------------------------
+
+
+def _sft_records(files: list[Path]):
+    """(where, record) for every non-blank line of the JSON Lines files, where = "file:line"."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    where = f"{path}:{number}"
+                    try:
+                        yield where, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{where} is not a JSON object ({e.msg}); write one record per line") from None
+
+
+def _render(record, tokenizer: Tokenizer, where: str):
+    """(token ids, loss mask) of one record by the template in the module docstring; None if nothing trains."""
+    if not isinstance(record, dict) or ("messages" in record) == ("prompt" in record or "completion" in record):
+        raise DataError(f"{where} needs either prompt and completion or messages (not both); see prepare.py's doc")
+    ids, mask = list(tokenizer.document_start()), [0]
+
+    def add(text, trained, what):
+        if not isinstance(text, str):
+            raise DataError(f"{where}: {what} must be a string, not {type(text).__name__}")
+        new = tokenizer.encode(text)
+        ids.extend(new)
+        mask.extend([trained] * len(new))
+
+    def answer(text, what):
+        add(text, 1, what)
+        ids.append(tokenizer.eot_id)
+        mask.append(1)
+
+    if "messages" in record:
+        turns = record["messages"]
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: messages must be a list of {{role, content}} objects")
+        for turn in turns:
+            role = turn.get("role") if isinstance(turn, dict) else None
+            if role not in SFT_HEADERS:
+                raise DataError(f"{where}: unknown role {role!r}; use system, user or assistant")
+            if role == "assistant":
+                add(SFT_HEADERS[role], 0, "role")
+                answer(turn.get("content"), "content")
+            else:
+                add(f"{SFT_HEADERS[role]}{turn.get('content')}\n\n", 0, "content")
+        trains = any(turn["role"] == "assistant" for turn in turns)
+    else:
+        if "prompt" not in record or "completion" not in record:
+            raise DataError(f"{where} needs both prompt and completion")
+        add(record["prompt"], 0, "prompt")
+        answer(record["completion"], "completion")
+        trains = record["completion"] != ""
+    return (ids, mask) if trains else None
+
+
+def _val_records(n: int, val_fraction: float) -> np.ndarray:
+    """Which of n records are val: v = max(1, round(val_fraction * n)) of them, spread evenly."""
+    v = max(1, round(val_fraction * n))
+    i = np.arange(n)
+    return (i + 1) * v // n > i * v // n
+
+
+def _prepare_sft(out_dir: Path, inputs, tokenizer_name: str, val_fraction: float, block_size: int) -> dict:
+    files = _input_files(inputs or [])
+    files = sorted(files, key=lambda path: (files[path], path))
+    if not files:
+        raise DataError("sft needs --input: JSON Lines files of prompt/completion or messages records")
+    _check_inputs_survive(files, out_dir)
+    tok = _tokenizer_without_source(tokenizer_name)
+    if tok.eot_id is None:
+        raise DataError(f"tokenizer {tokenizer_name} has no end-of-text token to end completions; use gpt2 or byte")
+    records = list(_sft_records(files))
+    if len(records) < 2:
+        raise DataError(f"{len(records)} record(s) in the input; sft needs at least 2 (one train, one val)")
+    is_val = _val_records(len(records), val_fraction)
+    if is_val.all():
+        raise DataError(f"--val_fraction {val_fraction} leaves no train record of {len(records)}; lower it")
+    kept = {"train": [], "val": []}
+    dropped = {"nothing_to_train": 0, "too_long": 0}
+    for (where, record), val in zip(records, is_val):
+        example = _render(record, tok, where)
+        if example is None:
+            dropped["nothing_to_train"] += 1
+        elif len(example[0]) > block_size + 1:
+            dropped["too_long"] += 1
+        else:
+            kept["val" if val else "train"].append(example)
+    for split, examples in kept.items():
+        if not examples:
+            raise DataError(f"no {split} example is left after dropping {dropped}; add records or raise --block_size")
+    with _new_folder(out_dir) as folder:
+        counts = {split: _write_sft_split(folder, split, examples) for split, examples in kept.items()}
+        source_hash = hashlib.sha256()
+        for path in files:
+            source_hash.update(path.read_bytes())
+        meta = _meta("sft", tokenizer_name, tok, format="sft", template=SFT_TEMPLATE, block_size=block_size,
+                     examples={split: c[0] for split, c in counts.items()},
+                     tokens={split: c[1] for split, c in counts.items()},
+                     trained_tokens={split: c[2] for split, c in counts.items()},
+                     max_example_tokens=max(len(ids) for examples in kept.values() for ids, _ in examples),
+                     dropped=dropped, source_bytes=sum(path.stat().st_size for path in files),
+                     source_sha256=source_hash.hexdigest(), val_fraction=val_fraction)
+        meta["shard_format"] = "sft npy v1"
+        _write_meta(folder, meta)
+    print(f"sft: {len(records):,} records -> {counts['train'][0]:,} train + {counts['val'][0]:,} val examples; "
+          f"dropped {dropped['too_long']:,} longer than block_size + 1 = {block_size + 1} tokens and "
+          f"{dropped['nothing_to_train']:,} with nothing to train")
+    return meta
+
+
+def _write_sft_split(folder: Path, split: str, examples: list) -> tuple[int, int, int]:
+    """Write a split's three arrays; (examples, tokens, trained tokens)."""
+    ids = np.concatenate([np.asarray(ids, dtype=np.uint16) for ids, _ in examples])
+    mask = np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in examples])
+    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in examples])]).astype(np.int64)
+    for name, array in (("tokens", ids), ("mask", mask), ("offsets", offsets)):
+        np.save(folder / f"{split}_{name}.npy", array)
+    return len(examples), len(ids), int(mask.sum())
+
+
+def load_sft(data_dir, split: str):
+    """(tokens, loss mask, offsets) of an sft split, memory-mapped; see the module docstring."""
+    data_dir = Path(data_dir)
+    try:
+        tokens, mask, offsets = (np.load(data_dir / f"{split}_{name}.npy", mmap_mode="r")
+                                 for name in ("tokens", "mask", "offsets"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"the {split} split of {data_dir} cannot be read ({e}); "
+                        f"run `{_prepare_command(data_dir)}` again") from None
+    if len(mask) != len(tokens) or len(offsets) < 1 or offsets[-1] != len(tokens):
+        raise DataError(f"the {split} arrays of {data_dir} disagree in length, so they are damaged; "
+                        f"run `{_prepare_command(data_dir)}` again")
+    return tokens, mask, offsets
+
+
 # ---- the pipeline ------------------------------------------------------------------------------
 
 
-def _check_options(dataset: str, val_fraction, shard_tokens: int, val_tokens, max_docs) -> None:
+def _check_options(dataset: str, val_fraction, shard_tokens: int, val_tokens, max_docs, block_size) -> None:
     if dataset not in DEFAULT_TOKENIZER:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DEFAULT_TOKENIZER)} (or meta)")
+    if block_size is not None and (dataset != "sft" or block_size < 1):
+        raise DataError(f"--block_size is for sft only and must be at least 1, not {block_size} for {dataset}")
     if dataset in WEB_DATASETS and val_fraction is not None:
         raise DataError(f"{dataset} takes the first --val_tokens tokens as val, so drop --val_fraction")
     if dataset not in WEB_DATASETS and (val_tokens, max_docs) != (None, None):
@@ -796,16 +962,20 @@ def prepare(
     shard_tokens=100_000_000,
     val_tokens=None,
     max_docs=None,
+    block_size=None,
 ) -> Path:
     """Tokenize a dataset into shards plus meta.json under <data_root>/<name>/ and return that folder.
 
     val_fraction (default 0.1) splits the file datasets; val_tokens (default 100M) and max_docs are for the
-    web datasets."""
+    web datasets; block_size (default 1024) is for sft."""
     started = time.perf_counter()
-    _check_options(dataset, val_fraction, shard_tokens, val_tokens, max_docs)
+    _check_options(dataset, val_fraction, shard_tokens, val_tokens, max_docs, block_size)
     tokenizer_name = tokenizer or DEFAULT_TOKENIZER[dataset]
     out_dir = Path(data_root) / (name or dataset)
-    if dataset in WEB_DATASETS:
+    if dataset == "sft":
+        val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        meta = _prepare_sft(out_dir, inputs, tokenizer_name, val_fraction, block_size or DEFAULT_SFT_BLOCK_SIZE)
+    elif dataset in WEB_DATASETS:
         val_tokens = DEFAULT_VAL_TOKENS if val_tokens is None else val_tokens
         meta = _prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_tokens, max_docs, started)
     else:
@@ -866,7 +1036,8 @@ def _parser() -> argparse.ArgumentParser:
         help="python_stdlib: Python's own standard library sources, no download; shakespeare_char: tiny"
         " shakespeare, downloaded once unless --input is given; text: your files via --input;"
         f" {', '.join(WEB_DATASETS)}: web text streamed from the Hugging Face hub (pip install datasets) unless"
-        " --input is given; meta: write meta.json for llm.c-format shards already in <data_root>/<name>/"
+        " --input is given; sft: fine-tuning records (JSON Lines of prompt/completion or messages) with a loss"
+        " mask; meta: write meta.json for llm.c-format shards already in <data_root>/<name>/"
         " (default: %(default)s)",
     )
     parser.add_argument(
@@ -881,15 +1052,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer",
         help="byte, char, gpt2 or any tiktoken encoding name (default: char for shakespeare_char, gpt2 for web"
-        " datasets and meta, else byte)",
+        " datasets, sft and meta, else byte)",
     )
     parser.add_argument("--data_root", default="data", help="folder of prepared datasets (default: %(default)s)")
     parser.add_argument("--name", help="output folder name under --data_root (default: the dataset name)")
     parser.add_argument(
         "--val_fraction",
         type=float,
-        help="fraction of source bytes, taken from the end, that becomes the val split; not for web datasets"
-        f" (default: {DEFAULT_VAL_FRACTION})",
+        help="fraction of source bytes, taken from the end, that becomes the val split (sft: of records, spread"
+        f" evenly); not for web datasets (default: {DEFAULT_VAL_FRACTION})",
     )
     parser.add_argument(
         "--val_tokens",
@@ -897,6 +1068,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"web datasets: the stream's first this many tokens become the val split (default: {DEFAULT_VAL_TOKENS})",
     )
     parser.add_argument("--max_docs", type=int, help="web datasets: stop after this many documents (default: all)")
+    parser.add_argument(
+        "--block_size",
+        type=int,
+        help="sft: drop records longer than this + 1 tokens, train.py's row length at this block_size"
+        f" (default: {DEFAULT_SFT_BLOCK_SIZE})",
+    )
     parser.add_argument(
         "--shard_tokens", type=int, default=100_000_000, help="tokens per shard file (default: %(default)s)"
     )

@@ -1,8 +1,10 @@
 """Train a GPT: `python train.py [config/x.py ...] [--key=value ...]`, or under torchrun for several processes.
 
 Read top to bottom: the config (every key with its default and meaning), the learning-rate schedule, the
-batch sampler, evaluation, checkpoints, then `train()`, the loop itself. Each optimizer step makes five moves:
-zero the gradients, forward and backward over the micro-batches, clip, step the optimizer, set the next lr.
+batch samplers (windows of a token stream; fine-tuning examples), evaluation, checkpoints, the model's
+architecture, then the loop: `train_step` (one optimizer step: zero the gradients, forward and backward over
+the micro-batches, clip, set the lr and step the optimizer), `train` (processes) and `run_training` (setup,
+then the loop with its logging, evaluation, samples and checkpoints).
 """
 
 import contextlib

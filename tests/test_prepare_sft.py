@@ -1,0 +1,118 @@
+"""prepare.py sft: the rendering template, the loss mask, the drop rules, the split and the errors."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from conftest import ROOT, SHARED, run_script
+
+import prepare
+
+EOT = 256  # the byte tokenizer's end-of-text
+
+
+def write_records(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def prepare_sft(tmp_path, records, **options):
+    source = write_records(tmp_path / "records.jsonl", records)
+    options = {"tokenizer": "byte", "data_root": tmp_path / "data", **options}
+    return prepare.prepare("sft", inputs=[str(source)], **options)
+
+
+def examples(data_dir, split):
+    tokens, mask, offsets = prepare.load_sft(data_dir, split)
+    return [(tokens[a:b].tolist(), mask[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
+
+
+def byte_ids(text):
+    return list(text.encode())
+
+
+def test_prompt_completion_rendering_and_mask_by_hand(tmp_path):
+    data = prepare_sft(tmp_path, [{"prompt": "Hi\n", "completion": "yo"}, {"prompt": "A", "completion": "B"}],
+                       val_fraction=0.5)
+    (train,), (val,) = examples(data, "train"), examples(data, "val")
+    assert train == ([EOT, *byte_ids("Hi\n"), *byte_ids("yo"), EOT], [0, 0, 0, 0, 1, 1, 1])
+    assert val == ([EOT, ord("A"), ord("B"), EOT], [0, 0, 1, 1])
+    meta = prepare.read_meta(data)
+    assert meta["format"] == "sft" and meta["examples"] == {"train": 1, "val": 1}
+    assert meta["tokens"] == {"train": 7, "val": 4} and meta["trained_tokens"] == {"train": 3, "val": 2}
+    assert meta["max_example_tokens"] == 7 and meta["eot_id"] == EOT and meta["template"] == prepare.SFT_TEMPLATE
+
+
+def test_chat_rendering_with_gpt2_tokens(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "4"}, {"role": "user", "content": "<|endoftext|>"},
+                         {"role": "assistant", "content": "ok"}]}
+    data = prepare_sft(tmp_path, [chat, chat], tokenizer="gpt2", val_fraction=0.5)
+    tok = prepare.get_tokenizer(prepare.read_meta(data))
+    ids, mask = examples(data, "train")[0]
+    eot = tok.eot_id
+    assert tok.encoding.decode(ids) == ("<|endoftext|>System: Be brief.\n\nUser: 2+2?\n\nAssistant: 4<|endoftext|>"
+                                        "User: <|endoftext|>\n\nAssistant: ok<|endoftext|>")
+    assert ids.count(eot) == 3  # the user's literal "<|endoftext|>" stays text
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert trained == [*tok.encode("4"), eot, *tok.encode("ok"), eot]
+
+
+def test_long_and_untrainable_records_are_dropped_and_counted(tmp_path):
+    fits = {"prompt": "a" * 5, "completion": "b" * 5}  # EOT + 10 + EOT = 12 tokens = block_size + 1
+    too_long = {"prompt": "a" * 5, "completion": "b" * 6}  # 13 tokens
+    empty = {"prompt": "a", "completion": ""}
+    no_answer = {"messages": [{"role": "user", "content": "hello"}]}
+    records = [fits, too_long, empty, no_answer, fits, fits]
+    data = prepare_sft(tmp_path, records, block_size=11, val_fraction=0.2)
+    meta = prepare.read_meta(data)
+    assert meta["dropped"] == {"too_long": 1, "nothing_to_train": 2}
+    assert meta["examples"]["train"] + meta["examples"]["val"] == 3 and meta["max_example_tokens"] == 12
+
+
+def test_split_is_even_and_decided_before_dropping(tmp_path):
+    assert prepare._val_records(10, 0.2).nonzero()[0].tolist() == [4, 9]
+    assert prepare._val_records(3, 0.1).nonzero()[0].tolist() == [2]  # at least one
+    records = [{"prompt": str(i), "completion": "x" if i != 4 else ""} for i in range(10)]
+    data = prepare_sft(tmp_path, records, val_fraction=0.2)
+    assert [bytes(ids[1:-2]).decode() for ids, _ in examples(data, "val")] == ["9"]  # record 4 was dropped
+    assert len(examples(data, "train")) == 8
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("{not json", "records.jsonl:2 is not a JSON object"),
+    ({"prompt": "a"}, "records.jsonl:2 needs both prompt and completion"),
+    ({"prompt": "a", "completion": "b", "messages": []}, "records.jsonl:2 needs either prompt and completion or"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "records.jsonl:2: unknown role 'robot'"),
+    ({"prompt": 3, "completion": "b"}, "records.jsonl:2: prompt must be a string"),
+])
+def test_bad_records_name_file_and_line(tmp_path, line, message):
+    with pytest.raises(prepare.DataError, match=message.replace("(", r"\(")):
+        prepare_sft(tmp_path, [{"prompt": "ok", "completion": "ok"}, line, {"prompt": "c", "completion": "d"}])
+
+
+def test_load_sft_refuses_damaged_folders(tmp_path):
+    data = prepare_sft(tmp_path, [{"prompt": "a", "completion": "b"}] * 4)
+    np.save(data / "train_mask.npy", np.zeros(3, dtype=np.uint8))
+    with pytest.raises(prepare.DataError, match="disagree in length"):
+        prepare.load_sft(data, "train")
+    (data / "val_tokens.npy").unlink()
+    with pytest.raises(prepare.DataError, match="cannot be read.*python prepare.py sft --input"):
+        prepare.load_sft(data, "val")
+
+
+def test_example_records_fit_128_tokens_and_the_cli_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+    result = run_script("prepare.py", ["sft", "--input", str(ROOT / "config" / "sft_example.jsonl"),
+                                       "--block_size", "128", "--data_root", str(tmp_path)])
+    assert "dropped 0 longer than block_size + 1 = 129 tokens and 0 with nothing to train" in result.stdout
+    meta = prepare.read_meta(tmp_path / "sft")
+    assert meta["examples"]["val"] == 48 and meta["tokenizer"] == "gpt2"
+    bad = run_script("prepare.py", ["sft", "--input", str(write_records(tmp_path / "one.jsonl", ["{"])),
+                                    "--data_root", str(tmp_path)], check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and bad.stderr.count("\n") == 1
+    assert (tmp_path / "sft" / "meta.json").exists()  # the earlier dataset is untouched
+    wrong = run_script("prepare.py", ["text", "--input", "README.md", "--block_size", "64"], check=False)
+    assert wrong.returncode == 2 and "--block_size is for sft only" in wrong.stderr
