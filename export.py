@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+import prepare
+from model import WeightsError
 from train import CheckpointError, load_checkpoint, model_from_checkpoint
-
-GPT2_ENCODINGS = ("gpt2", "r50k_base")  # tiktoken names of GPT-2's BPE (the same ranks)
 
 
 class ExportError(Exception):
@@ -73,7 +73,7 @@ def report(folder, model, meta, crop_vocab):
           f"heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} ({meta['vocab_size']} tokens)")
     print(f'load it with transformers: GPT2LMHeadModel.from_pretrained("{folder}"), or here: '
           f'GPT.from_pretrained("{folder}")')
-    if meta.get("encoding") in GPT2_ENCODINGS:
+    if prepare.is_gpt2_bpe(meta):
         print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
     else:
         print(f"tokenizer: {meta['tokenizer']}, not a Hugging Face one; rebuild it with "
@@ -84,7 +84,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         model, meta, base = export(args.checkpoint, args.folder, args.crop_vocab, args.force, args.adapters_only)
-    except (CheckpointError, ExportError) as e:
+    except (CheckpointError, ExportError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if args.adapters_only:

@@ -28,10 +28,22 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    # architecture options; the defaults are GPT-2's (bench/RESULTS.md has each option's measured effect)
+    pos_embedding: str = "learned"  # learned: a position table (GPT-2); rope: rotary embeddings of q and k
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm
+    mlp: str = "gelu"  # gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, 8/3 as wide for the same parameters)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    tie_embeddings: bool = True  # the LM head shares the token embedding's matrix (GPT-2)
     lora_rank: int = 0  # > 0: the targeted projections get trained low-rank adapters and every other weight is frozen
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = "attn,mlp"  # which blocks' projections get adapters: attn, mlp or both
+
+
+ARCHITECTURE_OPTIONS = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+                        "mlp": ("gelu", "relu2", "swiglu")}
+GPT2_ARCHITECTURE = {"pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
+                     "tie_embeddings": True}
 
 
 class KVCache:
@@ -83,6 +95,27 @@ def projection(config, part, in_features, out_features):
     return nn.Linear(in_features, out_features, bias=config.bias)
 
 
+def norm(config):
+    """The normalisation before each block's attention and MLP and before the head."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary_tables(config):
+    """cos and sin of every position's rotation angles, (block_size, head_dim / 2), with RoFormer's base 10000."""
+    head_dim = config.n_embd // config.n_head
+    inverse_frequency = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inverse_frequency)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding of (B, heads, T, head_dim) queries or keys: each pair of halves turns by its position's angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -93,11 +126,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = projection(config, "attn", config.n_embd, 3 * config.n_embd)
         self.c_proj = projection(config, "attn", config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
+        head_dim = config.n_embd // config.n_head
+        self.q_norm = nn.RMSNorm(head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim) if config.qk_norm else nn.Identity()
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rotary=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:  # (cos, sin) of these T positions
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         # Causal masking is only needed when queries see keys at their own positions; a single new token
         # attending to a cache sees nothing from the future, and prefill always starts the cache at 0.
         is_causal = T > 1
@@ -113,24 +152,36 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = projection(config, "mlp", config.n_embd, 4 * config.n_embd)
-        self.c_proj = projection(config, "mlp", 4 * config.n_embd, config.n_embd)
+        self.kind = config.mlp
+        hidden = 4 * config.n_embd
+        if config.mlp == "swiglu":  # two input matrices: 2/3 of the width keeps the parameter count
+            hidden = 8 * round(config.n_embd / 3)
+        self.c_fc = projection(config, "mlp", config.n_embd, 2 * hidden if config.mlp == "swiglu" else hidden)
+        self.c_proj = projection(config, "mlp", hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, rotary=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -138,15 +189,23 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        for option, allowed in ARCHITECTURE_OPTIONS.items():
+            assert getattr(config, option) in allowed, f"{option} must be one of {allowed}"
+        learned_positions = config.pos_embedding == "learned"
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
-            "wpe": nn.Embedding(config.block_size, config.n_embd),
+            **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned_positions else {}),
             "drop": nn.Dropout(config.dropout),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias),
+            "ln_f": norm(config),
         })
+        if not learned_positions:  # rotary tables: not in the state dict, recomputed from the config
+            cos, sin = rotary_tables(config)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix embeds and un-embeds
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # one matrix embeds and un-embeds
         self.apply(self._init_weights)
         # GPT-2: each residual branch's output projection is scaled so the residual stream's variance
         # does not grow with depth (two branches per layer).
@@ -169,10 +228,15 @@ class GPT(nn.Module):
         T = idx.size(1)
         start = kv_cache.pos if kv_cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size {self.config.block_size}"
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rotary = None
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        else:
+            rotary = self.rotary_cos[start:start + T], self.rotary_sin[start:start + T]
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, rotary)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
@@ -191,18 +255,23 @@ class GPT(nn.Module):
             return sum(p.numel() for p in self.parameters() if p.requires_grad)
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= self.transformer.wte.weight.numel() + self.position_table_size()
         return n
+
+    def position_table_size(self):
+        return self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·Q·T.
 
-        N counts every weight that takes part in a matmul: all parameters but the position table (a lookup);
-        the token table counts once, as the LM head. The second term is attention's score and value matmuls.
+        N counts every weight that takes part in a matmul: all parameters but the lookup tables (positions;
+        tokens too when the head has its own matrix, else the token table counts once, as the head). The
+        second term is attention's score and value matmuls.
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        n_matmul = self.num_params() - self.transformer.wpe.weight.numel()
+        lookups = self.position_table_size() + (0 if cfg.tie_embeddings else self.transformer.wte.weight.numel())
+        n_matmul = self.num_params() - lookups
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
 
     # ---- optimizer ----
@@ -335,6 +404,10 @@ class GPT(nn.Module):
         adapters are merged into the weights first: the layout has no place for them."""
         if self.config.lora_rank > 0:
             return self.merge_lora().save_pretrained(folder, vocab_size, eot_id)
+        options = {key: value for key, value in GPT2_ARCHITECTURE.items() if getattr(self.config, key) != value}
+        if options:
+            raise WeightsError(f"this model uses {options}, which the GPT-2 layout cannot hold; only models with "
+                               "GPT-2's architecture options export")
         vocab_size = vocab_size or self.config.vocab_size
         assert vocab_size <= self.config.vocab_size, f"cannot crop vocab {self.config.vocab_size} to {vocab_size}"
         folder = Path(folder)

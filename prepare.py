@@ -320,6 +320,11 @@ def get_tokenizer(meta: dict) -> Tokenizer:
     return TiktokenTokenizer(meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind))
 
 
+def is_gpt2_bpe(meta: dict) -> bool:
+    """Whether a dataset's tokens are GPT-2's BPE (whose weights read them), under either of its names."""
+    return meta.get("encoding") == TIKTOKEN_ALIASES["gpt2"]
+
+
 def _tokenizer_meta(tokenizer: Tokenizer) -> dict:
     meta = {
         "encoding": tokenizer.encoding.name if isinstance(tokenizer, TiktokenTokenizer) else None,

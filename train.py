@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import prepare
 import runlog
 from configurator import ConfigError, load_config
 from devices import peak_flops, pick_device, pick_dtype, tune_for
-from model import GPT, GPTConfig, WeightsError
+from model import ARCHITECTURE_OPTIONS, GPT, GPTConfig, WeightsError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl
@@ -54,6 +55,11 @@ n_head = 4  # attention heads per block
 n_embd = 128  # width of the residual stream
 dropout = 0.0  # dropout on attention, residual branches and embeddings
 bias = False  # biases in Linear layers and LayerNorms
+pos_embedding = "learned"  # learned (a position table, GPT-2) or rope (rotary embeddings)
+norm = "layernorm"  # layernorm (GPT-2) or rmsnorm
+mlp = "gelu"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
+qk_norm = False  # RMS-normalise each head's queries and keys before attention
+tie_embeddings = True  # the LM head shares the token embedding's matrix (GPT-2)
 vocab_size = 0  # model vocabulary; 0 takes the dataset's, a larger value pads it (e.g. 50304 for GPT-2 BPE)
 # optimizer: AdamW with warmup and cosine decay
 learning_rate = 1e-3  # peak learning rate, reached after warmup
@@ -343,6 +349,9 @@ def check_config(cfg, world_size):
         raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    for option, allowed in ARCHITECTURE_OPTIONS.items():
+        if getattr(cfg, option) not in allowed:
+            raise ConfigError(f"{option} must be one of {', '.join(allowed)}, got {getattr(cfg, option)!r}")
     if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"LoRA needs lora_rank >= 0, lora_alpha > 0 and lora_dropout in [0, 1), got "
                           f"{cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout}")
@@ -366,8 +375,9 @@ def architecture(cfg, meta, weights_from, ckpt):
         if vocab < meta["vocab_size"]:
             raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, bias=cfg.bias, **tuning), None
-    if meta.get("encoding") != "r50k_base":
+                         n_embd=cfg.n_embd, bias=cfg.bias, pos_embedding=cfg.pos_embedding, norm=cfg.norm,
+                         mlp=cfg.mlp, qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings, **tuning), None
+    if not prepare.is_gpt2_bpe(meta):
         raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} tokens; "
                           "prepare the data with --tokenizer gpt2")
     if ckpt is not None:
@@ -615,20 +625,33 @@ def run_training(cfg, rank, local_rank, world_size, device):
         run.log({"step": step, "event": "resumed"}, f"resumed from {ckpt_path} at step {step}")
         if step >= end_step and master:
             print(f"{ckpt_path} is already at step {step}; raise --max_iters to train further")
+    def step_batches(index):  # on the loader thread, while the step before computes
+        batches = [train_data.random_batch(cfg.seed, index + micro, cfg.batch_size) for micro in range(accum)]
+        if device_type == "cuda":  # page-locked host memory lets the copies overlap with compute
+            batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+        return batches
+
+    loader = ThreadPoolExecutor(max_workers=1)
+    upcoming = loader.submit(step_batches, data_index)
     interval_time, interval_steps, skipped, recent_norms, loss_ema = 0.0, 0, 0, [], None
+    compiling = use_compile
     end_reason = "finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}"
     while step < end_step:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr)
-        batches = [train_data.random_batch(cfg.seed, data_index + micro, cfg.batch_size) for micro in range(accum)]
-        if device_type == "cuda":  # page-locked host memory lets the copies overlap with compute
-            batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+        batches = upcoming.result()
+        data_index += cfg.gradient_accumulation_steps
+        upcoming = loader.submit(step_batches, data_index)
         batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
         train_loss, norm, applied = train_step(model, optimizer, scaler, autocast, batches, lr, cfg.grad_clip)
-        data_index += cfg.gradient_accumulation_steps
         step += 1
-        interval_time += time.perf_counter() - t0
-        interval_steps += 1
+        elapsed = time.perf_counter() - t0
+        if compiling:  # the first step traces and compiles the model: reported apart from the step times
+            compiling = False
+            run.log({"step": step, "compile_s": elapsed}, f"step {step}: {elapsed:.1f}s, compiling the model")
+        else:
+            interval_time += elapsed
+            interval_steps += 1
 
         if not applied:
             skipped += 1
@@ -655,7 +678,7 @@ def run_training(cfg, rank, local_rank, world_size, device):
             loss_ema = train_loss if loss_ema is None else 0.95 * loss_ema + 0.05 * train_loss
 
         if step % cfg.log_interval == 0 or step == end_step:
-            dt = interval_time / interval_steps
+            dt = interval_time / interval_steps if interval_steps else elapsed
             interval_time, interval_steps = 0.0, 0
             record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
                       "grad_norm": norm, "dt_ms": 1000 * dt, "tok_per_sec": tokens_per_step / dt}
@@ -677,6 +700,7 @@ def run_training(cfg, rank, local_rank, world_size, device):
             write_sample()
         if step % cfg.ckpt_interval == 0 or step == end_step:
             checkpoint(ckpt_path)
+    loader.shutdown(cancel_futures=True)
     run.finish(step, step * tokens_per_step, end_reason)
 
 
