@@ -70,6 +70,8 @@ lr_decay_iters = 0  # step where the cosine reaches min_lr; 0 means max_iters
 weight_decay = 0.1  # applied to 2-D weights and embeddings only
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99  # AdamW beta2
+optimizer = "adamw"  # adamw, or muon: Muon for the blocks' weight matrices, AdamW for embeddings, head and 1-D weights
+muon_lr = 0.02  # with optimizer=muon: the peak learning rate of the Muon matrices (same warmup and decay)
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables clipping (the norm is still logged)
 # evaluation, logging, checkpoints
 eval_interval = 250  # steps between evaluations on the fixed held-out batches (best.pt follows the val loss)
@@ -343,6 +345,11 @@ def check_config(cfg, world_size):
     if world_size > 1 and cfg.device.startswith("cuda:"):
         raise ConfigError(f"device {cfg.device} would put every process on one GPU; under torchrun use "
                           "--device=cuda (each process takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick GPUs")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"optimizer must be adamw or muon, got {cfg.optimizer!r}")
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp" and world_size > 1:
+        raise ConfigError("Muon orthogonalises whole matrices, which FSDP splits across processes; use "
+                          "--parallel=ddp with --optimizer=muon")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.compile not in ("auto", "true", "false"):
@@ -444,7 +451,7 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
     loss_value, norm = torch.stack([loss_sum / len(batches), grad_norm.float()]).tolist()
     applied = math.isfinite(loss_value) and math.isfinite(norm)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if applied:
         scaler.step(optimizer)
     scaler.update()
@@ -537,7 +544,7 @@ def run_training(cfg, rank, local_rank, world_size, device):
             fully_shard(block)
         fully_shard(raw_model)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                              device_type)
+                                              device_type, cfg.muon_lr if cfg.optimizer == "muon" else None)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     if ckpt is not None:
         load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])

@@ -1,13 +1,14 @@
-"""The architecture options (rotary positions, RMSNorm, ReLU^2 and SwiGLU MLPs, QK-norm, an untied head):
-each trains, keeps the KV cache exact, and says what it claims (parameter counts, where the weights live)."""
+"""The architecture options (rotary positions, RMSNorm, ReLU^2 and SwiGLU MLPs, QK-norm, an untied head) and
+the Muon optimizer: each trains, keeps the KV cache exact, and does what it claims."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import read_log, run_script, tiny_args
 
-from model import GPT, GPTConfig, WeightsError
+from model import GPT, GPTConfig, WeightsError, orthogonalize
 from train import Windows
 
 BASE = {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 48, "bias": False}
@@ -89,3 +90,27 @@ def test_a_run_with_every_option_resumes_and_samples(data_root, tmp_path):
     assert result.stdout.endswith("---------------\n")
     wrong = run_script("train.py", tiny_args(data_root, tmp_path / "x", mlp="swish"), check=False)
     assert wrong.returncode == 2 and "mlp must be one of gelu, relu2, swiglu" in wrong.stderr
+
+
+def test_newton_schulz_orthogonalizes():
+    update = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    ortho = orthogonalize(update).float()
+    singular = torch.linalg.svdvals(ortho)
+    assert singular.min() > 0.6 and singular.max() < 1.25  # Jordan's coefficients: near 1, not exactly 1
+    u, _, vh = torch.linalg.svd(update, full_matrices=False)
+    assert F.cosine_similarity(ortho.flatten(), (u @ vh).flatten(), dim=0) > 0.95
+
+
+def test_muon_trains_only_block_matrices_with_muon_and_resumes_exactly(data_root, tmp_path):
+    optimizer = model_with({}).configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
+    muon_group = next(g for g in optimizer.param_groups if g["muon"])
+    assert len(muon_group["params"]) == 4 * BASE["n_layer"] and muon_group["lr_scale"] == 20.0
+    common = {"optimizer": "muon", "max_iters": 20, "lr_decay_iters": 20, "eval_interval": 10}
+    whole, paused = tmp_path / "whole", tmp_path / "paused"
+    run_script("train.py", tiny_args(data_root, whole, **common))
+    run_script("train.py", tiny_args(data_root, paused, stop_iter=10, **common))
+    run_script("train.py", tiny_args(data_root, paused, init_from="resume", **common))
+    a, b = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (whole, paused))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    evals = [r["val_loss"] for r in read_log(whole) if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.2
