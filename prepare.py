@@ -1,4 +1,4 @@
-"""Turn text into memmappable token shards for train.py.
+r"""Turn text into memmappable token shards for train.py.
 
     python prepare.py                    # Python's own standard library sources, byte-level, no download
     python prepare.py shakespeare_char   # tiny shakespeare, character-level (downloaded once)
@@ -40,10 +40,11 @@ its only special token is the tokenizer's end-of-text, <|endoftext|> in GPT-2, w
 Text is encoded as ordinary text, so a literal "<|endoftext|>" in a record never becomes the special token.
 Loss mask: the completion (or each assistant content) and the EOT after it are trained; everything else
 (the opening EOT, prompts, other turns, role headers) gets target -100 in train.py. Dropped and counted: a
-record with nothing to train (an empty completion, no assistant turn) and one longer than --block_size + 1
-tokens (a training row is block_size + 1 tokens; cutting a record would cut its end token or its prompt).
-Split: of the n records, v = max(1, round(val_fraction * n)) spread evenly are val: record i (from 0) is
-val when floor((i + 1) * v / n) > floor(i * v / n); the split is decided before any record is dropped.
+record with nothing to train (an empty completion; no assistant turn, or only empty ones) and one longer
+than --block_size + 1 tokens (a training row is block_size + 1 tokens; cutting a record would cut its end
+token or its prompt). Split: of the n records, v = max(1, round(val_fraction * n)) spread evenly are val
+(Python's round: halves go to even): record i (from 0) is val when floor((i + 1) * v / n) > floor(i * v / n).
+The split is decided before any record is dropped, so it does not depend on the tokenizer or --block_size.
 Output: {split}_tokens.npy (uint16), {split}_mask.npy (uint8, 1 where the token is a trained target) and
 {split}_offsets.npy (int64: example i is tokens[offsets[i]:offsets[i + 1]]) per split, and meta.json with
 "format": "sft".
@@ -794,12 +795,16 @@ def describe_shards(data_dir, tokenizer="gpt2") -> dict:
 def _sft_records(files: list[Path]):
     """(where, record) for every non-blank line of the JSON Lines files, where = "file:line"."""
     for path in files:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes, decoded per line, so a line that is not UTF-8 can be named
             for number, line in enumerate(f, 1):
-                if line.strip():
-                    where = f"{path}:{number}"
+                where = f"{path}:{number}"
+                try:
+                    text = line.decode("utf-8-sig")  # -sig: a byte order mark (some editors write one) is skipped
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where} is not UTF-8 ({e.reason}); save the file as UTF-8") from None
+                if text.strip():
                     try:
-                        yield where, json.loads(line)
+                        yield where, json.loads(text)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{where} is not a JSON object ({e.msg}); write one record per line") from None
 
@@ -808,19 +813,18 @@ def _render(record, tokenizer: Tokenizer, where: str):
     """(token ids, loss mask) of one record by the template in the module docstring; None if nothing trains."""
     if not isinstance(record, dict) or ("messages" in record) == ("prompt" in record or "completion" in record):
         raise DataError(f"{where} needs either prompt and completion or messages (not both); see prepare.py's doc")
-    ids, mask = list(tokenizer.document_start()), [0]
+    ids, mask, answers = list(tokenizer.document_start()), [0], []
 
-    def add(text, trained, what):
-        if not isinstance(text, str):
-            raise DataError(f"{where}: {what} must be a string, not {type(text).__name__}")
+    def add(text, trained):
         new = tokenizer.encode(text)
         ids.extend(new)
         mask.extend([trained] * len(new))
 
-    def answer(text, what):
-        add(text, 1, what)
+    def answer(text):
+        add(text, 1)
         ids.append(tokenizer.eot_id)
         mask.append(1)
+        answers.append(text)
 
     if "messages" in record:
         turns = record["messages"]
@@ -830,19 +834,28 @@ def _render(record, tokenizer: Tokenizer, where: str):
             role = turn.get("role") if isinstance(turn, dict) else None
             if role not in SFT_HEADERS:
                 raise DataError(f"{where}: unknown role {role!r}; use system, user or assistant")
+            content = _record_text(turn.get("content"), where, f"{role} content")
             if role == "assistant":
-                add(SFT_HEADERS[role], 0, "role")
-                answer(turn.get("content"), "content")
+                add(SFT_HEADERS[role], 0)
+                answer(content)
             else:
-                add(f"{SFT_HEADERS[role]}{turn.get('content')}\n\n", 0, "content")
-        trains = any(turn["role"] == "assistant" for turn in turns)
+                add(f"{SFT_HEADERS[role]}{content}\n\n", 0)
     else:
         if "prompt" not in record or "completion" not in record:
             raise DataError(f"{where} needs both prompt and completion")
-        add(record["prompt"], 0, "prompt")
-        answer(record["completion"], "completion")
-        trains = record["completion"] != ""
-    return (ids, mask) if trains else None
+        add(_record_text(record["prompt"], where, "prompt"), 0)
+        answer(_record_text(record["completion"], where, "completion"))
+    return (ids, mask) if any(answers) else None  # an empty answer would train only its end token
+
+
+def _record_text(value, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {what} must be a string, not {type(value).__name__}")
+    try:
+        value.encode()  # a JSON escape like "\ud800" gives a lone surrogate, which is not text
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: {what} holds a lone surrogate (an escape like \\ud800); fix that escape") from None
+    return value
 
 
 def _val_records(n: int, val_fraction: float) -> np.ndarray:

@@ -1,5 +1,6 @@
 """prepare.py sft: the rendering template, the loss mask, the drop rules, the split and the errors."""
 
+import hashlib
 import itertools
 import json
 
@@ -65,11 +66,13 @@ def test_long_and_untrainable_records_are_dropped_and_counted(tmp_path):
     too_long = {"prompt": "a" * 5, "completion": "b" * 6}  # 13 tokens
     empty = {"prompt": "a", "completion": ""}
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
-    records = [fits, too_long, empty, no_answer, fits, fits]
+    empty_answer = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]}
+    records = [fits, too_long, empty, no_answer, empty_answer, fits, fits]
     data = prepare_sft(tmp_path, records, block_size=11, val_fraction=0.2)
     meta = prepare.read_meta(data)
-    assert meta["dropped"] == {"too_long": 1, "nothing_to_train": 2}
-    assert meta["examples"]["train"] + meta["examples"]["val"] == 3 and meta["max_example_tokens"] == 12
+    assert meta["dropped"] == {"too_long": 1, "nothing_to_train": 3}
+    kept = examples(data, "train") + examples(data, "val")
+    assert [len(ids) for ids, _ in kept] == [12, 12, 12] and meta["max_example_tokens"] == 12
 
 
 def test_split_is_even_and_decided_before_dropping(tmp_path):
@@ -81,10 +84,38 @@ def test_split_is_even_and_decided_before_dropping(tmp_path):
     assert len(examples(data, "train")) == 8
 
 
+def test_meta_files_order_and_same_bytes_on_every_run(tmp_path):
+    write_records(tmp_path / "b.jsonl", [{"prompt": "b", "completion": "2"}])
+    write_records(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "1"}, "", {"prompt": "c", "completion": "3"}])
+    inputs = [str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")]  # read by name: a, then b
+    options = {"tokenizer": "byte", "data_root": tmp_path / "data", "name": "qa", "val_fraction": 0.3}
+    data = prepare.prepare("sft", inputs=inputs, **options)
+    first = {path.name: path.read_bytes() for path in data.iterdir()}
+    assert prepare.prepare("sft", inputs=inputs, **options) == data
+    assert {path.name: path.read_bytes() for path in data.iterdir()} == first
+
+    assert [bytes(ids[1:-1]).decode() for ids, _ in examples(data, "train")] == ["a1", "c3"]
+    assert [bytes(ids[1:-1]).decode() for ids, _ in examples(data, "val")] == ["b2"]  # record 2 of 3
+    meta = prepare.read_meta(data)
+    source = (tmp_path / "a.jsonl").read_bytes() + (tmp_path / "b.jsonl").read_bytes()
+    assert meta["source_sha256"] == hashlib.sha256(source).hexdigest() and meta["source_bytes"] == len(source)
+    assert {key: meta[key] for key in ("dataset", "tokenizer", "encoding", "vocab_size", "eot_id", "format",
+                                       "shard_format", "block_size", "val_fraction", "dropped")} == {
+        "dataset": "sft", "tokenizer": "byte", "encoding": None, "vocab_size": 257, "eot_id": EOT, "format": "sft",
+        "shard_format": "sft npy v1", "block_size": 1024, "val_fraction": 0.3,
+        "dropped": {"nothing_to_train": 0, "too_long": 0}}
+    assert sorted(first) == ["meta.json", *(f"{split}_{name}.npy" for split in ("train", "val")
+                                            for name in ("mask", "offsets", "tokens"))]
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ("{not json", "records.jsonl:2 is not a JSON object"),
     ({"prompt": "a"}, "records.jsonl:2 needs both prompt and completion"),
     ({"prompt": "a", "completion": "b", "messages": []}, "records.jsonl:2 needs either prompt and completion or"),
+    ({"text": "a"}, "records.jsonl:2 needs either prompt and completion or messages"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
+     "records.jsonl:2: user content must be a string, not NoneType"),
+    ('{"prompt": "\\ud800", "completion": "b"}', "records.jsonl:2: prompt holds a lone surrogate"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "records.jsonl:2: unknown role 'robot'"),
     ({"prompt": 3, "completion": "b"}, "records.jsonl:2: prompt must be a string"),
 ])
@@ -93,13 +124,19 @@ def test_bad_records_name_file_and_line(tmp_path, line, message):
         prepare_sft(tmp_path, [{"prompt": "ok", "completion": "ok"}, line, {"prompt": "c", "completion": "d"}])
 
 
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "records.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(prepare.DataError, match="records.jsonl:2 is not UTF-8"):
+        prepare.prepare("sft", inputs=[str(tmp_path / "records.jsonl")], tokenizer="byte", data_root=tmp_path)
+
+
 def test_load_sft_refuses_damaged_folders(tmp_path):
-    data = prepare_sft(tmp_path, [{"prompt": "a", "completion": "b"}] * 4)
+    data = prepare_sft(tmp_path, [{"prompt": "a", "completion": "b"}] * 4, name="chat")
     np.save(data / "train_mask.npy", np.zeros(3, dtype=np.uint8))
     with pytest.raises(prepare.DataError, match="disagree in length"):
         prepare.load_sft(data, "train")
     (data / "val_tokens.npy").unlink()
-    with pytest.raises(prepare.DataError, match="cannot be read.*python prepare.py sft --input"):
+    with pytest.raises(prepare.DataError, match="cannot be read.*python prepare.py sft --input ... --name chat"):
         prepare.load_sft(data, "val")
 
 
