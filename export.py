@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import prepare
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from model import WeightsError
-from train import CheckpointError, load_checkpoint, model_from_checkpoint
 
 
 class ExportError(Exception):

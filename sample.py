@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 import prepare
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, load_config
 from devices import pick_device, pick_dtype, tune_for
 from model import GPT, WeightsError
-from train import CheckpointError, load_checkpoint, model_from_checkpoint
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to sample from (train.py's default run)

@@ -11,8 +11,9 @@ import torch
 from conftest import ROOT, SHARED, read_log, run_script, tiny_args
 
 import export
-from model import GPT, GPTConfig, WeightsError, read_safetensors, write_safetensors
-from train import load_checkpoint
+from checkpoint import load_checkpoint
+from hf import read_safetensors, write_safetensors
+from model import GPT, GPTConfig, WeightsError
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -6,8 +6,8 @@ import torch
 from conftest import SHARED, run_script, tiny_args
 
 import prepare
+from checkpoint import load_checkpoint, model_from_checkpoint
 from model import GPT, GPTConfig, LoRALinear, WeightsError
-from train import load_checkpoint, model_from_checkpoint
 
 BASE = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)
 
