@@ -156,7 +156,14 @@ class CausalSelfAttention(nn.Module):
             assert kv_cache.pos == 0 or T == 1, "the cache takes one prefill from position 0, then single tokens"
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # torch's CPU attention kernels are slower in bf16 than in fp32 at the sequence lengths CPUs
+            # train (2-4x at T=64, bench/RESULTS.md), so under CPU autocast attention runs in fp32
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
+                                                   is_causal=is_causal).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -61,6 +61,26 @@ def test_gpt2_124m_figures():
     assert model.num_params() == 124_439_808  # GPT-2 small, the tied head counted once
 
 
+def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
+    model = tiny_model()
+    idx, targets = torch.randint(0, 50, (2, 4, 16))
+    fp32_loss = model(idx, targets)[1]
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert seen == [torch.float32] * TINY.n_layer and logits.dtype == torch.bfloat16
+    assert abs(loss.item() - fp32_loss.item()) < 0.02  # the matmuls still ran in bf16
+    loss.backward()
+    assert all(p.grad.isfinite().all() for p in model.parameters())
+
+
 def test_optimizer_groups_split_by_dimension():
     model = tiny_model()
     decay, no_decay = model.optimizer_groups(0.1)
