@@ -1,6 +1,7 @@
 """Which device and precision a run uses, and the GPU peaks that MFU is measured against."""
 
 import ctypes
+import os
 from pathlib import Path
 
 import torch
@@ -33,14 +34,33 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def tune_for(device, keep_freed=True):
+def physical_cores(cpu_dir=Path("/sys/devices/system/cpu")):
+    """Cores this process may run on, each core's SMT siblings (hyperthreads) counted once (Linux sysfs;
+    elsewhere every logical CPU counts)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        try:  # siblings of one core share the same list, e.g. "0,64"
+            cores.add((cpu_dir / f"cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return len(cores)
+
+
+def tune_for(device, keep_freed=True, processes=1):
     """Process-wide speed settings for the device: fp32 matmuls on TF32 tensor cores on CUDA (outside
-    autocast), freed memory kept for reuse on CPU."""
+    autocast); on CPU, one thread per physical core (shared among `processes` on this machine; a second
+    thread on a core's sibling only contends for the same vector units) unless OMP_NUM_THREADS says
+    otherwise, and freed memory kept for reuse."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    elif device == "cpu" and keep_freed:
-        keep_freed_memory()
+    elif device == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, physical_cores() // processes))
+        if keep_freed:
+            keep_freed_memory()
 
 
 def pick_device(requested, local_rank):

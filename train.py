@@ -432,7 +432,7 @@ def run_training(cfg, rank, local_rank, world_size, device):
                     "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
 
     ptdtype, dtype_reason = pick_dtype(cfg.dtype, device_type)
-    tune_for(device)
+    tune_for(device, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
     raw_model = GPT(model_config).to(device)
@@ -490,7 +490,8 @@ def run_training(cfg, rank, local_rank, world_size, device):
         print(f"compute: 6ND = {6 * n_params * tokens_per_step * cfg.max_iters:.2e} FLOPs; "
               f"{raw_model.flops_per_token(T) / 1e6:.1f} MFLOPs per token with attention")
         print(f"device: {device}, {str(ptdtype).removeprefix('torch.')} ({dtype_reason}), "
-              f"compile {'on' if use_compile else 'off'}")
+              f"compile {'on' if use_compile else 'off'}"
+              + (f", {torch.get_num_threads()} threads" if device_type == "cpu" else ""))
 
     def evaluate():
         nonlocal best_val, best_step

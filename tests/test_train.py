@@ -172,6 +172,26 @@ def test_dtype_choice_follows_the_device(monkeypatch):
         devices.pick_dtype("fp8", "cpu")
 
 
+def test_cpu_threads_one_per_physical_core(tmp_path, monkeypatch):
+    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3", "4"]):  # 3 cores, two of them with SMT
+        (tmp_path / f"cpu{cpu}/topology").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}/topology/thread_siblings_list").write_text(siblings + "\n")
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert devices.physical_cores(tmp_path) == 3
+    monkeypatch.setattr(devices, "physical_cores", lambda: 6)
+    monkeypatch.setattr(devices, "keep_freed_memory", lambda: True)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        devices.tune_for("cpu", processes=2)
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's (or torchrun's) setting wins
+        devices.tune_for("cpu")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cpu_autocast_training_runs_and_loss_falls(data_root, tmp_path, dtype):
     """The CUDA mixed-precision paths exercised on CPU: bf16 autocast, and fp16 with a gradient scaler."""
