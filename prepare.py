@@ -62,6 +62,7 @@ import contextlib
 import glob
 import hashlib
 import http.client
+import inspect
 import itertools
 import json
 import os
@@ -1047,10 +1048,11 @@ def _meta(dataset: str, tokenizer_name: str, tokenizer: Tokenizer, **fields) -> 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Tokenize text into llm.c-format token shards in <data_root>/<name>/.")
+    defaults = {name: parameter.default for name, parameter in inspect.signature(prepare).parameters.items()}
     parser.add_argument(
         "dataset",
         nargs="?",
-        default="python_stdlib",
+        default=defaults["dataset"],
         help="python_stdlib: Python's own standard library sources, no download; shakespeare_char: tiny"
         " shakespeare, downloaded once unless --input is given; text: your files via --input;"
         f" {', '.join(WEB_DATASETS)}: web text streamed from the Hugging Face hub (pip install datasets) unless"
@@ -1072,7 +1074,7 @@ def _parser() -> argparse.ArgumentParser:
         help="byte, char, gpt2 or any tiktoken encoding name (default: char for shakespeare_char, gpt2 for web"
         " datasets, sft and meta, else byte)",
     )
-    parser.add_argument("--data_root", default="data", help="folder of prepared datasets (default: %(default)s)")
+    parser.add_argument("--data_root", default=defaults["data_root"], help="folder of prepared datasets (default: %(default)s)")
     parser.add_argument("--name", help="output folder name under --data_root (default: the dataset name)")
     parser.add_argument(
         "--val_fraction",
@@ -1093,7 +1095,7 @@ def _parser() -> argparse.ArgumentParser:
         f" (default: {DEFAULT_SFT_BLOCK_SIZE})",
     )
     parser.add_argument(
-        "--shard_tokens", type=int, default=100_000_000, help="tokens per shard file (default: %(default)s)"
+        "--shard_tokens", type=int, default=defaults["shard_tokens"], help="tokens per shard file (default: %(default)s)"
     )
     return parser
 

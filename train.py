@@ -540,7 +540,8 @@ def run_training(cfg, rank, local_rank, world_size, device):
     else:
         run.log({"step": step, "event": "resumed"}, f"resumed from {ckpt_path} at step {step}")
         if step >= end_step and master:
-            print(f"{ckpt_path} is already at step {step}; raise --max_iters to train further")
+            limit = "--max_iters" if end_step == cfg.max_iters else "--stop_iter (or set it to 0)"
+            print(f"{ckpt_path} is already at step {step}; raise {limit} to train further")
     def step_batches(index):  # on the loader thread, while the step before computes
         batches = [train_data.random_batch(cfg.seed, index + micro, cfg.batch_size) for micro in range(accum)]
         if device_type == "cuda":  # page-locked host memory lets the copies overlap with compute

@@ -203,3 +203,10 @@ def test_cpu_autocast_training_runs_and_loss_falls(data_root, tmp_path, dtype):
     assert evals[-1] < evals[0] - 0.3
     scaler = torch.load(out / "last.pt", weights_only=True)["scaler"]
     assert (scaler is not None) == (dtype == "float16")
+
+
+def test_resuming_a_paused_run_at_its_pause_point_names_the_limit_to_raise(data_root, tmp_path, capsys):
+    args = tiny_args(data_root, tmp_path / "run", stop_iter=5)
+    train.main(args)
+    train.main([*args, "--init_from=resume"])
+    assert "is already at step 5; raise --stop_iter (or set it to 0)" in capsys.readouterr().out
