@@ -158,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             # torch's CPU attention kernels are slower in bf16 than in fp32 at the sequence lengths CPUs
-            # train (the backward 7x at T=64, bench/RESULTS.md), so under CPU autocast attention runs in fp32
+            # train (2-3x at T=64 forward+backward, bench/attention_speed.py), so under CPU autocast it runs in fp32
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
                                                    is_causal=is_causal).to(q.dtype)

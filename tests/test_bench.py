@@ -12,7 +12,7 @@ import prepare
 
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--device=cpu"]
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
-SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py"]
+SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py", "bench/attention_speed.py"]
 
 
 def run_bench(script, args, env=None):
@@ -83,3 +83,12 @@ def test_data_speed_reports_loader_share_and_tokenizer_throughput(tmp_path):
     for result in report["tokenize"].values():
         assert result["mb_per_sec"] > 0 and result["source_bytes"] == SHAKESPEARE.stat().st_size
     assert report["tokenize"]["gpt2"]["bytes_per_token"] > 2 * report["tokenize"]["byte"]["bytes_per_token"]
+
+
+def test_attention_speed_times_each_precision_per_shape(tmp_path):
+    report = report_of("bench/attention_speed.py", ["--shapes=2x2x8x16,1x2x16x8", "--steps=2", "--warmup_steps=1",
+                                                    "--device=cpu"], tmp_path)
+    assert [result["shape"] for result in report["results"]] == [[2, 2, 8, 16], [1, 2, 16, 8]]
+    for result in report["results"]:
+        assert set(result["ms"]) == {"fp32", "bf16", "bf16 computed in fp32"} and min(result["ms"].values()) > 0
+    assert run_bench("bench/attention_speed.py", ["--shapes=2x2x8"]).stderr.startswith("error: shapes must be")
