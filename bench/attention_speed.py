@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import train_speed
-from configurator import ConfigError, load_config
+from configurator import ConfigError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 shapes = "12x4x64x32,16x4x128x32,4x12x256x64,1x12x1024x64"  # batch x heads x T x head size, comma-separated
@@ -78,13 +78,5 @@ def benchmark(cfg):
     train_speed.write_report(cfg.out, {**train_speed.machine_record(device), "config": vars(cfg), "results": results})
 
 
-def main():
-    try:
-        benchmark(load_config(__file__, sys.argv[1:]))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    train_speed.run_main(benchmark, __file__)

@@ -21,7 +21,7 @@ import devices
 import prepare
 import train
 from bench import train_speed
-from configurator import ConfigError, load_config
+from configurator import ConfigError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # 1. loader against step: the dataset and train.py's default model
@@ -132,13 +132,5 @@ def benchmark(cfg):
     train_speed.write_report(cfg.out, {**machine, "config": vars(cfg), "loader": loader, "tokenize": tokenizing})
 
 
-def main():
-    try:
-        benchmark(load_config(__file__, sys.argv[1:]))
-    except (ConfigError, prepare.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    train_speed.run_main(benchmark, __file__, errors=(ConfigError, prepare.DataError))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
 from bench import train_speed
-from configurator import ConfigError, load_config
+from configurator import ConfigError
 from model import GPT, sample_next
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -139,12 +139,7 @@ def benchmark(cfg):
 
 
 def main():
-    try:
-        tokens_match = benchmark(load_config(__file__, sys.argv[1:]))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if not tokens_match:
+    if not train_speed.run_main(benchmark, __file__):
         print("ERROR: the KV cache and recomputation chose different tokens (see first_mismatch in the report); "
               "in float32 that is a bug in the cache, under bf16/fp16 it can also be a rounding tie",
               file=sys.stderr)

@@ -60,6 +60,16 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
 
 # ---- helpers shared by the bench scripts ----
 
+def run_main(benchmark, script, errors=(ConfigError,)):
+    """Run a bench script's `benchmark` on its config (defaults, config files, then --key=value) and return
+    its result; a bad setting is a one-line error and exit status 2."""
+    try:
+        return benchmark(load_config(script, sys.argv[1:]))
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def check_positive(cfg, keys, allow_zero=False):
     for key in keys:
         if getattr(cfg, key) < 0 or (getattr(cfg, key) == 0 and not allow_zero):
@@ -282,13 +292,5 @@ def benchmark(cfg):
     write_report(cfg.out, report)
 
 
-def main():
-    try:
-        benchmark(load_config(__file__, sys.argv[1:]))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    run_main(benchmark, __file__)
