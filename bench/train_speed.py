@@ -4,7 +4,10 @@ Times `train.train_step` (one optimizer step: forward and backward over the micr
 on random tokens, after untimed warm-up steps; with compilation the first step is timed apart as `compile_s`.
 `--compare_fp32_eager=True` also builds a plain fp32, uncompiled copy of the model (same weights, same batches;
 matmuls in TF32 on CUDA, as in train.py) and alternates rounds of steps between the two, so that noise from other
-work on the machine hits both alike.
+work on the machine hits both alike. `--time_matmuls=True` splits each setting's step into its matrix multiplies
+(the projections' and the head's; attention's own stay inside its fused kernel) and the rest: it records every
+matmul of one forward and backward (shapes, layouts, dtypes) and times them replayed alone, which shows how much
+of a step a faster matmul precision can speed up.
 
 The helpers below (device record, sync, peak memory, report) serve the other bench scripts too.
 """
@@ -19,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # run as `python bench/train_speed.py`, Python puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,6 +55,7 @@ steps = 10  # timed optimizer steps (per round with compare_fp32_eager)
 peak_flops = 0.0  # peak FLOP/s for MFU, for every setting; 0 looks a GPU up by name (no CPU peaks are known)
 compare_fp32_eager = False  # also time an fp32, uncompiled baseline, in alternating rounds, and report the speedup
 rounds = 3  # with compare_fp32_eager: rounds of `steps` steps per setting, alternating between the two
+time_matmuls = False  # also time each setting's matmuls alone (one step's, replayed) and report their share of the step
 keep_freed_memory = True  # CPU: glibc keeps freed memory for reuse, as in train.py; False measures the default
 out = "bench/results/train_speed.json"  # JSON report
 # ---- end of config ----
@@ -163,6 +168,8 @@ class Setting:
         self.autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
         self.compile_s = None
         self.seconds = []  # timed steps
+        self.matmul_replay = None  # with time_matmuls: one step's matmuls, and the seconds of each replayed pass
+        self.matmul_seconds = []
 
     def step(self, batches):
         """Seconds for one optimizer step at train.py's default lr and clipping (the cost is the same at any lr)."""
@@ -180,6 +187,69 @@ class Setting:
             seconds = self.step(step_batches[i % len(step_batches)])
             if i == 0 and self.compiled:
                 self.compile_s = seconds
+
+
+# ---- the step's matmuls alone ----
+
+MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.baddbmm.default}
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Notes each matrix multiply run under it (autocast has already chosen its dtype): the op and, for each
+    tensor argument, its shape, strides and dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMUL_OPS:
+            layouts = tuple((a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+            self.calls.append((func, layouts, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def step_matmuls(setting, batches):
+    """The matmuls of one forward and backward over `batches` (the uncompiled model; AdamW and clipping have none)."""
+    recorder = MatmulRecorder()
+    with recorder:
+        for x, y in batches:
+            with setting.autocast:
+                _, loss = setting.raw_model(x, y)
+            loss.backward()
+    setting.raw_model.zero_grad(set_to_none=True)
+    return recorder.calls
+
+
+def strided_random(shape, stride, dtype, device):
+    """A random tensor with this exact layout (a transposed view, a broadcast bias), as the step had it."""
+    size = 1 + sum((n - 1) * step for n, step in zip(shape, stride))
+    return torch.randn(size, dtype=dtype, device=device).as_strided(shape, stride)
+
+
+def matmul_replay(calls, device):
+    """The calls with random operands of the recorded layouts (one tensor per distinct layout)."""
+    operands = {}
+    for _, layouts, _ in calls:
+        for layout in layouts:
+            if isinstance(layout, tuple) and layout not in operands:
+                operands[layout] = strided_random(*layout, device)
+    return [(func, [operands[a] if isinstance(a, tuple) else a for a in layouts], kwargs)
+            for func, layouts, kwargs in calls]
+
+
+def replay_seconds(replay, device, passes):
+    """Seconds of each of `passes` passes over the replayed matmuls, after one untimed pass."""
+    seconds = []
+    for _ in range(passes + 1):
+        sync(device)
+        start = time.perf_counter()
+        for func, args, kwargs in replay:
+            func(*args, **kwargs)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds[1:]
 
 
 def random_batches(cfg, device, count):
@@ -218,7 +288,14 @@ def figures(setting, tokens_per_step, flops_per_token, peak_override):
             "ms_per_step_mean": 1000 * statistics.mean(setting.seconds),
             "ms_per_step_all": [round(1000 * s, 2) for s in setting.seconds],
             "tokens_per_sec": tokens_per_sec, "achieved_flops_per_sec": achieved,
-            "peak_flops": peak, "mfu": achieved / peak if peak else None, "mfu_note": note}
+            "peak_flops": peak, "mfu": achieved / peak if peak else None, "mfu_note": note,
+            **(matmul_figures(setting, median) if setting.matmul_seconds else {})}
+
+
+def matmul_figures(setting, step_median):
+    matmul = statistics.median(setting.matmul_seconds)
+    return {"matmuls_per_step": len(setting.matmul_replay), "matmul_ms_per_step": 1000 * matmul,
+            "rest_ms_per_step": 1000 * (step_median - matmul), "matmul_share": matmul / step_median}
 
 
 def describe(result):
@@ -227,7 +304,10 @@ def describe(result):
     return (f"{result['dtype']} {'compiled' if result['compile'] else 'eager'}: "
             f"{result['ms_per_step_median']:.1f} ms/step median ({result['ms_per_step_mean']:.1f} mean, "
             f"{result['steps_timed']} steps) | {result['tokens_per_sec']:,.0f} tok/s | "
-            f"{result['achieved_flops_per_sec'] / 1e12:.3f} TFLOP/s | {mfu}{compile_time}")
+            f"{result['achieved_flops_per_sec'] / 1e12:.3f} TFLOP/s | {mfu}{compile_time}" + (
+                f"\n    matmuls alone {result['matmul_ms_per_step']:.1f} ms ({result['matmuls_per_step']} per step, "
+                f"{100 * result['matmul_share']:.0f}% of the step), the rest {result['rest_ms_per_step']:.1f} ms"
+                if "matmul_ms_per_step" in result else ""))
 
 
 def check_config(cfg):
@@ -242,10 +322,14 @@ def measure(settings, step_batches, cfg):
     """Warm every setting up, then time rounds of steps, alternating settings so a noisy spell slows them all."""
     for setting in settings:
         setting.warm_up(step_batches, cfg.warmup_steps)
+        if cfg.time_matmuls:
+            setting.matmul_replay = matmul_replay(step_matmuls(setting, step_batches[0]), setting.device)
     rounds = cfg.rounds if cfg.compare_fp32_eager else 1
     for round_index in range(rounds):
         for setting in settings:
             setting.seconds += [setting.step(batches) for batches in step_batches]
+            if setting.matmul_replay:
+                setting.matmul_seconds += replay_seconds(setting.matmul_replay, setting.device, len(step_batches))
         if rounds > 1:  # a long comparison shows that it is moving, and how much the rounds differ
             print(f"  round {round_index + 1}/{rounds}: " + ", ".join(
                 f"{s.label()} {1000 * statistics.median(s.seconds[-len(step_batches):]):.0f} ms/step"
@@ -286,6 +370,9 @@ def benchmark(cfg):
         report["baseline"] = results[1]
         report["speedup"] = results[1]["ms_per_step_median"] / results[0]["ms_per_step_median"]
         print(f"speedup over fp32 eager: {report['speedup']:.2f}x (median steps, {cfg.rounds} alternating rounds)")
+        if cfg.time_matmuls:
+            report["matmul_speedup"] = results[1]["matmul_ms_per_step"] / results[0]["matmul_ms_per_step"]
+            print(f"matmuls alone: {report['matmul_speedup']:.2f}x (the step's speedup if nothing else took time)")
     if report["mfu"] is None:
         print(f"MFU: {report['mfu_note']}")
     print(f"peak memory: {memory_mib:,.0f} MiB ({memory_source}{', both models' if len(settings) > 1 else ''})")

@@ -50,6 +50,20 @@ def test_train_speed_compares_with_fp32_eager(tmp_path):
     baseline = report["baseline"]
     assert baseline["dtype"] == "float32" and baseline["steps_timed"] == 4 and baseline["tokens_per_sec"] > 0
     assert report["speedup"] == pytest.approx(baseline["ms_per_step_median"] / report["ms_per_step_median"])
+    assert "matmul_ms_per_step" not in report and "matmul_speedup" not in report
+
+
+def test_train_speed_times_the_steps_matmuls_alone(tmp_path):
+    report = report_of("bench/train_speed.py", [*TINY_MODEL, "--vocab_size=100", "--batch_size=4", "--steps=2",
+                                                "--warmup_steps=1", "--rounds=2", "--dtype=bfloat16",
+                                                "--compare_fp32_eager=True", "--time_matmuls=True"], tmp_path)
+    for result in (report, report["baseline"]):
+        # each of the 2 layers' 4 projections and the head: one matmul forward, two backward
+        assert result["matmuls_per_step"] == 3 * (4 * 2 + 1)
+        assert 0 < result["matmul_ms_per_step"] and 0 < result["matmul_share"] < 1
+        assert result["matmul_ms_per_step"] + result["rest_ms_per_step"] == pytest.approx(result["ms_per_step_median"])
+    baseline = report["baseline"]
+    assert report["matmul_speedup"] == pytest.approx(baseline["matmul_ms_per_step"] / report["matmul_ms_per_step"])
 
 
 def test_train_speed_mfu_against_a_given_peak(tmp_path):
