@@ -168,8 +168,8 @@ class Setting:
         self.autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
         self.compile_s = None
         self.seconds = []  # timed steps
-        self.matmul_replay = None  # with time_matmuls: one step's matmuls, and the seconds of each replayed pass
-        self.matmul_seconds = []
+        self.matmul_replay = None  # with time_matmuls: one step's matmuls, ready to replay
+        self.matmul_seconds = []  # each replayed pass
 
     def step(self, batches):
         """Seconds for one optimizer step at train.py's default lr and clipping (the cost is the same at any lr)."""
