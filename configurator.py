@@ -1,13 +1,18 @@
 """Config for the scripts: defaults are plain module globals, overridden by config files, then --key=value.
 
 A script declares each key once, as `key = default  # one-line meaning` at module level (lowercase name,
-literal value). This module reads those lines from the script's source, so `--help` lists exactly the keys,
-defaults and meanings that the code uses; there is no second list to keep in sync.
+literal value). Keys that several scripts share, or that another module owns, are the fields of a dataclass
+declared the same way (`name: type = default  # meaning`), such as devices.DeviceConfig or model.GPTConfig,
+and are named in the script's load_config call. This module reads those lines from the source, so `--help`
+lists exactly the keys, defaults and meanings that the code uses; there is no second list to keep in sync.
 """
 
 import ast
+import dataclasses
+import inspect
 import io
 import sys
+import textwrap
 import tokenize
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,17 +25,36 @@ class ConfigError(Exception):
 def declared_keys(script_path):
     """{key: (default, default as written, meaning)} for each `key = literal  # meaning` at module level."""
     source = Path(script_path).read_text()
+    return literal_assignments(source, ast.parse(source).body)
+
+
+def dataclass_keys(cls):
+    """The same for a dataclass's fields (`name: type = literal  # meaning`), its base classes' first."""
+    keys = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = textwrap.dedent(inspect.getsource(klass))
+        keys.update(literal_assignments(source, ast.parse(source).body[0].body))
+    return keys
+
+
+def literal_assignments(source, statements):
     comments = {tok.start[0]: tok.string.lstrip("# ").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
     keys = {}
-    for node in ast.parse(source).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+    for node in statements:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target = node.target
+        else:
             continue
-        name = node.targets[0].id
+        if not isinstance(target, ast.Name):
+            continue
         try:
             default = ast.literal_eval(node.value)
         except ValueError:
             continue
+        name = target.id
         if name.islower() and not name.startswith("_") and isinstance(default, (bool, int, float, str)):
             # shown as typed on a command line: strings bare, numbers as written (1e-3, not 0.001)
             written = (default or '""') if isinstance(default, str) else ast.get_source_segment(source, node.value)
@@ -95,12 +119,16 @@ def usage(script_path, keys):
     return "\n".join(lines)
 
 
-def load_config(script_path, argv):
+def load_config(script_path, argv, *shared):
     """Resolved config for a script: defaults <- config files (in order) <- --key=value, as a namespace.
 
-    Prints the key list and exits on -h/--help. Raises ConfigError for anything unknown or mistyped.
+    `shared` names dataclasses whose fields are keys too, after the script's own; a key the script declares
+    itself keeps the script's default and meaning. Prints the key list and exits on -h/--help. Raises
+    ConfigError for anything unknown or mistyped.
     """
     keys = declared_keys(script_path)
+    for cls in shared:
+        keys |= {key: value for key, value in dataclass_keys(cls).items() if key not in keys}
     if "-h" in argv or "--help" in argv:
         print(usage(script_path, keys))
         sys.exit(0)

@@ -1,12 +1,76 @@
-"""Which device and precision a run uses, and the GPU peaks that MFU is measured against."""
+"""Which device and precision a run uses (the runtime every script shares), and the GPU peaks that MFU is
+measured against."""
 
 import ctypes
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from configurator import ConfigError
+
+
+@dataclass
+class DeviceConfig:
+    """The device keys of every script that runs a model; scripts take them with load_config(..., DeviceConfig)."""
+
+    device: str = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
+
+
+@dataclass
+class RuntimeConfig(DeviceConfig):
+    """The device keys of scripts that train a model (train.py and the training benchmarks)."""
+
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs: the device, the autocast dtype (float32: no autocast) and why, and whether
+    the training model is compiled. One place for the precision rules that train, sample, export and bench use."""
+
+    device: str  # "cpu", "cuda:0", "mps"
+    dtype: torch.dtype
+    dtype_reason: str
+    compile: bool = False
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def grad_scaler(self):
+        """Loss scaling for fp16, whose small gradients would underflow; a no-op for other dtypes."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+    def compiled(self, model):
+        return torch.compile(model) if self.compile else model
+
+    def describe(self):
+        threads = f", {torch.get_num_threads()} threads" if self.device_type == "cpu" else ""
+        return (f"{self.device}, {str(self.dtype).removeprefix('torch.')} ({self.dtype_reason}), "
+                f"compile {'on' if self.compile else 'off'}{threads}")
+
+
+def runtime(cfg, local_rank=0, processes=1, keep_freed=True):
+    """The Runtime for a config's device keys (DeviceConfig's, plus compile if it has one), the process tuned
+    for that device (see tune_for). Raises ConfigError for a device or dtype that cannot be had."""
+    device = pick_device(cfg.device, local_rank)
+    dtype, reason = pick_dtype(cfg.dtype, device.split(":")[0])
+    compile_model = use_compile(getattr(cfg, "compile", "false"), device)
+    tune_for(device, keep_freed, processes)
+    return Runtime(device, dtype, reason, compile_model)
+
+
+def use_compile(requested, device):
+    """Compile only where it pays by default: on CUDA (on CPU inductor gained nothing here, bench/RESULTS.md)."""
+    if requested not in ("auto", "true", "false"):
+        raise ConfigError(f"compile must be auto, true or false, got {requested!r}")
+    return requested == "true" or (requested == "auto" and device.startswith("cuda"))
 
 
 def cpu_has_bf16():

@@ -1,7 +1,7 @@
 """Export a run's checkpoint in the Hugging Face GPT-2 layout: `python export.py out/best.pt hf-dir/`.
 
 The folder gets config.json and model.safetensors, which transformers' GPT2LMHeadModel loads with the same
-logits (and GPT.from_pretrained loads back), plus the run's meta.json, from which prepare.get_tokenizer
+logits (and GPT.from_pretrained loads back), plus the run's meta.json, from which data.get_tokenizer
 rebuilds its tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go with them. A LoRA run's
 adapters are merged into the weights; with --adapters_only they are written alone instead, in PEFT's layout.
 """
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-import prepare
+import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from model import WeightsError
 
@@ -73,11 +73,11 @@ def report(folder, model, meta, crop_vocab):
           f"heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} ({meta['vocab_size']} tokens)")
     print(f'load it with transformers: GPT2LMHeadModel.from_pretrained("{folder}"), or here: '
           f'GPT.from_pretrained("{folder}")')
-    if prepare.is_gpt2_bpe(meta):
+    if data.is_gpt2_bpe(meta):
         print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
     else:
         print(f"tokenizer: {meta['tokenizer']}, not a Hugging Face one; rebuild it with "
-              f'prepare.get_tokenizer(prepare.read_meta("{folder}"))')
+              f'data.get_tokenizer(data.read_meta("{folder}"))')
 
 
 def main(argv=None):

@@ -74,14 +74,19 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-MAX_VOCAB = 2**16  # token ids are stored as uint16
-MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as int32
+from data import (
+    MAX_SHARD_TOKENS,
+    MAX_VOCAB,
+    DataError,
+    Tokenizer,
+    get_tokenizer,
+    load_shard,
+    shard_paths,
+    tokenizer_meta,
+    write_shard,
+)
+
 CHUNK_BYTES = 2 << 20  # read size; small enough that memory stays flat on any input size
 BATCH_BYTES = CHUNK_BYTES * (os.cpu_count() or 1)  # enough chunks to keep every core busy
 WEB_DATASETS = {  # name: (Hugging Face hub repository, config), streamed unless --input names local files
@@ -98,244 +103,9 @@ SFT_TEMPLATE = "sft v1"  # the rendering in the module docstring
 SFT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_VAL_TOKENS = 100_000_000  # llm.c's convention for web data: the stream's first 100M tokens are val
-TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}  # same ranks; r50k's single cached file serves gpt2 offline
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DOWNLOAD_CACHE = "input.txt"  # a downloaded source kept inside its dataset folder
 STDLIB_SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
-
-
-class DataError(Exception):
-    """Bad input or data; the message is one sentence naming the problem and the fix."""
-
-
-# ---- shard files -------------------------------------------------------------------------------
-
-
-def write_shard(path, tokens) -> None:
-    """Write tokens as an llm.c v1 shard, atomically, so a reader never sees a half-written file."""
-    tokens = _as_uint16(tokens)
-    if len(tokens) > MAX_SHARD_TOKENS:
-        raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS:,} tokens, got {len(tokens):,}")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden, so shard globs skip it
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(memoryview(tokens))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _as_uint16(tokens) -> np.ndarray:
-    tokens = np.asarray(tokens)
-    if tokens.dtype != np.uint16 and tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
-        raise ValueError("token ids must fit uint16 (0..65535)")
-    return np.ascontiguousarray(tokens, dtype="<u2")
-
-
-def load_shard(path) -> np.memmap:
-    """Memory-map a shard's tokens read-only, after checking its header against the file size."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"shard {path} does not exist; run prepare.py to create it")
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise DataError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header; re-create it")
-    magic, version, count = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
-    if magic != MAGIC:
-        raise DataError(f"{path} has magic {magic}, not {MAGIC}, so it is not a token shard; re-create it")
-    if version != VERSION:
-        raise DataError(f"shard {path} is version {version}, but only {VERSION} is supported; re-create it")
-    expected = HEADER_BYTES + 2 * count
-    if count < 0 or size != expected:
-        raise DataError(
-            f"shard {path} is {size:,} bytes but its header promises {count:,} tokens ({expected:,} bytes),"
-            " so it is truncated or corrupt; re-create it"
-        )
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
-
-
-def shard_paths(data_dir, split: str) -> list[Path]:
-    """A split's shards in order; the glob also matches llm.c names like fineweb_train_000001.bin."""
-    paths = sorted(Path(data_dir).glob(f"*{split}_[0-9]*.bin"))
-    if not paths:
-        raise DataError(f"no {split} shards in {data_dir}; run `{_prepare_command(data_dir)}` first")
-    return paths
-
-
-def read_meta(data_dir) -> dict:
-    """The meta.json that prepare wrote next to the shards."""
-    meta_path = Path(data_dir) / "meta.json"
-    if not meta_path.is_file() and any(Path(data_dir).glob("*.bin")):
-        raise DataError(
-            f"{data_dir} holds shards but no meta.json; for shards from llm.c or modded-nanogpt run"
-            f" `{_prepare_command(data_dir, f' meta --name {Path(data_dir).name}')}`,"
-            f" else re-create them with `{_prepare_command(data_dir)}`"
-        )
-    if not meta_path.is_file():
-        raise DataError(f"no prepared data in {data_dir} (no meta.json); run `{_prepare_command(data_dir)}` first")
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{meta_path} is not JSON ({e}); re-create it with `{_prepare_command(data_dir)}`") from None
-
-
-def _prepare_command(data_dir, arguments=None) -> str:
-    """The command line that (re)creates data_dir, or runs other arguments on it, for error messages."""
-    data_dir = Path(data_dir)
-    if arguments is None:
-        arguments = {"python_stdlib": "", **{name: f" {name}" for name in ("shakespeare_char", *WEB_DATASETS)}}.get(
-            data_dir.name, f" text --input ... --name {data_dir.name}"
-        )
-        if data_dir.name == "sft" or (data_dir / "train_tokens.npy").exists():
-            arguments = f" sft --input ... --name {data_dir.name}"
-    if data_dir.parent.resolve() != Path("data").resolve():
-        arguments += f" --data_root {data_dir.parent}"
-    return "python prepare.py" + arguments
-
-
-# ---- tokenizers --------------------------------------------------------------------------------
-
-
-class Tokenizer:
-    """Text <-> token ids; decode drops ids that are not text (end-of-text, ids past the vocab)."""
-
-    vocab_size: int
-    eot_id: int | None = None
-    reads_text = True  # whether encode_chunks takes str chunks (else raw bytes)
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
-        """Tokenize a batch of chunks into uint16 arrays; prepare's fast path."""
-        raise NotImplementedError
-
-    def document_start(self) -> list[int]:
-        """Ids that open a new document, for unprompted sampling: end-of-text, else a newline."""
-        return [self.eot_id] if self.eot_id is not None else self.encode("\n")
-
-    def decode(self, ids) -> str:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        is_text = (ids >= 0) & (ids < self.vocab_size)
-        if self.eot_id is not None:
-            is_text &= ids != self.eot_id
-        return self._decode_text_ids(ids[is_text])
-
-    def _decode_text_ids(self, ids: np.ndarray) -> str:
-        raise NotImplementedError
-
-
-class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as ids 0..255 plus end-of-text 256: any text, nothing to learn or download."""
-
-    vocab_size = 257
-    eot_id = 256
-    reads_text = False
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
-        return [np.frombuffer(chunk, dtype=np.uint8).astype(np.uint16) for chunk in chunks]
-
-    def _decode_text_ids(self, ids: np.ndarray) -> str:
-        return ids.astype(np.uint8).tobytes().decode(errors="replace")
-
-
-class CharTokenizer(Tokenizer):
-    """One id per distinct character of the source, in code point order (nanoGPT's shakespeare_char)."""
-
-    def __init__(self, chars: str):
-        self.chars = chars
-        self.vocab_size = len(chars)
-        self._code_points = _code_points(chars)  # sorted, so searchsorted maps a character to its id
-
-    def encode(self, text: str) -> list[int]:
-        return self._encode(text).tolist()
-
-    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
-        return [self._encode(chunk) for chunk in chunks]
-
-    def _encode(self, text: str) -> np.ndarray:
-        code_points = _code_points(text)
-        ids = np.minimum(np.searchsorted(self._code_points, code_points), self.vocab_size - 1)
-        unknown = self._code_points[ids] != code_points
-        if unknown.any():
-            missing = "".join(sorted({chr(c) for c in code_points[unknown]}))
-            raise DataError(f"characters {missing!r} are not in this char vocabulary; leave them out of the text")
-        return ids.astype(np.uint16)
-
-    def _decode_text_ids(self, ids: np.ndarray) -> str:
-        return self._code_points[ids].tobytes().decode("utf-32-le")
-
-
-def _code_points(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-
-
-class TiktokenTokenizer(Tokenizer):
-    """A tiktoken BPE encoding; batches are tokenized on all cores."""
-
-    def __init__(self, encoding_name: str):
-        self.encoding = _load_tiktoken(encoding_name)
-        self.vocab_size = self.encoding.n_vocab
-        self.eot_id = self.encoding.eot_token
-
-    def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
-
-    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
-        batch = self.encoding.encode_ordinary_batch(chunks, num_threads=os.cpu_count() or 1)
-        return [np.array(ids, dtype=np.uint16) for ids in batch]
-
-    def _decode_text_ids(self, ids: np.ndarray) -> str:
-        return self.encoding.decode(ids.tolist())
-
-
-def _load_tiktoken(name: str):
-    if name not in tiktoken.list_encoding_names():
-        known = ", ".join(tiktoken.list_encoding_names())
-        raise DataError(f"unknown tokenizer {name!r}; use byte, char, gpt2 or a tiktoken encoding ({known})")
-    try:
-        return tiktoken.get_encoding(name)
-    except (OSError, ValueError) as e:  # a cache miss means a download: network errors, or a hash mismatch
-        raise DataError(
-            f"could not load tiktoken encoding {name!r} ({e}); set TIKTOKEN_CACHE_DIR to a folder that holds it"
-            " or allow the download"
-        ) from None
-
-
-def get_tokenizer(meta: dict) -> Tokenizer:
-    """Rebuild the tokenizer from meta.json alone."""
-    kind = meta["tokenizer"]
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "char":
-        return CharTokenizer(meta["chars"])
-    return TiktokenTokenizer(meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind))
-
-
-def is_gpt2_bpe(meta: dict) -> bool:
-    """Whether a dataset's tokens are GPT-2's BPE (whose weights read them), under either of its names."""
-    return meta.get("encoding") == TIKTOKEN_ALIASES["gpt2"]
-
-
-def _tokenizer_meta(tokenizer: Tokenizer) -> dict:
-    meta = {
-        "encoding": tokenizer.encoding.name if isinstance(tokenizer, TiktokenTokenizer) else None,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-    }
-    if isinstance(tokenizer, CharTokenizer):
-        meta["chars"] = tokenizer.chars
-    return meta
 
 
 # ---- finding the source documents --------------------------------------------------------------
@@ -924,21 +694,6 @@ def _write_sft_split(folder: Path, split: str, examples: list) -> tuple[int, int
     return len(examples), len(ids), int(mask.sum())
 
 
-def load_sft(data_dir, split: str):
-    """(tokens, loss mask, offsets) of an sft split, memory-mapped; see the module docstring."""
-    data_dir = Path(data_dir)
-    try:
-        tokens, mask, offsets = (np.load(data_dir / f"{split}_{name}.npy", mmap_mode="r")
-                                 for name in ("tokens", "mask", "offsets"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"the {split} split of {data_dir} cannot be read ({e}); "
-                        f"run `{_prepare_command(data_dir)}` again") from None
-    if len(mask) != len(tokens) or len(offsets) < 1 or offsets[-1] != len(tokens):
-        raise DataError(f"the {split} arrays of {data_dir} disagree in length, so they are damaged; "
-                        f"run `{_prepare_command(data_dir)}` again")
-    return tokens, mask, offsets
-
-
 # ---- the pipeline ------------------------------------------------------------------------------
 
 
@@ -1042,7 +797,7 @@ def _prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_
 
 def _meta(dataset: str, tokenizer_name: str, tokenizer: Tokenizer, **fields) -> dict:
     """meta.json's content: what the shards hold and how to decode them."""
-    return {"dataset": dataset, "tokenizer": tokenizer_name, **_tokenizer_meta(tokenizer), **fields,
+    return {"dataset": dataset, "tokenizer": tokenizer_name, **tokenizer_meta(tokenizer), **fields,
             "shard_format": "llm.c v1 uint16"}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-import prepare
+import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, load_config
 from devices import pick_device, pick_dtype, tune_for
@@ -57,7 +57,7 @@ def load_model(cfg):
         raise ConfigError("--adapters apply to base weights: name them with --init_from (e.g. gpt2)")
     if cfg.init_from:
         folder = Path(cfg.init_from)
-        meta = prepare.read_meta(folder) if (folder / "meta.json").is_file() else GPT2_META
+        meta = data.read_meta(folder) if (folder / "meta.json").is_file() else GPT2_META
         try:
             model = GPT.from_pretrained(cfg.init_from)
             return (model.with_adapters(cfg.adapters).merge_lora() if cfg.adapters else model), meta
@@ -90,7 +90,7 @@ def sample(cfg):
     ptdtype, _ = pick_dtype(cfg.dtype, device_type)
     model, meta = load_model(cfg)
     model = model.to(device).eval()
-    tokenizer = prepare.get_tokenizer(meta)
+    tokenizer = data.get_tokenizer(meta)
     text, ids = prompt(tokenizer, cfg.start)
     if not ids:
         raise ConfigError("the prompt encodes to no tokens; give a longer --start")
@@ -109,7 +109,7 @@ def sample(cfg):
 def main(argv=None):
     try:
         sample(load_config(__file__, sys.argv[1:] if argv is None else argv))
-    except (ConfigError, CheckpointError, prepare.DataError) as e:
+    except (ConfigError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

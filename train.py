@@ -12,20 +12,19 @@ import importlib
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import prepare
 import runlog
 from checkpoint import (
     CheckpointError,
@@ -40,6 +39,7 @@ from checkpoint import (
     set_rng_state,
 )
 from configurator import ConfigError, load_config
+from data import DataError, Examples, Windows, get_tokenizer, is_gpt2_bpe, read_meta
 from devices import peak_flops, pick_device, pick_dtype, tune_for
 from model import ARCHITECTURE_OPTIONS, GPT, GPTConfig, WeightsError
 
@@ -120,102 +120,6 @@ def lr_at(it, learning_rate, warmup_iters, decay_iters, min_lr):
 
 # ---- batches ----
 
-class Windows:
-    """Windows of block_size + 1 tokens from one split's memmapped shards (x = first T, y = last T).
-
-    Shards are re-opened for every batch: a long-lived memmap of a large corpus keeps every page it
-    touched and grows the process's memory over a run.
-    """
-
-    def __init__(self, data_dir, split, block_size, vocab_size):
-        self.paths = prepare.shard_paths(data_dir, split)
-        self.block_size, self.vocab_size = block_size, vocab_size
-        lengths = np.array([len(prepare.load_shard(p)) for p in self.paths])
-        self.starts_per_shard = np.maximum(lengths - block_size, 0)
-        self.total_starts, self.tokens = int(self.starts_per_shard.sum()), int(lengths.sum())
-        self.rows_per_epoch = self.tokens / block_size
-        self.summary = f"{self.tokens:,} tokens"
-        if self.total_starts == 0:
-            raise prepare.DataError(f"the {split} split of {data_dir} has {self.tokens} tokens, too few for "
-                                    f"block_size {block_size}; lower --block_size or prepare more data")
-
-    def batch(self, starts):
-        """(x, y) int64 tensors for windows at these global start positions (over the shards in order)."""
-        starts = np.asarray(starts, dtype=np.int64)
-        first_start = np.cumsum(self.starts_per_shard) - self.starts_per_shard
-        shard_of = np.searchsorted(first_start, starts, side="right") - 1
-        window = np.empty((len(starts), self.block_size + 1), dtype=np.int64)
-        columns = np.arange(self.block_size + 1)
-        for s in np.unique(shard_of):
-            rows = shard_of == s
-            tokens = prepare.load_shard(self.paths[s]).view(np.ndarray)  # plain view: memmap slicing is slow
-            window[rows] = tokens[(starts[rows] - first_start[s])[:, None] + columns]
-        window = torch.from_numpy(window)
-        if int(window.max()) >= self.vocab_size:
-            raise prepare.DataError(f"token id {int(window.max())} in the data is >= the model's vocab_size "
-                                    f"{self.vocab_size}; the shards do not match meta.json, prepare them again")
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
-
-    def random_batch(self, seed, index, batch_size):
-        """Training micro-batch number `index`: random windows drawn from (seed, index) alone, so the
-        sampler's whole state is one integer and any process can produce any batch."""
-        rng = np.random.default_rng([seed, index])
-        return self.batch(rng.integers(0, self.total_starts, size=batch_size))
-
-    def fixed_batches(self, n_batches, batch_size):
-        """Evaluation batches: evenly spaced windows, the same at every evaluation and in every run."""
-        starts = np.linspace(0, self.total_starts - 1, n_batches * batch_size).astype(np.int64)
-        return [self.batch(chunk) for chunk in np.split(starts, n_batches)]
-
-
-class Examples:
-    """Fine-tuning examples from `prepare.py sft`: the same interface as Windows, but a row is one example,
-    its prompt's targets -100 (no loss, no gradient) and its padding too.
-
-    With `pack`, a training row is instead the block_size + 1 tokens that start at an example, examples
-    following each other in it (the last one cut off where the row ends): no padding, but attention
-    crosses from an example into the ones before it in the row. Evaluation is always one example per row.
-    """
-
-    def __init__(self, data_dir, split, block_size, vocab_size, pack=False):
-        self.ids, self.trained, self.offsets = prepare.load_sft(data_dir, split)
-        self.block_size, self.pack = block_size, pack
-        self.count, self.tokens = len(self.offsets) - 1, len(self.ids)
-        longest = int(np.diff(self.offsets).max(initial=0))
-        if self.count == 0:
-            raise prepare.DataError(f"the {split} split of {data_dir} holds no examples; prepare more records")
-        if longest > block_size + 1:
-            raise prepare.DataError(f"{data_dir} holds examples of up to {longest} tokens, more than block_size + 1 "
-                                    f"= {block_size + 1}; raise --block_size or prepare it with --block_size "
-                                    f"{block_size} (which drops longer examples)")
-        if int(self.ids.max()) >= vocab_size:
-            raise prepare.DataError(f"token id {int(self.ids.max())} in {data_dir} is >= the model's vocab_size "
-                                    f"{vocab_size}; the files do not match meta.json, prepare them again")
-        self.rows_per_epoch = self.tokens / block_size if pack else self.count
-        self.summary = f"{self.count:,} examples ({self.tokens:,} tokens, {int(self.trained.sum()):,} trained)"
-
-    def rows(self, examples, packed):
-        """(x, y) for these example numbers: y is x shifted by one, -100 where the target is not trained."""
-        x = np.zeros((len(examples), self.block_size), dtype=np.int64)
-        y = np.full((len(examples), self.block_size), -100, dtype=np.int64)
-        for row, example in enumerate(examples):
-            start = self.offsets[example]
-            end = start + self.block_size + 1 if packed else self.offsets[example + 1]
-            span = np.arange(start, end) % self.tokens  # a packed row runs on into the first examples
-            ids, trained = self.ids[span].astype(np.int64), self.trained[span[1:]].astype(bool)
-            x[row, :len(span) - 1] = ids[:-1]
-            y[row, :len(span) - 1] = np.where(trained, ids[1:], -100)
-        return torch.from_numpy(x), torch.from_numpy(y)
-
-    def random_batch(self, seed, index, batch_size):
-        rng = np.random.default_rng([seed, index])
-        return self.rows(rng.integers(0, self.count, size=batch_size), self.pack)
-
-    def fixed_batches(self, n_batches, batch_size):
-        examples = np.linspace(0, self.count - 1, n_batches * batch_size).astype(np.int64)
-        return [self.rows(chunk, packed=False) for chunk in np.split(examples, n_batches)]
-
-
 # ---- evaluation ----
 
 @torch.no_grad()
@@ -292,7 +196,7 @@ def architecture(cfg, meta, weights_from, ckpt):
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                          n_embd=cfg.n_embd, bias=cfg.bias, pos_embedding=cfg.pos_embedding, norm=cfg.norm,
                          mlp=cfg.mlp, qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings, **tuning), None
-    if not prepare.is_gpt2_bpe(meta):
+    if not is_gpt2_bpe(meta):
         raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} tokens; "
                           "prepare the data with --tokenizer gpt2")
     if ckpt is not None:
@@ -310,24 +214,28 @@ def architecture(cfg, meta, weights_from, ckpt):
 
 
 def load_data(cfg, local_rank, world_size):
-    """The dataset's meta, preparing the embedded default on first use: by one process per machine while
-    the others wait, and if it fails every process stops with its error."""
+    """The dataset's folder and meta, preparing the embedded default on first use (by one process per
+    machine while the others wait; if it fails every process stops with its error)."""
     data_dir = Path(cfg.data_root) / cfg.dataset
     if cfg.dataset == "python_stdlib" and not (data_dir / "meta.json").exists():
-        error = None
-        if local_rank == 0:
-            print(f"preparing the default dataset in {data_dir} (Python's standard library, byte tokens)")
-            try:
-                prepare.prepare("python_stdlib", data_root=cfg.data_root)
-            except prepare.DataError as e:
-                error = str(e)
+        error = prepare_default(data_dir) if local_rank == 0 else None
         errors = [error]
         if world_size > 1:
             errors = [None] * world_size
             dist.all_gather_object(errors, error)
         if any(errors):
-            raise prepare.DataError(next(e for e in errors if e))
-    return data_dir, prepare.read_meta(data_dir)
+            raise DataError(next(e for e in errors if e))
+    return data_dir, read_meta(data_dir)
+
+
+def prepare_default(data_dir):
+    """Run `python prepare.py` (the default dataset) as its own command, as a user would; its error or None."""
+    print(f"preparing the default dataset in {data_dir} (Python's standard library, byte tokens)")
+    command = [sys.executable, str(Path(__file__).with_name("prepare.py")), "--data_root", str(data_dir.parent)]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    if result.returncode == 0:
+        return None
+    return result.stderr.strip().removeprefix("error: ") or f"prepare.py failed with exit status {result.returncode}"
 
 
 # ---- the loop ----
@@ -520,7 +428,7 @@ def run_training(cfg, rank, local_rank, world_size, device):
                 keep_step_checkpoint(ckpt_path, step, cfg.keep_last_k)
 
     def write_sample():  # on every process: under FSDP each forward gathers parameters from all of them
-        tokenizer = prepare.get_tokenizer(meta)
+        tokenizer = get_tokenizer(meta)
         start = tokenizer.document_start()
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         with autocast:
@@ -632,7 +540,7 @@ def stop_requested(stop_signal, device, world_size):
 def main(argv=None):
     try:
         train(load_config(__file__, sys.argv[1:] if argv is None else argv))
-    except (ConfigError, prepare.DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:

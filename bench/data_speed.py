@@ -17,6 +17,7 @@ from pathlib import Path
 # run as `python bench/data_speed.py`, Python puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import data
 import devices
 import prepare
 import train
@@ -67,7 +68,7 @@ def loader_share(cfg, device):
     vocab = cfg.vocab_size or meta["vocab_size"]
     if vocab < meta["vocab_size"]:
         raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
-    windows = train.Windows(data_dir, "train", cfg.block_size, vocab)
+    windows = data.Windows(data_dir, "train", cfg.block_size, vocab)
     setting = train_speed.Setting(train_speed.model_config(cfg, vocab), cfg.seed, device, ptdtype, compiled)
     batch_seconds, step_seconds = [], []
     for index in range(cfg.warmup_steps + cfg.steps):
@@ -103,7 +104,7 @@ def tokenize_speed(cfg, tokenizer, data_root):
         with contextlib.redirect_stdout(io.StringIO()):  # prepare's progress lines would bury the summary
             folder = prepare.prepare(dataset, inputs=inputs, tokenizer=tokenizer, data_root=data_root, name=tokenizer)
         seconds.append(time.perf_counter() - start)
-    meta = prepare.read_meta(folder)
+    meta = data.read_meta(folder)
     median = statistics.median(seconds)
     tokens = sum(meta["tokens"].values())
     return {"source": cfg.tokenize_input or "python_stdlib", "source_bytes": meta["source_bytes"],
@@ -133,4 +134,4 @@ def benchmark(cfg):
 
 
 if __name__ == "__main__":
-    train_speed.run_main(benchmark, __file__, errors=(ConfigError, prepare.DataError))
+    train_speed.run_main(benchmark, __file__, errors=(ConfigError, data.DataError))

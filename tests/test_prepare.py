@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import data
 import prepare
-from prepare import DataError
+from data import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -19,7 +20,7 @@ TIKTOKEN_CACHE = SHARED / "tiktoken"
 
 
 def split_tokens(data_dir, split):
-    return np.concatenate([prepare.load_shard(path) for path in prepare.shard_paths(data_dir, split)])
+    return np.concatenate([data.load_shard(path) for path in data.shard_paths(data_dir, split)])
 
 
 def folder_bytes(folder):
@@ -28,10 +29,10 @@ def folder_bytes(folder):
 
 
 def write_files(root, files):
-    for name, data in files.items():
+    for name, content in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        path.write_bytes(content)
 
 
 # ---- shards ------------------------------------------------------------------------------------
@@ -40,13 +41,13 @@ def write_files(root, files):
 def test_shard_round_trip(tmp_path):
     tokens = (np.arange(1000) * 97 % 65536).astype(np.uint16)
     path = tmp_path / "train_000000.bin"
-    prepare.write_shard(path, tokens)
+    data.write_shard(path, tokens)
 
-    header = np.fromfile(path, dtype="<i4", count=prepare.HEADER_INTS)
-    assert header[:3].tolist() == [prepare.MAGIC, prepare.VERSION, 1000]
+    header = np.fromfile(path, dtype="<i4", count=data.HEADER_INTS)
+    assert header[:3].tolist() == [data.MAGIC, data.VERSION, 1000]
     assert not header[3:].any()
     assert path.stat().st_size == 1024 + 2 * 1000
-    loaded = prepare.load_shard(path)
+    loaded = data.load_shard(path)
     assert loaded.dtype == np.uint16 and not loaded.flags.writeable
     np.testing.assert_array_equal(loaded, tokens)
     assert [p.name for p in tmp_path.iterdir()] == ["train_000000.bin"]  # no temporary file left
@@ -54,7 +55,7 @@ def test_shard_round_trip(tmp_path):
 
 def test_write_shard_rejects_ids_beyond_uint16(tmp_path):
     with pytest.raises(ValueError):
-        prepare.write_shard(tmp_path / "x.bin", np.array([1, 70000]))
+        data.write_shard(tmp_path / "x.bin", np.array([1, 70000]))
 
 
 def corrupt(data: bytearray, what: str) -> bytearray:
@@ -76,26 +77,26 @@ def corrupt(data: bytearray, what: str) -> bytearray:
 @pytest.mark.parametrize("what", ["magic", "version", "count", "truncated", "header"])
 def test_load_shard_rejects_bad_shards(tmp_path, what):
     path = tmp_path / "val_000000.bin"
-    prepare.write_shard(path, np.arange(10, dtype=np.uint16))
+    data.write_shard(path, np.arange(10, dtype=np.uint16))
     path.write_bytes(corrupt(bytearray(path.read_bytes()), what))
     with pytest.raises(DataError, match="val_000000.bin"):
-        prepare.load_shard(path)
+        data.load_shard(path)
 
 
 def test_shard_paths_finds_llmc_names_in_order(tmp_path):
     for name in ["fineweb_train_000002.bin", "fineweb_val_000000.bin", "fineweb_train_000001.bin"]:
-        prepare.write_shard(tmp_path / name, np.zeros(3, dtype=np.uint16))
+        data.write_shard(tmp_path / name, np.zeros(3, dtype=np.uint16))
     (tmp_path / "meta.json").write_text("{}")
-    assert [p.name for p in prepare.shard_paths(tmp_path, "train")] == [
+    assert [p.name for p in data.shard_paths(tmp_path, "train")] == [
         "fineweb_train_000001.bin",
         "fineweb_train_000002.bin",
     ]
-    assert [p.name for p in prepare.shard_paths(tmp_path, "val")] == ["fineweb_val_000000.bin"]
+    assert [p.name for p in data.shard_paths(tmp_path, "val")] == ["fineweb_val_000000.bin"]
 
 
 def test_shard_paths_without_shards_names_the_command(tmp_path):
     with pytest.raises(DataError, match="no val shards .*python prepare.py shakespeare_char"):
-        prepare.shard_paths(tmp_path / "shakespeare_char", "val")
+        data.shard_paths(tmp_path / "shakespeare_char", "val")
 
 
 # ---- datasets ----------------------------------------------------------------------------------
@@ -104,13 +105,13 @@ def test_shard_paths_without_shards_names_the_command(tmp_path):
 def test_shakespeare_char_matches_nanogpt_split(tmp_path):
     data_dir = prepare.prepare("shakespeare_char", inputs=[str(SHAKESPEARE)], data_root=tmp_path)
 
-    meta = prepare.read_meta(data_dir)
+    meta = data.read_meta(data_dir)
     assert data_dir == tmp_path / "shakespeare_char"
     assert meta["vocab_size"] == 65 and len(meta["chars"]) == 65 and meta["eot_id"] is None
     assert meta["tokens"] == {"train": 1_003_854, "val": 111_540}
     text = SHAKESPEARE.read_text()
     assert meta["source_sha256"] == hashlib.sha256(text.encode()).hexdigest()
-    tokenizer = prepare.get_tokenizer(meta)
+    tokenizer = data.get_tokenizer(meta)
     train, val = tokenizer.decode(split_tokens(data_dir, "train")), tokenizer.decode(split_tokens(data_dir, "val"))
     assert train == text[: int(len(text) * 0.9)]
     assert train + val == text
@@ -128,7 +129,7 @@ def test_shakespeare_char_uses_and_keeps_the_cached_download(tmp_path, monkeypat
     for _ in range(2):  # the second run replaces the folder that holds the cache
         data_dir = prepare.prepare("shakespeare_char", data_root=tmp_path)
         assert cache.read_bytes() == SHAKESPEARE.read_bytes()[:20_000]
-    assert prepare.read_meta(data_dir)["source_bytes"] == 20_000
+    assert data.read_meta(data_dir)["source_bytes"] == 20_000
 
 
 def test_shakespeare_char_download_failure_suggests_input(tmp_path, monkeypatch):
@@ -149,11 +150,11 @@ def test_gpt2_round_trips_text_exactly(tmp_path, monkeypatch):
 
     data_dir = prepare.prepare("text", inputs=[str(source)], tokenizer="gpt2", data_root=tmp_path / "data")
 
-    meta = prepare.read_meta(data_dir)
+    meta = data.read_meta(data_dir)
     assert (meta["tokenizer"], meta["encoding"], meta["vocab_size"], meta["eot_id"]) == ("gpt2", "r50k_base", 50257, 50256)
     tokens = np.concatenate([split_tokens(data_dir, "train"), split_tokens(data_dir, "val")])
     assert tokens[-1] == 50256 and (tokens == 50256).sum() == 1  # one document, one eot
-    assert prepare.get_tokenizer(meta).decode(tokens) == text
+    assert data.get_tokenizer(meta).decode(tokens) == text
 
 
 def byte_corpus():
@@ -189,7 +190,7 @@ def test_byte_tokenizer_on_a_folder(tmp_path):
     train, val, source = expected_byte_splits(visible, 0.1)
     assert split_tokens(data_dir, "train").tolist() == train
     assert split_tokens(data_dir, "val").tolist() == val
-    meta = prepare.read_meta(data_dir)
+    meta = data.read_meta(data_dir)
     assert meta["tokens"] == {"train": len(train), "val": len(val)}
     assert meta["source_bytes"] == len(source)
     assert meta["source_sha256"] == hashlib.sha256(source).hexdigest()
@@ -212,9 +213,9 @@ def test_small_shard_tokens_split_into_several_files(tmp_path):
     sharded = prepare.prepare("text", inputs=[str(tmp_path / "corpus")], data_root=tmp_path / "many", shard_tokens=20)
 
     for split in ("train", "val"):
-        paths = prepare.shard_paths(sharded, split)
+        paths = data.shard_paths(sharded, split)
         assert len(paths) > 1
-        assert all(len(prepare.load_shard(path)) <= 20 for path in paths)
+        assert all(len(data.load_shard(path)) <= 20 for path in paths)
         np.testing.assert_array_equal(split_tokens(sharded, split), split_tokens(whole, split))
 
 
@@ -222,7 +223,7 @@ def test_split_lands_on_a_character_boundary(tmp_path):
     text = "a" + "é" * 10  # 21 bytes: byte 18, the 90% cut, is inside an é
     (tmp_path / "t.txt").write_text(text)
     data_dir = prepare.prepare("text", inputs=tmp_path / "t.txt", tokenizer="char", data_root=tmp_path)
-    tokenizer = prepare.get_tokenizer(prepare.read_meta(data_dir))
+    tokenizer = data.get_tokenizer(data.read_meta(data_dir))
     assert tokenizer.decode(split_tokens(data_dir, "train")) == "a" + "é" * 8
     assert tokenizer.decode(split_tokens(data_dir, "val")) == "é" * 2
 
@@ -233,14 +234,14 @@ def test_tiny_chunks_never_split_characters(tmp_path, monkeypatch):
     text = "ünïcödé without newlines 東京東京東京 " * 3 + "\nand lines\n" * 4
     (tmp_path / "t.txt").write_text(text)
     data_dir = prepare.prepare("text", inputs=[str(tmp_path / "t.txt")], tokenizer="char", data_root=tmp_path)
-    tokenizer = prepare.get_tokenizer(prepare.read_meta(data_dir))
+    tokenizer = data.get_tokenizer(data.read_meta(data_dir))
     assert tokenizer.decode(split_tokens(data_dir, "train")) + tokenizer.decode(split_tokens(data_dir, "val")) == text
 
 
 def test_python_stdlib_default(tmp_path):
     data_dir = prepare.prepare(data_root=tmp_path)
 
-    meta = prepare.read_meta(data_dir)
+    meta = data.read_meta(data_dir)
     assert data_dir == tmp_path / "python_stdlib"
     assert (meta["dataset"], meta["tokenizer"], meta["vocab_size"]) == ("python_stdlib", "byte", 257)
     documents = prepare._stdlib_files()
@@ -255,13 +256,13 @@ def test_python_stdlib_default(tmp_path):
 
 
 def test_byte_decode_skips_eot_padding_and_bad_utf8():
-    tokenizer = prepare.get_tokenizer({"tokenizer": "byte"})
+    tokenizer = data.get_tokenizer({"tokenizer": "byte"})
     ids = tokenizer.encode("hé") + [256, 300] + [0xFF] + tokenizer.encode("!")
     assert tokenizer.decode(ids) == "hé\ufffd!"
 
 
 def test_char_tokenizer_rejects_unknown_characters():
-    tokenizer = prepare.get_tokenizer({"tokenizer": "char", "chars": "\n abc"})
+    tokenizer = data.get_tokenizer({"tokenizer": "char", "chars": "\n abc"})
     assert tokenizer.decode(tokenizer.encode("cab a\n")) == "cab a\n"
     with pytest.raises(DataError, match="'xz'"):
         tokenizer.encode("abzx")
@@ -304,7 +305,7 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, arguments, message):
 
 def test_vocab_too_large_for_uint16(tmp_path, monkeypatch):
     huge = SimpleNamespace(name="o200k_base", n_vocab=200_019, eot_token=199_999)
-    monkeypatch.setattr(prepare.tiktoken, "get_encoding", lambda name: huge)
+    monkeypatch.setattr(data.tiktoken, "get_encoding", lambda name: huge)
     (tmp_path / "t.txt").write_text("some text\n" * 10)
     with pytest.raises(DataError, match="65,536"):
         prepare.prepare("text", inputs=[str(tmp_path / "t.txt")], tokenizer="o200k_base", data_root=tmp_path)
@@ -350,14 +351,14 @@ def test_inputs_inside_the_replaced_folder_are_refused(tmp_path):
 )
 def test_read_meta_on_a_missing_folder_names_the_command(tmp_path, name, command):
     with pytest.raises(DataError, match="run " + command.replace(".", r"\.")):
-        prepare.read_meta(tmp_path / name)
+        data.read_meta(tmp_path / name)
 
 
 def test_read_meta_returns_what_prepare_wrote(tmp_path):
     (tmp_path / "t.txt").write_text("hello world\n" * 5)
     data_dir = prepare.prepare("text", inputs=[str(tmp_path / "t.txt")], data_root=tmp_path)
-    assert prepare.read_meta(data_dir) == json.loads((data_dir / "meta.json").read_text())
-    assert prepare.read_meta(data_dir)["shard_format"] == "llm.c v1 uint16"
+    assert data.read_meta(data_dir) == json.loads((data_dir / "meta.json").read_text())
+    assert data.read_meta(data_dir)["shard_format"] == "llm.c v1 uint16"
 
 
 def test_help_lists_every_option():

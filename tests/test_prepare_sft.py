@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHARED, run_script
 
+import data
 import prepare
 
 EOT = 256  # the byte tokenizer's end-of-text
@@ -25,7 +26,7 @@ def prepare_sft(tmp_path, records, **options):
 
 
 def examples(data_dir, split):
-    tokens, mask, offsets = prepare.load_sft(data_dir, split)
+    tokens, mask, offsets = data.load_sft(data_dir, split)
     return [(tokens[a:b].tolist(), mask[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
 
 
@@ -34,12 +35,12 @@ def byte_ids(text):
 
 
 def test_prompt_completion_rendering_and_mask_by_hand(tmp_path):
-    data = prepare_sft(tmp_path, [{"prompt": "Hi\n", "completion": "yo"}, {"prompt": "A", "completion": "B"}],
+    folder = prepare_sft(tmp_path, [{"prompt": "Hi\n", "completion": "yo"}, {"prompt": "A", "completion": "B"}],
                        val_fraction=0.5)
-    (train,), (val,) = examples(data, "train"), examples(data, "val")
+    (train,), (val,) = examples(folder, "train"), examples(folder, "val")
     assert train == ([EOT, *byte_ids("Hi\n"), *byte_ids("yo"), EOT], [0, 0, 0, 0, 1, 1, 1])
     assert val == ([EOT, ord("A"), ord("B"), EOT], [0, 0, 1, 1])
-    meta = prepare.read_meta(data)
+    meta = data.read_meta(folder)
     assert meta["format"] == "sft" and meta["examples"] == {"train": 1, "val": 1}
     assert meta["tokens"] == {"train": 7, "val": 4} and meta["trained_tokens"] == {"train": 3, "val": 2}
     assert meta["max_example_tokens"] == 7 and meta["eot_id"] == EOT and meta["template"] == prepare.SFT_TEMPLATE
@@ -50,9 +51,9 @@ def test_chat_rendering_with_gpt2_tokens(tmp_path, monkeypatch):
     chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                          {"role": "assistant", "content": "4"}, {"role": "user", "content": "<|endoftext|>"},
                          {"role": "assistant", "content": "ok"}]}
-    data = prepare_sft(tmp_path, [chat, chat], tokenizer="gpt2", val_fraction=0.5)
-    tok = prepare.get_tokenizer(prepare.read_meta(data))
-    ids, mask = examples(data, "train")[0]
+    folder = prepare_sft(tmp_path, [chat, chat], tokenizer="gpt2", val_fraction=0.5)
+    tok = data.get_tokenizer(data.read_meta(folder))
+    ids, mask = examples(folder, "train")[0]
     eot = tok.eot_id
     assert tok.encoding.decode(ids) == ("<|endoftext|>System: Be brief.\n\nUser: 2+2?\n\nAssistant: 4<|endoftext|>"
                                         "User: <|endoftext|>\n\nAssistant: ok<|endoftext|>")
@@ -68,10 +69,10 @@ def test_long_and_untrainable_records_are_dropped_and_counted(tmp_path):
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
     empty_answer = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]}
     records = [fits, too_long, empty, no_answer, empty_answer, fits, fits]
-    data = prepare_sft(tmp_path, records, block_size=11, val_fraction=0.2)
-    meta = prepare.read_meta(data)
+    folder = prepare_sft(tmp_path, records, block_size=11, val_fraction=0.2)
+    meta = data.read_meta(folder)
     assert meta["dropped"] == {"too_long": 1, "nothing_to_train": 3}
-    kept = examples(data, "train") + examples(data, "val")
+    kept = examples(folder, "train") + examples(folder, "val")
     assert [len(ids) for ids, _ in kept] == [12, 12, 12] and meta["max_example_tokens"] == 12
 
 
@@ -79,9 +80,9 @@ def test_split_is_even_and_decided_before_dropping(tmp_path):
     assert prepare._val_records(10, 0.2).nonzero()[0].tolist() == [4, 9]
     assert prepare._val_records(3, 0.1).nonzero()[0].tolist() == [2]  # at least one
     records = [{"prompt": str(i), "completion": "x" if i != 4 else ""} for i in range(10)]
-    data = prepare_sft(tmp_path, records, val_fraction=0.2)
-    assert [bytes(ids[1:-2]).decode() for ids, _ in examples(data, "val")] == ["9"]  # record 4 was dropped
-    assert len(examples(data, "train")) == 8
+    folder = prepare_sft(tmp_path, records, val_fraction=0.2)
+    assert [bytes(ids[1:-2]).decode() for ids, _ in examples(folder, "val")] == ["9"]  # record 4 was dropped
+    assert len(examples(folder, "train")) == 8
 
 
 def test_meta_files_order_and_same_bytes_on_every_run(tmp_path):
@@ -89,14 +90,14 @@ def test_meta_files_order_and_same_bytes_on_every_run(tmp_path):
     write_records(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "1"}, "", {"prompt": "c", "completion": "3"}])
     inputs = [str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")]  # read by name: a, then b
     options = {"tokenizer": "byte", "data_root": tmp_path / "data", "name": "qa", "val_fraction": 0.3}
-    data = prepare.prepare("sft", inputs=inputs, **options)
-    first = {path.name: path.read_bytes() for path in data.iterdir()}
-    assert prepare.prepare("sft", inputs=inputs, **options) == data
-    assert {path.name: path.read_bytes() for path in data.iterdir()} == first
+    folder = prepare.prepare("sft", inputs=inputs, **options)
+    first = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert prepare.prepare("sft", inputs=inputs, **options) == folder
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == first
 
-    assert [bytes(ids[1:-1]).decode() for ids, _ in examples(data, "train")] == ["a1", "c3"]
-    assert [bytes(ids[1:-1]).decode() for ids, _ in examples(data, "val")] == ["b2"]  # record 2 of 3
-    meta = prepare.read_meta(data)
+    assert [bytes(ids[1:-1]).decode() for ids, _ in examples(folder, "train")] == ["a1", "c3"]
+    assert [bytes(ids[1:-1]).decode() for ids, _ in examples(folder, "val")] == ["b2"]  # record 2 of 3
+    meta = data.read_meta(folder)
     source = (tmp_path / "a.jsonl").read_bytes() + (tmp_path / "b.jsonl").read_bytes()
     assert meta["source_sha256"] == hashlib.sha256(source).hexdigest() and meta["source_bytes"] == len(source)
     assert {key: meta[key] for key in ("dataset", "tokenizer", "encoding", "vocab_size", "eot_id", "format",
@@ -120,24 +121,24 @@ def test_meta_files_order_and_same_bytes_on_every_run(tmp_path):
     ({"prompt": 3, "completion": "b"}, "records.jsonl:2: prompt must be a string"),
 ])
 def test_bad_records_name_file_and_line(tmp_path, line, message):
-    with pytest.raises(prepare.DataError, match=message.replace("(", r"\(")):
+    with pytest.raises(data.DataError, match=message.replace("(", r"\(")):
         prepare_sft(tmp_path, [{"prompt": "ok", "completion": "ok"}, line, {"prompt": "c", "completion": "d"}])
 
 
 def test_a_line_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "records.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n')
-    with pytest.raises(prepare.DataError, match="records.jsonl:2 is not UTF-8"):
+    with pytest.raises(data.DataError, match="records.jsonl:2 is not UTF-8"):
         prepare.prepare("sft", inputs=[str(tmp_path / "records.jsonl")], tokenizer="byte", data_root=tmp_path)
 
 
 def test_load_sft_refuses_damaged_folders(tmp_path):
-    data = prepare_sft(tmp_path, [{"prompt": "a", "completion": "b"}] * 4, name="chat")
-    np.save(data / "train_mask.npy", np.zeros(3, dtype=np.uint8))
-    with pytest.raises(prepare.DataError, match="disagree in length"):
-        prepare.load_sft(data, "train")
-    (data / "val_tokens.npy").unlink()
-    with pytest.raises(prepare.DataError, match="cannot be read.*python prepare.py sft --input ... --name chat"):
-        prepare.load_sft(data, "val")
+    folder = prepare_sft(tmp_path, [{"prompt": "a", "completion": "b"}] * 4, name="chat")
+    np.save(folder / "train_mask.npy", np.zeros(3, dtype=np.uint8))
+    with pytest.raises(data.DataError, match="disagree in length"):
+        data.load_sft(folder, "train")
+    (folder / "val_tokens.npy").unlink()
+    with pytest.raises(data.DataError, match="cannot be read.*python prepare.py sft --input ... --name chat"):
+        data.load_sft(folder, "val")
 
 
 def test_example_records_fit_128_tokens_and_the_cli_reports(tmp_path, monkeypatch):
@@ -145,7 +146,7 @@ def test_example_records_fit_128_tokens_and_the_cli_reports(tmp_path, monkeypatc
     result = run_script("prepare.py", ["sft", "--input", str(ROOT / "config" / "sft_example.jsonl"),
                                        "--block_size", "128", "--data_root", str(tmp_path)])
     assert "dropped 0 longer than block_size + 1 = 129 tokens and 0 with nothing to train" in result.stdout
-    meta = prepare.read_meta(tmp_path / "sft")
+    meta = data.read_meta(tmp_path / "sft")
     assert meta["examples"]["val"] == 48 and meta["tokenizer"] == "gpt2"
     bad = run_script("prepare.py", ["sft", "--input", str(write_records(tmp_path / "one.jsonl", ["{"])),
                                     "--data_root", str(tmp_path)], check=False)

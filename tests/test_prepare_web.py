@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tiktoken
 
+import data
 import prepare
-from prepare import DataError
+from data import DataError
 
 TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
 EOT = 50256
@@ -51,7 +52,7 @@ def expected_stream(documents, val_tokens):
 
 
 def split_tokens(data_dir, split):
-    return np.concatenate([prepare.load_shard(path) for path in prepare.shard_paths(data_dir, split)])
+    return np.concatenate([data.load_shard(path) for path in data.shard_paths(data_dir, split)])
 
 
 def shard_bytes(data_dir):
@@ -83,15 +84,15 @@ def test_jsonl_gives_val_then_train_shards(tmp_path, capsys):
     assert names[-1] == "val_000000.bin" and names[:-1] == [f"train_{i:06d}.bin" for i in range(len(names) - 1)]
     assert len(names) >= 5
     for name in names:
-        header = np.fromfile(data_dir / name, dtype="<i4", count=prepare.HEADER_INTS)
-        count = (data_dir / name).stat().st_size // 2 - prepare.HEADER_BYTES // 2
+        header = np.fromfile(data_dir / name, dtype="<i4", count=data.HEADER_INTS)
+        count = (data_dir / name).stat().st_size // 2 - data.HEADER_BYTES // 2
         assert header[:3].tolist() == [20240520, 1, count] and not header[3:].any()
         assert count == 1000 or name in (names[-2], names[-1])  # only the last train shard and val are partial
     assert split_tokens(data_dir, "val").tolist() == val
     assert split_tokens(data_dir, "train").tolist() == train
     assert gpt2().decode(train) == "".join("<|endoftext|>" + text for text in documents[val_documents:])
 
-    meta = prepare.read_meta(data_dir)
+    meta = data.read_meta(data_dir)
     assert (meta["dataset"], meta["tokenizer"], meta["encoding"], meta["vocab_size"], meta["eot_id"]) == (
         "fineweb10B", "gpt2", "r50k_base", 50257, EOT)
     assert meta["tokens"] == {"train": len(train), "val": 500}
@@ -108,7 +109,7 @@ def test_val_may_span_several_shards(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents)
     data_dir = prepare.prepare("openwebtext", inputs=[str(source)], data_root=tmp_path, val_tokens=2500,
                                shard_tokens=1000)
-    assert [len(prepare.load_shard(path)) for path in prepare.shard_paths(data_dir, "val")] == [1000, 1000, 500]
+    assert [len(data.load_shard(path)) for path in data.shard_paths(data_dir, "val")] == [1000, 1000, 500]
     val, train, _ = expected_stream(documents, 2500)
     assert split_tokens(data_dir, "val").tolist() == val
     assert split_tokens(data_dir, "train").tolist() == train
@@ -119,7 +120,7 @@ def test_max_docs_stops_early(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", documents)
     data_dir = prepare.prepare("fineweb_edu10B", inputs=[str(source)], data_root=tmp_path, val_tokens=300,
                                max_docs=40)
-    meta = prepare.read_meta(data_dir)
+    meta = data.read_meta(data_dir)
     assert sum(meta["documents"].values()) == 40
     assert split_tokens(data_dir, "train").tolist() == expected_stream(documents[:40], 300)[1]
 
@@ -135,7 +136,7 @@ def test_text_and_parquet_files_read_like_jsonl(tmp_path):
     texts = prepare.prepare("fineweb10B", inputs=[str(folder)], data_root=tmp_path / "texts_out", val_tokens=200,
                             shard_tokens=500)
     assert shard_bytes(texts) == shard_bytes(jsonl)
-    assert prepare.read_meta(texts)["source_sha256"] == prepare.read_meta(jsonl)["source_sha256"]
+    assert data.read_meta(texts)["source_sha256"] == data.read_meta(jsonl)["source_sha256"]
 
     pyarrow = pytest.importorskip("pyarrow")
     parquet = pytest.importorskip("pyarrow.parquet")
@@ -285,13 +286,13 @@ def test_meta_describes_llmc_shards(tmp_path, capsys):
     data_dir = tmp_path / "data" / "fineweb10B"
     data_dir.mkdir(parents=True)
     for name, count in [("fineweb_val_000000.bin", 7), ("fineweb_train_000001.bin", 5), ("fineweb_train_000002.bin", 4)]:
-        prepare.write_shard(data_dir / name, np.full(count, EOT, dtype=np.uint16))
+        data.write_shard(data_dir / name, np.full(count, EOT, dtype=np.uint16))
     with pytest.raises(DataError, match="holds shards but no meta.json.*python prepare.py meta --name fineweb10B"):
-        prepare.read_meta(data_dir)
+        data.read_meta(data_dir)
 
     prepare.main(["meta", "--name", "fineweb10B", "--data_root", str(tmp_path / "data")])
 
-    meta = prepare.read_meta(data_dir)
+    meta = data.read_meta(data_dir)
     assert meta == {"dataset": "fineweb10B", "tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257,
                     "eot_id": EOT, "tokens": {"train": 9, "val": 7}, "shard_format": "llm.c v1 uint16"}
     assert "9 train + 7 val gpt2 tokens" in capsys.readouterr().out
@@ -300,7 +301,7 @@ def test_meta_describes_llmc_shards(tmp_path, capsys):
 def test_meta_rejects_a_bad_shard_and_needs_a_name(tmp_path, capsys):
     data_dir = tmp_path / "fw"
     data_dir.mkdir()
-    prepare.write_shard(data_dir / "fineweb_val_000000.bin", np.zeros(3, dtype=np.uint16))
+    data.write_shard(data_dir / "fineweb_val_000000.bin", np.zeros(3, dtype=np.uint16))
     (data_dir / "fineweb_train_000001.bin").write_bytes(b"\0" * 100)
     assert "shorter than the 1024-byte header" in run_main(["meta", "--name", "fw", "--data_root", str(tmp_path)],
                                                            capsys)

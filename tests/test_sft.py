@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, SHARED, read_log, run_script
 
+import data
 import prepare
 from model import GPT, GPTConfig
 from train import Examples
@@ -32,7 +33,7 @@ def sft_dir(tmp_path):
 
 def test_rows_mask_prompts_and_padding(sft_dir):
     examples = Examples(sft_dir, "train", block_size=64, vocab_size=257)
-    ids, trained, offsets = prepare.load_sft(sft_dir, "train")
+    ids, trained, offsets = data.load_sft(sft_dir, "train")
     x, y = examples.rows([0, 1], packed=False)
     for row, example in enumerate([0, 1]):
         tokens = np.asarray(ids[offsets[example]:offsets[example + 1]], dtype=np.int64)
@@ -79,14 +80,14 @@ def test_an_example_longer_than_the_context_is_one_clear_line(sft_dir, tmp_path)
 def test_example_config_trains_with_falling_completion_loss(tmp_path, monkeypatch):
     """config/sft_example.py as documented, on random GPT-2-layout weights (no download) shrunk for CPU."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
-    data = tmp_path / "data"
+    data_root = tmp_path / "data"
     run_script("prepare.py", ["sft", "--input", str(ROOT / "config" / "sft_example.jsonl"), "--block_size", "128",
-                              "--data_root", str(data)])
+                              "--data_root", str(data_root)])
     torch.manual_seed(0)
     hf = tmp_path / "tiny-gpt2"
     GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)).save_pretrained(hf)
     out = tmp_path / "out"
-    run_script("train.py", ["config/sft_example.py", f"--init_from={hf}", f"--data_root={data}", f"--out_dir={out}",
+    run_script("train.py", ["config/sft_example.py", f"--init_from={hf}", f"--data_root={data_root}", f"--out_dir={out}",
                             "--learning_rate=3e-3", "--min_lr=3e-4", "--max_iters=60", "--lr_decay_iters=60",
                             "--warmup_iters=5", "--eval_interval=30", "--eval_iters=4", "--device=cpu",
                             "--dtype=float32", "--compile=false"])

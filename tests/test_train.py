@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import read_log, run_script, tiny_args
 
+import data
 import devices
 import train
 
@@ -20,7 +21,7 @@ def test_lr_schedule_values():
 
 
 def test_batches_are_deterministic_and_eval_batches_fixed(data_root):
-    windows = train.Windows(data_root / "shakespeare_char", "val", 32, 65)
+    windows = data.Windows(data_root / "shakespeare_char", "val", 32, 65)
     x1, y1 = windows.random_batch(seed=1, index=7, batch_size=4)
     x2, _ = windows.random_batch(seed=1, index=7, batch_size=4)
     x3, _ = windows.random_batch(seed=1, index=8, batch_size=4)
@@ -127,8 +128,8 @@ def test_bad_resume_is_one_clear_line(data_root, tmp_path, damage, message):
     if damage != "missing":
         run_script("train.py", tiny_args(data_root, out, max_iters=5, lr_decay_iters=5))
     if damage == "truncate":
-        data = (out / "last.pt").read_bytes()
-        (out / "last.pt").write_bytes(data[: len(data) // 2])
+        saved = (out / "last.pt").read_bytes()
+        (out / "last.pt").write_bytes(saved[: len(saved) // 2])
     n_layer = 3 if damage == "architecture" else 2
     result = run_script("train.py", tiny_args(data_root, out, init_from="resume", n_layer=n_layer), check=False)
     assert result.returncode == 2 and message in result.stderr

@@ -1,0 +1,377 @@
+"""The read side of the data: the shard format, meta.json, tokenizers, and the batch samplers that train.py
+draws from. `prepare.py` writes what this module reads; training, sampling, export and the benchmarks import
+this module alone, never the preparation pipeline.
+
+Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header of 256
+little-endian int32 -- magic 20240520, version 1, token count, then zeros -- followed by the tokens as
+uint16. A split is every `*{split}_NNNNNN.bin` of a dataset folder, in name order. Fine-tuning data
+(`prepare.py sft`) is instead `{split}_tokens.npy`, `{split}_mask.npy` and `{split}_offsets.npy`.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_VOCAB = 2**16  # token ids are stored as uint16
+MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as int32
+TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}  # same ranks; r50k's single cached file serves gpt2 offline
+NAMED_DATASETS = ("shakespeare_char", "fineweb10B", "fineweb_edu10B", "openwebtext")  # `python prepare.py <name>`
+
+
+class DataError(Exception):
+    """Bad input or data; the message is one sentence naming the problem and the fix."""
+
+
+# ---- shard files -------------------------------------------------------------------------------
+
+
+def write_shard(path, tokens) -> None:
+    """Write tokens as an llm.c v1 shard, atomically, so a reader never sees a half-written file."""
+    tokens = _as_uint16(tokens)
+    if len(tokens) > MAX_SHARD_TOKENS:
+        raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS:,} tokens, got {len(tokens):,}")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden, so shard globs skip it
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(memoryview(tokens))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _as_uint16(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.dtype != np.uint16 and tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
+        raise ValueError("token ids must fit uint16 (0..65535)")
+    return np.ascontiguousarray(tokens, dtype="<u2")
+
+
+def load_shard(path) -> np.memmap:
+    """Memory-map a shard's tokens read-only, after checking its header against the file size."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard {path} does not exist; run prepare.py to create it")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header; re-create it")
+    magic, version, count = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
+    if magic != MAGIC:
+        raise DataError(f"{path} has magic {magic}, not {MAGIC}, so it is not a token shard; re-create it")
+    if version != VERSION:
+        raise DataError(f"shard {path} is version {version}, but only {VERSION} is supported; re-create it")
+    expected = HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise DataError(
+            f"shard {path} is {size:,} bytes but its header promises {count:,} tokens ({expected:,} bytes),"
+            " so it is truncated or corrupt; re-create it"
+        )
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def shard_paths(data_dir, split: str) -> list[Path]:
+    """A split's shards in order; the glob also matches llm.c names like fineweb_train_000001.bin."""
+    paths = sorted(Path(data_dir).glob(f"*{split}_[0-9]*.bin"))
+    if not paths:
+        raise DataError(f"no {split} shards in {data_dir}; run `{prepare_command(data_dir)}` first")
+    return paths
+
+
+def read_meta(data_dir) -> dict:
+    """The meta.json that prepare wrote next to the shards."""
+    meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.is_file() and any(Path(data_dir).glob("*.bin")):
+        raise DataError(
+            f"{data_dir} holds shards but no meta.json; for shards from llm.c or modded-nanogpt run"
+            f" `{prepare_command(data_dir, f' meta --name {Path(data_dir).name}')}`,"
+            f" else re-create them with `{prepare_command(data_dir)}`"
+        )
+    if not meta_path.is_file():
+        raise DataError(f"no prepared data in {data_dir} (no meta.json); run `{prepare_command(data_dir)}` first")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_path} is not JSON ({e}); re-create it with `{prepare_command(data_dir)}`") from None
+
+
+def prepare_command(data_dir, arguments=None) -> str:
+    """The command line that (re)creates data_dir, or runs other arguments on it, for error messages."""
+    data_dir = Path(data_dir)
+    if arguments is None:
+        arguments = {"python_stdlib": "", **{name: f" {name}" for name in NAMED_DATASETS}}.get(
+            data_dir.name, f" text --input ... --name {data_dir.name}"
+        )
+        if data_dir.name == "sft" or (data_dir / "train_tokens.npy").exists():
+            arguments = f" sft --input ... --name {data_dir.name}"
+    if data_dir.parent.resolve() != Path("data").resolve():
+        arguments += f" --data_root {data_dir.parent}"
+    return "python prepare.py" + arguments
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """Text <-> token ids; decode drops ids that are not text (end-of-text, ids past the vocab)."""
+
+    vocab_size: int
+    eot_id: int | None = None
+    reads_text = True  # whether encode_chunks takes str chunks (else raw bytes)
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        """Tokenize a batch of chunks into uint16 arrays; prepare's fast path."""
+        raise NotImplementedError
+
+    def document_start(self) -> list[int]:
+        """Ids that open a new document, for unprompted sampling: end-of-text, else a newline."""
+        return [self.eot_id] if self.eot_id is not None else self.encode("\n")
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        is_text = (ids >= 0) & (ids < self.vocab_size)
+        if self.eot_id is not None:
+            is_text &= ids != self.eot_id
+        return self._decode_text_ids(ids[is_text])
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255 plus end-of-text 256: any text, nothing to learn or download."""
+
+    vocab_size = 257
+    eot_id = 256
+    reads_text = False
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        return [np.frombuffer(chunk, dtype=np.uint8).astype(np.uint16) for chunk in chunks]
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        return ids.astype(np.uint8).tobytes().decode(errors="replace")
+
+
+class CharTokenizer(Tokenizer):
+    """One id per distinct character of the source, in code point order (nanoGPT's shakespeare_char)."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._code_points = _code_points(chars)  # sorted, so searchsorted maps a character to its id
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text).tolist()
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        return [self._encode(chunk) for chunk in chunks]
+
+    def _encode(self, text: str) -> np.ndarray:
+        code_points = _code_points(text)
+        ids = np.minimum(np.searchsorted(self._code_points, code_points), self.vocab_size - 1)
+        unknown = self._code_points[ids] != code_points
+        if unknown.any():
+            missing = "".join(sorted({chr(c) for c in code_points[unknown]}))
+            raise DataError(f"characters {missing!r} are not in this char vocabulary; leave them out of the text")
+        return ids.astype(np.uint16)
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        return self._code_points[ids].tobytes().decode("utf-32-le")
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken BPE encoding; batches are tokenized on all cores."""
+
+    def __init__(self, encoding_name: str):
+        self.encoding = _load_tiktoken(encoding_name)
+        self.vocab_size = self.encoding.n_vocab
+        self.eot_id = self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        batch = self.encoding.encode_ordinary_batch(chunks, num_threads=os.cpu_count() or 1)
+        return [np.array(ids, dtype=np.uint16) for ids in batch]
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        return self.encoding.decode(ids.tolist())
+
+
+def _load_tiktoken(name: str):
+    if name not in tiktoken.list_encoding_names():
+        known = ", ".join(tiktoken.list_encoding_names())
+        raise DataError(f"unknown tokenizer {name!r}; use byte, char, gpt2 or a tiktoken encoding ({known})")
+    try:
+        return tiktoken.get_encoding(name)
+    except (OSError, ValueError) as e:  # a cache miss means a download: network errors, or a hash mismatch
+        raise DataError(
+            f"could not load tiktoken encoding {name!r} ({e}); set TIKTOKEN_CACHE_DIR to a folder that holds it"
+            " or allow the download"
+        ) from None
+
+
+def get_tokenizer(meta: dict) -> Tokenizer:
+    """Rebuild the tokenizer from meta.json alone."""
+    kind = meta["tokenizer"]
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    return TiktokenTokenizer(meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind))
+
+
+def is_gpt2_bpe(meta: dict) -> bool:
+    """Whether a dataset's tokens are GPT-2's BPE (whose weights read them), under either of its names."""
+    return meta.get("encoding") == TIKTOKEN_ALIASES["gpt2"]
+
+
+def tokenizer_meta(tokenizer: Tokenizer) -> dict:
+    meta = {
+        "encoding": tokenizer.encoding.name if isinstance(tokenizer, TiktokenTokenizer) else None,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+    }
+    if isinstance(tokenizer, CharTokenizer):
+        meta["chars"] = tokenizer.chars
+    return meta
+
+
+# ---- fine-tuning examples --------------------------------------------------------------------
+
+
+def load_sft(data_dir, split: str):
+    """(tokens, loss mask, offsets) of an sft split, memory-mapped; see the module docstring."""
+    data_dir = Path(data_dir)
+    try:
+        tokens, mask, offsets = (np.load(data_dir / f"{split}_{name}.npy", mmap_mode="r")
+                                 for name in ("tokens", "mask", "offsets"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"the {split} split of {data_dir} cannot be read ({e}); "
+                        f"run `{prepare_command(data_dir)}` again") from None
+    if len(mask) != len(tokens) or len(offsets) < 1 or offsets[-1] != len(tokens):
+        raise DataError(f"the {split} arrays of {data_dir} disagree in length, so they are damaged; "
+                        f"run `{prepare_command(data_dir)}` again")
+    return tokens, mask, offsets
+
+
+# ---- batch samplers ----------------------------------------------------------------------------
+
+
+class Windows:
+    """Windows of block_size + 1 tokens from one split's memmapped shards (x = first T, y = last T).
+
+    Shards are re-opened for every batch: a long-lived memmap of a large corpus keeps every page it
+    touched and grows the process's memory over a run.
+    """
+
+    def __init__(self, data_dir, split, block_size, vocab_size):
+        self.paths = shard_paths(data_dir, split)
+        self.block_size, self.vocab_size = block_size, vocab_size
+        lengths = np.array([len(load_shard(p)) for p in self.paths])
+        self.starts_per_shard = np.maximum(lengths - block_size, 0)
+        self.total_starts, self.tokens = int(self.starts_per_shard.sum()), int(lengths.sum())
+        self.rows_per_epoch = self.tokens / block_size
+        self.summary = f"{self.tokens:,} tokens"
+        if self.total_starts == 0:
+            raise DataError(f"the {split} split of {data_dir} has {self.tokens} tokens, too few for "
+                                    f"block_size {block_size}; lower --block_size or prepare more data")
+
+    def batch(self, starts):
+        """(x, y) int64 tensors for windows at these global start positions (over the shards in order)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        first_start = np.cumsum(self.starts_per_shard) - self.starts_per_shard
+        shard_of = np.searchsorted(first_start, starts, side="right") - 1
+        window = np.empty((len(starts), self.block_size + 1), dtype=np.int64)
+        columns = np.arange(self.block_size + 1)
+        for s in np.unique(shard_of):
+            rows = shard_of == s
+            tokens = load_shard(self.paths[s]).view(np.ndarray)  # plain view: memmap slicing is slow
+            window[rows] = tokens[(starts[rows] - first_start[s])[:, None] + columns]
+        window = torch.from_numpy(window)
+        if int(window.max()) >= self.vocab_size:
+            raise DataError(f"token id {int(window.max())} in the data is >= the model's vocab_size "
+                                    f"{self.vocab_size}; the shards do not match meta.json, prepare them again")
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+    def random_batch(self, seed, index, batch_size):
+        """Training micro-batch number `index`: random windows drawn from (seed, index) alone, so the
+        sampler's whole state is one integer and any process can produce any batch."""
+        rng = np.random.default_rng([seed, index])
+        return self.batch(rng.integers(0, self.total_starts, size=batch_size))
+
+    def fixed_batches(self, n_batches, batch_size):
+        """Evaluation batches: evenly spaced windows, the same at every evaluation and in every run."""
+        starts = np.linspace(0, self.total_starts - 1, n_batches * batch_size).astype(np.int64)
+        return [self.batch(chunk) for chunk in np.split(starts, n_batches)]
+
+
+class Examples:
+    """Fine-tuning examples from `prepare.py sft`: the same interface as Windows, but a row is one example,
+    its prompt's targets -100 (no loss, no gradient) and its padding too.
+
+    With `pack`, a training row is instead the block_size + 1 tokens that start at an example, examples
+    following each other in it (the last one cut off where the row ends): no padding, but attention
+    crosses from an example into the ones before it in the row. Evaluation is always one example per row.
+    """
+
+    def __init__(self, data_dir, split, block_size, vocab_size, pack=False):
+        self.ids, self.trained, self.offsets = load_sft(data_dir, split)
+        self.block_size, self.pack = block_size, pack
+        self.count, self.tokens = len(self.offsets) - 1, len(self.ids)
+        longest = int(np.diff(self.offsets).max(initial=0))
+        if self.count == 0:
+            raise DataError(f"the {split} split of {data_dir} holds no examples; prepare more records")
+        if longest > block_size + 1:
+            raise DataError(f"{data_dir} holds examples of up to {longest} tokens, more than block_size + 1 "
+                                    f"= {block_size + 1}; raise --block_size or prepare it with --block_size "
+                                    f"{block_size} (which drops longer examples)")
+        if int(self.ids.max()) >= vocab_size:
+            raise DataError(f"token id {int(self.ids.max())} in {data_dir} is >= the model's vocab_size "
+                                    f"{vocab_size}; the files do not match meta.json, prepare them again")
+        self.rows_per_epoch = self.tokens / block_size if pack else self.count
+        self.summary = f"{self.count:,} examples ({self.tokens:,} tokens, {int(self.trained.sum()):,} trained)"
+
+    def rows(self, examples, packed):
+        """(x, y) for these example numbers: y is x shifted by one, -100 where the target is not trained."""
+        x = np.zeros((len(examples), self.block_size), dtype=np.int64)
+        y = np.full((len(examples), self.block_size), -100, dtype=np.int64)
+        for row, example in enumerate(examples):
+            start = self.offsets[example]
+            end = start + self.block_size + 1 if packed else self.offsets[example + 1]
+            span = np.arange(start, end) % self.tokens  # a packed row runs on into the first examples
+            ids, trained = self.ids[span].astype(np.int64), self.trained[span[1:]].astype(bool)
+            x[row, :len(span) - 1] = ids[:-1]
+            y[row, :len(span) - 1] = np.where(trained, ids[1:], -100)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def random_batch(self, seed, index, batch_size):
+        rng = np.random.default_rng([seed, index])
+        return self.rows(rng.integers(0, self.count, size=batch_size), self.pack)
+
+    def fixed_batches(self, n_batches, batch_size):
+        examples = np.linspace(0, self.count - 1, n_batches * batch_size).astype(np.int64)
+        return [self.rows(chunk, packed=False) for chunk in np.split(examples, n_batches)]
