@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 import data
+import preparation.common
+import preparation.files
+import preparation.sft
 import prepare
 from data import DataError
 
@@ -125,7 +128,7 @@ def test_shakespeare_char_uses_and_keeps_the_cached_download(tmp_path, monkeypat
     def no_network(*args, **kwargs):
         raise AssertionError("the cached input.txt should have been used")
 
-    monkeypatch.setattr(prepare.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(preparation.files.urllib.request, "urlopen", no_network)
     for _ in range(2):  # the second run replaces the folder that holds the cache
         data_dir = prepare.prepare("shakespeare_char", data_root=tmp_path)
         assert cache.read_bytes() == SHAKESPEARE.read_bytes()[:20_000]
@@ -136,7 +139,7 @@ def test_shakespeare_char_download_failure_suggests_input(tmp_path, monkeypatch)
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(prepare.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(preparation.files.urllib.request, "urlopen", offline)
     with pytest.raises(DataError, match="--input PATH"):
         prepare.prepare("shakespeare_char", data_root=tmp_path)
     assert not (tmp_path / "shakespeare_char" / "input.txt").exists()
@@ -229,8 +232,8 @@ def test_split_lands_on_a_character_boundary(tmp_path):
 
 
 def test_tiny_chunks_never_split_characters(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 5)
-    monkeypatch.setattr(prepare, "BATCH_BYTES", 11)
+    monkeypatch.setattr(preparation.files, "CHUNK_BYTES", 5)
+    monkeypatch.setattr(preparation.files, "BATCH_BYTES", 11)
     text = "ünïcödé without newlines 東京東京東京 " * 3 + "\nand lines\n" * 4
     (tmp_path / "t.txt").write_text(text)
     data_dir = prepare.prepare("text", inputs=[str(tmp_path / "t.txt")], tokenizer="char", data_root=tmp_path)
@@ -244,8 +247,8 @@ def test_python_stdlib_default(tmp_path):
     meta = data.read_meta(data_dir)
     assert data_dir == tmp_path / "python_stdlib"
     assert (meta["dataset"], meta["tokenizer"], meta["vocab_size"]) == ("python_stdlib", "byte", 257)
-    documents = prepare._stdlib_files()
-    assert all(prepare.STDLIB_SKIPPED_FOLDERS.isdisjoint(Path(key).parts) for key in documents.values())
+    documents = preparation.files.stdlib_files()
+    assert all(preparation.files.STDLIB_SKIPPED_FOLDERS.isdisjoint(Path(key).parts) for key in documents.values())
     nonempty = sum(path.stat().st_size > 0 for path in documents)  # empty files get no eot
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == meta["source_bytes"] + nonempty
     assert meta["source_bytes"] > 1_000_000
@@ -321,7 +324,7 @@ def test_failed_prepare_leaves_existing_data_untouched(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     source.write_text("second version\n" * 50)
-    monkeypatch.setattr(prepare, "write_shard", disk_full)
+    monkeypatch.setattr(preparation.common, "write_shard", disk_full)
     with pytest.raises(OSError, match="disk full"):
         prepare.prepare("text", inputs=[str(source)], data_root=tmp_path / "data", name="t")
     assert folder_bytes(data_dir) == before

@@ -9,6 +9,8 @@ import pytest
 from conftest import ROOT, SHARED, run_script
 
 import data
+import preparation.files
+import preparation.sft
 import prepare
 
 EOT = 256  # the byte tokenizer's end-of-text
@@ -43,7 +45,7 @@ def test_prompt_completion_rendering_and_mask_by_hand(tmp_path):
     meta = data.read_meta(folder)
     assert meta["format"] == "sft" and meta["examples"] == {"train": 1, "val": 1}
     assert meta["tokens"] == {"train": 7, "val": 4} and meta["trained_tokens"] == {"train": 3, "val": 2}
-    assert meta["max_example_tokens"] == 7 and meta["eot_id"] == EOT and meta["template"] == prepare.SFT_TEMPLATE
+    assert meta["max_example_tokens"] == 7 and meta["eot_id"] == EOT and meta["template"] == preparation.sft.SFT_TEMPLATE
 
 
 def test_chat_rendering_with_gpt2_tokens(tmp_path, monkeypatch):
@@ -77,8 +79,8 @@ def test_long_and_untrainable_records_are_dropped_and_counted(tmp_path):
 
 
 def test_split_is_even_and_decided_before_dropping(tmp_path):
-    assert prepare._val_records(10, 0.2).nonzero()[0].tolist() == [4, 9]
-    assert prepare._val_records(3, 0.1).nonzero()[0].tolist() == [2]  # at least one
+    assert preparation.sft.val_records(10, 0.2).nonzero()[0].tolist() == [4, 9]
+    assert preparation.sft.val_records(3, 0.1).nonzero()[0].tolist() == [2]  # at least one
     records = [{"prompt": str(i), "completion": "x" if i != 4 else ""} for i in range(10)]
     folder = prepare_sft(tmp_path, records, val_fraction=0.2)
     assert [bytes(ids[1:-2]).decode() for ids, _ in examples(folder, "val")] == ["9"]  # record 4 was dropped

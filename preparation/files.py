@@ -1,0 +1,217 @@
+"""File datasets (python_stdlib, shakespeare_char, text): documents in a fixed pseudo-random order, split by
+bytes into train and val (the rule is in prepare.py's docstring), tokenized a batch of chunks at a time."""
+
+import hashlib
+import http.client
+import os
+import shutil
+import sysconfig
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from data import DataError, Tokenizer
+from preparation.common import (
+    BATCH_BYTES,
+    CHUNK_BYTES,
+    DOWNLOAD_CACHE,
+    ShardWriter,
+    build_tokenizer,
+    check_inputs_survive,
+    dataset_meta,
+    files_under,
+    input_files,
+    new_folder,
+    write_meta,
+)
+
+STDLIB_SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
+
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def _source_documents(dataset: str, inputs, data_root) -> list[Path]:
+    """The dataset's files in split order: by sha256 of the path relative to their input root."""
+    if dataset == "python_stdlib":
+        if inputs:
+            raise DataError("python_stdlib reads Python's own standard library, so drop --input or use `text`")
+        files = stdlib_files()
+    elif inputs:
+        files = input_files(inputs)
+    elif dataset == "shakespeare_char":
+        files = {_shakespeare_file(data_root).resolve(): DOWNLOAD_CACHE}
+    else:
+        raise DataError("the text dataset needs input: pass --input with files, folders or glob patterns")
+    return sorted(files, key=lambda path: (hashlib.sha256(files[path].encode()).hexdigest(), path))
+
+
+def stdlib_files() -> dict[Path, str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return files_under(root, lambda folder: folder not in STDLIB_SKIPPED_FOLDERS, lambda name: name.endswith(".py"))
+
+
+def _shakespeare_file(data_root) -> Path:
+    path = Path(data_root) / "shakespeare_char" / DOWNLOAD_CACHE
+    if not path.is_file():
+        _download(SHAKESPEARE_URL, path)
+    return path
+
+
+def _download(url: str, path: Path) -> None:
+    print(f"downloading {url} to {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download tiny shakespeare ({e}); pass --input PATH to a local copy") from None
+
+
+def _plan_splits(documents: list[Path], val_fraction: float) -> tuple[int, dict[str, list[tuple]]]:
+    """Source size and, per split, its (path, start, end, ends_document) byte segments."""
+    sizes = [path.stat().st_size for path in documents]
+    total = sum(sizes)
+    if total == 0:
+        raise DataError("the input text is empty (0 bytes); pass files that contain text")
+    cut = _character_start(documents, sizes, int(total * (1 - val_fraction)))
+    if not 0 < cut < total:
+        raise DataError(
+            f"the source ({total:,} bytes) is too small to give both train and val text at --val_fraction"
+            f" {val_fraction}; use more text or another --val_fraction"
+        )
+    return total, {"train": _segments(documents, sizes, 0, cut), "val": _segments(documents, sizes, cut, total)}
+
+
+def _character_start(documents: list[Path], sizes: list[int], cut: int) -> int:
+    """Move a source byte offset back to the start of the UTF-8 character it falls in."""
+    offset = 0
+    for path, size in zip(documents, sizes):
+        if offset < cut < offset + size:
+            inside = cut - offset
+            lookback = min(inside, 3)  # a UTF-8 character has at most 3 continuation bytes
+            with open(path, "rb") as f:
+                f.seek(inside - lookback)
+                window = f.read(lookback + 1)
+            back = 0
+            while back < lookback and window[-1 - back] & 0xC0 == 0x80:
+                back += 1
+            return cut - back
+        offset += size
+    return cut
+
+
+def _segments(documents: list[Path], sizes: list[int], low: int, high: int) -> list[tuple]:
+    """The parts of the documents inside source bytes [low, high), with whether each document ends there."""
+    segments = []
+    offset = 0
+    for path, size in zip(documents, sizes):
+        start, end = max(low, offset), min(high, offset + size)
+        if start < end:
+            segments.append((path, start - offset, end - offset, offset + size <= high))
+        offset += size
+    return segments
+
+
+def _read_chunks(path: Path, start: int, end: int):
+    """Yield path's bytes [start, end) in pieces of about CHUNK_BYTES, cut so no line (for BPE) or
+    character (for decoding) is split, except at `end` itself."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        carry = b""
+        while left:
+            block = f.read(min(CHUNK_BYTES, left))
+            if not block:
+                raise DataError(f"{path} got shorter while being read; rerun prepare once nothing writes to it")
+            left -= len(block)
+            data = carry + block
+            cut = _chunk_end(data) if left else len(data)
+            carry = data[cut:]
+            if cut:
+                yield data[:cut]
+
+
+def _chunk_end(data: bytes) -> int:
+    """After the last newline, else before the last character (it may be incomplete)."""
+    newline = data.rfind(b"\n")
+    if newline >= 0:
+        return newline + 1
+    for i in range(len(data) - 1, max(len(data) - 5, -1), -1):
+        if data[i] & 0xC0 != 0x80:
+            return i
+    return len(data)
+
+
+def _as_text(chunk: bytes, path: Path) -> str:
+    try:
+        return chunk.decode()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 ({e.reason}); leave it out of --input or use --tokenizer byte") from None
+
+
+def source_chars(documents: list[Path]) -> str:
+    """The char tokenizer's vocabulary: every distinct character of the source (one extra read)."""
+    chars = set()
+    for path in documents:
+        for chunk in _read_chunks(path, 0, path.stat().st_size):
+            chars.update(_as_text(chunk, path))
+    return "".join(sorted(chars))
+
+
+def _split_tokens(segments: list[tuple], tokenizer: Tokenizer, source_hash):
+    """Token arrays of one split in source order, with end-of-text after each document ending in it."""
+    eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=np.uint16)
+    batch, batch_bytes = [], 0  # chunks, and the eot array where a document ends
+    for path, start, end, ends_document in segments:
+        for chunk in _read_chunks(path, start, end):
+            source_hash.update(chunk)
+            batch.append(_as_text(chunk, path) if tokenizer.reads_text else chunk)
+            batch_bytes += len(chunk)
+            if batch_bytes >= BATCH_BYTES:
+                yield from _encode_batch(batch, tokenizer)
+                batch, batch_bytes = [], 0
+        if ends_document and eot is not None:
+            batch.append(eot)
+    yield from _encode_batch(batch, tokenizer)
+
+
+def _encode_batch(batch: list, tokenizer: Tokenizer):
+    """Tokenize a batch's chunks in one call; the eot arrays between them pass through in place."""
+    encoded = iter(tokenizer.encode_chunks([item for item in batch if not isinstance(item, np.ndarray)]))
+    for item in batch:
+        yield item if isinstance(item, np.ndarray) else next(encoded)
+
+
+def _write_splits(folder: Path, splits: dict, tokenizer: Tokenizer, shard_tokens: int, started: float):
+    """Shards for every split; returns the token counts and the sha256 of the source read on the way."""
+    source_hash = hashlib.sha256()
+    tokens = {}
+    for split, segments in splits.items():
+        writer = ShardWriter(folder, split, shard_tokens, started)
+        for array in _split_tokens(segments, tokenizer, source_hash):
+            writer.add(array)
+        writer.flush()
+        tokens[split] = writer.tokens
+    return tokens, source_hash.hexdigest()
+
+
+def prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, shard_tokens, started) -> dict:
+    documents = _source_documents(dataset, inputs, data_root)
+    check_inputs_survive(documents, out_dir)
+    source_bytes, splits = _plan_splits(documents, val_fraction)
+    tok = build_tokenizer(tokenizer_name, source_chars(documents) if tokenizer_name == "char" else None)
+    print(
+        f"{dataset}: {source_bytes:,} bytes in {len(documents):,} file(s),"
+        f" tokenizer {tokenizer_name} (vocab {tok.vocab_size:,})"
+    )
+    with new_folder(out_dir) as folder:
+        tokens, source_sha256 = _write_splits(folder, splits, tok, shard_tokens, started)
+        meta = dataset_meta(dataset, tokenizer_name, tok, tokens=tokens, source_bytes=source_bytes,
+                     source_sha256=source_sha256, val_fraction=val_fraction)
+        write_meta(folder, meta)
+    return meta

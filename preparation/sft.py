@@ -1,0 +1,157 @@
+"""Fine-tuning records (sft): JSON Lines of prompt/completion or chat messages, rendered by the template in
+prepare.py's docstring into token ids plus a loss mask, split by record, saved as .npy arrays."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data import DataError, Tokenizer
+from preparation.common import (
+    check_inputs_survive,
+    dataset_meta,
+    input_files,
+    new_folder,
+    tokenizer_without_source,
+    write_meta,
+)
+
+DEFAULT_SFT_BLOCK_SIZE = 1024  # GPT-2's context
+
+
+SFT_TEMPLATE = "sft v1"  # the rendering in the module docstring
+
+
+SFT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+
+
+def _sft_records(files: list[Path]):
+    """(where, record) for every non-blank line of the JSON Lines files, where = "file:line"."""
+    for path in files:
+        with open(path, "rb") as f:  # bytes, decoded per line, so a line that is not UTF-8 can be named
+            for number, line in enumerate(f, 1):
+                where = f"{path}:{number}"
+                try:
+                    text = line.decode("utf-8-sig")  # -sig: a byte order mark (some editors write one) is skipped
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where} is not UTF-8 ({e.reason}); save the file as UTF-8") from None
+                if text.strip():
+                    try:
+                        yield where, json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{where} is not a JSON object ({e.msg}); write one record per line") from None
+
+
+def _render(record, tokenizer: Tokenizer, where: str):
+    """(token ids, loss mask) of one record by the template in the module docstring; None if nothing trains."""
+    if not isinstance(record, dict) or ("messages" in record) == ("prompt" in record or "completion" in record):
+        raise DataError(f"{where} needs either prompt and completion or messages (not both); see prepare.py's doc")
+    ids, mask, answers = list(tokenizer.document_start()), [0], []
+
+    def add(text, trained):
+        new = tokenizer.encode(text)
+        ids.extend(new)
+        mask.extend([trained] * len(new))
+
+    def answer(text):
+        add(text, 1)
+        ids.append(tokenizer.eot_id)
+        mask.append(1)
+        answers.append(text)
+
+    if "messages" in record:
+        turns = record["messages"]
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: messages must be a list of {{role, content}} objects")
+        for turn in turns:
+            role = turn.get("role") if isinstance(turn, dict) else None
+            if role not in SFT_HEADERS:
+                raise DataError(f"{where}: unknown role {role!r}; use system, user or assistant")
+            content = _record_text(turn.get("content"), where, f"{role} content")
+            if role == "assistant":
+                add(SFT_HEADERS[role], 0)
+                answer(content)
+            else:
+                add(f"{SFT_HEADERS[role]}{content}\n\n", 0)
+    else:
+        if "prompt" not in record or "completion" not in record:
+            raise DataError(f"{where} needs both prompt and completion")
+        add(_record_text(record["prompt"], where, "prompt"), 0)
+        answer(_record_text(record["completion"], where, "completion"))
+    return (ids, mask) if any(answers) else None  # an empty answer would train only its end token
+
+
+def _record_text(value, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {what} must be a string, not {type(value).__name__}")
+    try:
+        value.encode()  # a JSON escape like "\ud800" gives a lone surrogate, which is not text
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: {what} holds a lone surrogate (an escape like \\ud800); fix that escape") from None
+    return value
+
+
+def val_records(n: int, val_fraction: float) -> np.ndarray:
+    """Which of n records are val: v = max(1, round(val_fraction * n)) of them, spread evenly."""
+    v = max(1, round(val_fraction * n))
+    i = np.arange(n)
+    return (i + 1) * v // n > i * v // n
+
+
+def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, val_fraction: float, block_size: int) -> dict:
+    files = input_files(inputs or [])
+    files = sorted(files, key=lambda path: (files[path], path))
+    if not files:
+        raise DataError("sft needs --input: JSON Lines files of prompt/completion or messages records")
+    check_inputs_survive(files, out_dir)
+    tok = tokenizer_without_source(tokenizer_name)
+    if tok.eot_id is None:
+        raise DataError(f"tokenizer {tokenizer_name} has no end-of-text token to end completions; use gpt2 or byte")
+    records = list(_sft_records(files))
+    if len(records) < 2:
+        raise DataError(f"{len(records)} record(s) in the input; sft needs at least 2 (one train, one val)")
+    is_val = val_records(len(records), val_fraction)
+    if is_val.all():
+        raise DataError(f"--val_fraction {val_fraction} leaves no train record of {len(records)}; lower it")
+    kept = {"train": [], "val": []}
+    dropped = {"nothing_to_train": 0, "too_long": 0}
+    for (where, record), val in zip(records, is_val):
+        example = _render(record, tok, where)
+        if example is None:
+            dropped["nothing_to_train"] += 1
+        elif len(example[0]) > block_size + 1:
+            dropped["too_long"] += 1
+        else:
+            kept["val" if val else "train"].append(example)
+    for split, examples in kept.items():
+        if not examples:
+            raise DataError(f"no {split} example is left after dropping {dropped}; add records or raise --block_size")
+    with new_folder(out_dir) as folder:
+        counts = {split: _write_sft_split(folder, split, examples) for split, examples in kept.items()}
+        source_hash = hashlib.sha256()
+        for path in files:
+            source_hash.update(path.read_bytes())
+        meta = dataset_meta("sft", tokenizer_name, tok, format="sft", template=SFT_TEMPLATE, block_size=block_size,
+                     examples={split: c[0] for split, c in counts.items()},
+                     tokens={split: c[1] for split, c in counts.items()},
+                     trained_tokens={split: c[2] for split, c in counts.items()},
+                     max_example_tokens=max(len(ids) for examples in kept.values() for ids, _ in examples),
+                     dropped=dropped, source_bytes=sum(path.stat().st_size for path in files),
+                     source_sha256=source_hash.hexdigest(), val_fraction=val_fraction)
+        meta["shard_format"] = "sft npy v1"
+        write_meta(folder, meta)
+    print(f"sft: {len(records):,} records -> {counts['train'][0]:,} train + {counts['val'][0]:,} val examples; "
+          f"dropped {dropped['too_long']:,} longer than block_size + 1 = {block_size + 1} tokens and "
+          f"{dropped['nothing_to_train']:,} with nothing to train")
+    return meta
+
+
+def _write_sft_split(folder: Path, split: str, examples: list) -> tuple[int, int, int]:
+    """Write a split's three arrays; (examples, tokens, trained tokens)."""
+    ids = np.concatenate([np.asarray(ids, dtype=np.uint16) for ids, _ in examples])
+    mask = np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in examples])
+    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in examples])]).astype(np.int64)
+    for name, array in (("tokens", ids), ("mask", mask), ("offsets", offsets)):
+        np.save(folder / f"{split}_{name}.npy", array)
+    return len(examples), len(ids), int(mask.sum())
