@@ -1,11 +1,17 @@
-"""The Hugging Face GPT-2 layout: hub lookup, config.json <-> GPTConfig fields, tensor names and shapes, and
-a safetensors reader and writer. model.GPT.from_pretrained / save_pretrained are the way in and out.
+"""The file formats of Hugging Face: a GPT-2 folder (hub lookup, config.json <-> GPTConfig fields, tensor names
+and shapes) and PEFT's LoRA adapters, with a safetensors reader and writer.
+
+Reading order: the GPT-2 layout's pieces, then load_gpt2 / save_gpt2 that put them together, then
+save_adapters / load_adapters (PEFT), then safetensors. model.GPT's from_pretrained, save_pretrained,
+save_adapters and with_adapters call these; the functions take the GPT (class or model) they work on, and
+import the little they need from model.py on use, since model.py imports this module.
 """
 
 import json
 import os
 import pickle
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -139,6 +145,83 @@ def state_to_hf(ours, reference, vocab_size):
             tensors[name] = hf_layout(name, tensor).contiguous()
     return tensors
 
+
+# ---- a GPT-2 folder in and out ----
+
+def load_gpt2(gpt_class, name_or_dir, dropout=None):
+    """A `gpt_class` model holding a Hugging Face GPT-2's weights: GPT.from_pretrained (which says more)."""
+    from model import GPTConfig
+
+    folder = hf_folder(name_or_dir)
+    model = gpt_class(GPTConfig(**config_from_hf(read_hf_config(folder), dropout or 0.0)))
+    model.load_state_dict(state_from_hf(read_hf_tensors(folder), model.state_dict(), folder))
+    return model
+
+
+def save_gpt2(gpt, folder, vocab_size=None, eot_id=None):
+    """Write `gpt` as a Hugging Face GPT-2 folder: GPT.save_pretrained (which says more)."""
+    from model import architecture_options
+
+    if gpt.config.lora_rank > 0:
+        gpt = gpt.merge_lora()  # the layout has no place for adapters
+    options = {key: value for key, value in architecture_options().items() if getattr(gpt.config, key) != value}
+    if options:
+        raise WeightsError(f"this model uses {options}, which the GPT-2 layout cannot hold; only models with "
+                           "GPT-2's architecture options export")
+    vocab_size = vocab_size or gpt.config.vocab_size
+    assert vocab_size <= gpt.config.vocab_size, f"cannot crop vocab {gpt.config.vocab_size} to {vocab_size}"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = config_to_hf(replace(gpt.config, vocab_size=vocab_size), eot_id)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    with torch.device("meta"):  # a GPT-2 shaped reference: every name and shape, no memory
+        reference = type(gpt)(replace(gpt.config, bias=True, vocab_size=vocab_size)).state_dict()
+    write_safetensors(folder / "model.safetensors", state_to_hf(gpt.state_dict(), reference, vocab_size))
+
+
+# ---- PEFT's LoRA adapters ----
+
+PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora_targets -> module names
+
+
+def save_adapters(gpt, folder, base_model):
+    """Write `gpt`'s LoRA adapters alone in PEFT's layout: GPT.save_adapters (which says more)."""
+    cfg = gpt.config
+    modules = [f"{part}.{name}" for part, names in PEFT_TARGETS.items() if part in cfg.lora_targets.split(",")
+               for name in names]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+              "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+              "target_modules": modules, "fan_in_fan_out": True, "bias": "none", "inference_mode": True}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {f"base_model.model.{name}.weight": t.detach().float().cpu().contiguous()
+               for name, t in gpt.adapter_state().items()}
+    write_safetensors(folder / "adapter_model.safetensors", tensors)
+
+
+def load_adapters(gpt, folder):
+    """A LoRA model of `gpt`'s class: `gpt`'s weights plus the adapters save_adapters wrote to `folder`."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = read_safetensors(folder / "adapter_model.safetensors")
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{folder} holds no readable LoRA adapters ({e}); write them with "
+                           "`python export.py CKPT FOLDER --adapters_only`") from None
+    parts = sorted({module.split(".")[0] for module in config["target_modules"]})
+    model = type(gpt)(replace(gpt.config, lora_rank=config["r"], lora_alpha=config["lora_alpha"],
+                              lora_targets=",".join(parts)))
+    adapters = {name.removeprefix("base_model.model.").removesuffix(".weight"): t for name, t in tensors.items()}
+    expected = model.adapter_state()
+    if adapters.keys() != expected.keys() or any(adapters[k].shape != t.shape for k, t in expected.items()):
+        raise WeightsError(f"the adapters in {folder} do not fit this model's layers; they were trained on "
+                           "other base weights")
+    model.load_state_dict({**gpt.state_dict(), **adapters})
+    return model.to(gpt.lm_head.weight.device)
+
+
+# ---- safetensors ----
 
 def read_safetensors(path):
     """name -> tensor from a .safetensors file: an 8-byte little-endian header length, a JSON header (name ->

@@ -1,61 +1,84 @@
 """A GPT language model: the GPT-2 architecture and its options, LoRA adapters, a KV-cache generator, and
 GPT-2 FLOP counting.
 
-Reading order: GPTConfig, the blocks (attention, MLP), GPT (init, forward, counting, optimizer groups,
-generation, LoRA, Hugging Face interop), then sampling. The Hugging Face file layout is in hf.py, the Muon
-optimizer in muon.py. The model never knows about training; train.py owns the loop.
+Reading order: GPTConfig (the one list of the architecture options, their allowed values and GPT-2 defaults)
+and the functions that read it, the blocks (KV cache, LoRA layer, attention, MLP), GPT (init, forward,
+counting, optimizer groups, generation, LoRA, then the Hugging Face and PEFT files, whose layout hf.py holds),
+then sampling. The Muon optimizer is in muon.py. The model never knows about training; train.py owns the loop.
 """
 
 import inspect
-import json
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
+from typing import Annotated, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf import (
-    WeightsError,
-    config_from_hf,
-    config_to_hf,
-    hf_folder,
-    read_hf_config,
-    read_hf_tensors,
-    read_safetensors,
-    state_from_hf,
-    state_to_hf,
-    write_safetensors,
-)
+import hf
+from hf import WeightsError  # noqa: F401 -- callers catch model.WeightsError
 from muon import Muon
+
+Value = TypeVar("Value")
+Option = Annotated[Value, "architecture option"]  # GPTConfig's architecture options are its fields typed Option[...]
 
 
 @dataclass
 class GPTConfig:
+    """The model's shape and options, one field each as `name: type = default  # meaning`: configurator.py reads
+    these lines, so each field can be a key of train.py, with this meaning where train.py declares no key of
+    its own. The architecture options are the fields typed Option[...]; their defaults are GPT-2's, and a
+    string option's Literal type lists its allowed values. A new option is a field here and the code using it."""
+
+    # the string options' types, named so that each field, default and meaning fit on one line
+    Positions = Option[Literal["learned", "rope"]]
+    Norms = Option[Literal["layernorm", "rmsnorm"]]
+    MLPs = Option[Literal["gelu", "relu2", "swiglu"]]
+
     block_size: int = 1024  # longest context the position embedding covers
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # dropout on attention, residual branches and embeddings
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
-    # architecture options; the defaults are GPT-2's (bench/RESULTS.md has each option's measured effect)
-    pos_embedding: str = "learned"  # learned: a position table (GPT-2); rope: rotary embeddings of q and k
-    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm
-    mlp: str = "gelu"  # gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, 8/3 as wide for the same parameters)
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
-    tie_embeddings: bool = True  # the LM head shares the token embedding's matrix (GPT-2)
+    # architecture options (bench/RESULTS.md has each option's measured effect)
+    pos_embedding: Positions = "learned"  # learned (a position table, GPT-2) or rope (rotary embeddings)
+    norm: Norms = "layernorm"  # layernorm (GPT-2) or rmsnorm
+    mlp: MLPs = "gelu"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
+    qk_norm: Option[bool] = False  # RMS-normalise each head's queries and keys before attention
+    tie_embeddings: Option[bool] = True  # the LM head shares the token embedding's matrix (GPT-2)
+    # fine-tuning
     lora_rank: int = 0  # > 0: the targeted projections get trained low-rank adapters and every other weight is frozen
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = "attn,mlp"  # which blocks' projections get adapters: attn, mlp or both
 
+    def __post_init__(self):
+        check_options(vars(self))
 
-ARCHITECTURE_OPTIONS = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
-                        "mlp": ("gelu", "relu2", "swiglu")}
-GPT2_ARCHITECTURE = {"pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
-                     "tie_embeddings": True}
+
+def architecture_options():
+    """{option: GPT-2 default} for each architecture option (a GPTConfig field typed Option[...]), in field order."""
+    hints = get_type_hints(GPTConfig, include_extras=True)
+    return {f.name: f.default for f in fields(GPTConfig)
+            if getattr(hints[f.name], "__metadata__", ()) == Option.__metadata__}
+
+
+def option_choices():
+    """{field: allowed values} for each GPTConfig field typed Literal[...], in field order."""
+    return {name: get_args(hint) for name, hint in get_type_hints(GPTConfig).items() if get_origin(hint) is Literal}
+
+
+def check_options(values):
+    """ValueError for the first field in `values` (name -> value) whose value its Literal type does not allow."""
+    for option, allowed in option_choices().items():
+        if option in values and values[option] not in allowed:
+            raise ValueError(f"{option} must be one of {', '.join(allowed)}, got {values[option]!r}")
+
+
+ARCHITECTURE_OPTIONS = option_choices()  # train.py's import until it calls check_options
 
 
 class KVCache:
@@ -123,7 +146,8 @@ def rotary_tables(config):
 
 
 def rotate(x, cos, sin):
-    """Rotary embedding of (B, heads, T, head_dim) queries or keys: each pair of halves turns by its position's angle."""
+    """Rotary embedding of (B, heads, T, head_dim) queries or keys: each pair of halves turns by its position's
+    angle."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -208,8 +232,6 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        for option, allowed in ARCHITECTURE_OPTIONS.items():
-            assert getattr(config, option) in allowed, f"{option} must be one of {allowed}"
         learned_positions = config.pos_embedding == "learned"
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
@@ -246,7 +268,8 @@ class GPT(nn.Module):
         """Logits and mean cross-entropy over targets != -100; without targets, only the last position's logits."""
         T = idx.size(1)
         start = kv_cache.pos if kv_cache is not None else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size {self.config.block_size}"
+        block_size = self.config.block_size
+        assert start + T <= block_size, f"sequence of {start + T} exceeds block_size {block_size}"
         x = self.transformer.wte(idx)
         rotary = None
         if self.config.pos_embedding == "learned":
@@ -373,44 +396,17 @@ class GPT(nn.Module):
         model.load_state_dict(merged)
         return model
 
+    # ---- Hugging Face and PEFT files (hf.py holds the layouts) ----
+
     def save_adapters(self, folder, base_model):
         """Write the LoRA adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors):
         `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), folder)` applies them to
         transformers' GPT-2, GPT.from_pretrained(base_model).with_adapters(folder) to this one."""
-        cfg = self.config
-        modules = [f"{part}.{name}" for part, names in PEFT_TARGETS.items() if part in cfg.lora_targets.split(",")
-                   for name in names]
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
-                  "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                  "target_modules": modules, "fan_in_fan_out": True, "bias": "none", "inference_mode": True}
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tensors = {f"base_model.model.{name}.weight": t.detach().float().cpu().contiguous()
-                   for name, t in self.adapter_state().items()}
-        write_safetensors(folder / "adapter_model.safetensors", tensors)
+        hf.save_adapters(self, folder, base_model)
 
     def with_adapters(self, folder):
         """A LoRA model: these weights plus the adapters save_adapters wrote to `folder`."""
-        folder = Path(folder)
-        try:
-            config = json.loads((folder / "adapter_config.json").read_text())
-            tensors = read_safetensors(folder / "adapter_model.safetensors")
-        except (OSError, ValueError) as e:
-            raise WeightsError(f"{folder} holds no readable LoRA adapters ({e}); write them with "
-                               "`python export.py CKPT FOLDER --adapters_only`") from None
-        parts = sorted({module.split(".")[0] for module in config["target_modules"]})
-        model = GPT(replace(self.config, lora_rank=config["r"], lora_alpha=config["lora_alpha"],
-                            lora_targets=",".join(parts)))
-        adapters = {name.removeprefix("base_model.model.").removesuffix(".weight"): t for name, t in tensors.items()}
-        expected = model.adapter_state()
-        if adapters.keys() != expected.keys() or any(adapters[k].shape != t.shape for k, t in expected.items()):
-            raise WeightsError(f"the adapters in {folder} do not fit this model's layers; they were trained on "
-                               "other base weights")
-        model.load_state_dict({**self.state_dict(), **adapters})
-        return model.to(self.lm_head.weight.device)
-
-    # ---- Hugging Face GPT-2 interop (the layout's helpers are at the end of the file) ----
+        return hf.load_adapters(self, folder)
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=None):
@@ -418,10 +414,7 @@ class GPT(nn.Module):
         config.json and model.safetensors or pytorch_model.bin, or gpt2, gpt2-medium, gpt2-large or gpt2-xl from
         the Hugging Face cache or hub (needs `pip install huggingface_hub`). WeightsError where the weights
         cannot be loaded or this model would not compute the same logits."""
-        folder = hf_folder(name_or_dir)
-        model = cls(GPTConfig(**config_from_hf(read_hf_config(folder), dropout or 0.0)))
-        model.load_state_dict(state_from_hf(read_hf_tensors(folder), model.state_dict(), folder))
-        return model
+        return hf.load_gpt2(cls, name_or_dir, dropout)
 
     def save_pretrained(self, folder, vocab_size=None, eot_id=None):
         """Write config.json and model.safetensors (fp32) that transformers' GPT2LMHeadModel loads with the
@@ -429,25 +422,9 @@ class GPT(nn.Module):
         The vocabulary is written as is, padding included (e.g. 50304 rows for GPT-2's 50257 tokens), unless
         `vocab_size` crops it to the tokenizer's (the kept tokens' logits stay the same). `eot_id`, the
         tokenizer's end-of-text id, becomes the config's bos/eos ids (where HF's generate stops). LoRA
-        adapters are merged into the weights first: the layout has no place for them."""
-        if self.config.lora_rank > 0:
-            return self.merge_lora().save_pretrained(folder, vocab_size, eot_id)
-        options = {key: value for key, value in GPT2_ARCHITECTURE.items() if getattr(self.config, key) != value}
-        if options:
-            raise WeightsError(f"this model uses {options}, which the GPT-2 layout cannot hold; only models with "
-                               "GPT-2's architecture options export")
-        vocab_size = vocab_size or self.config.vocab_size
-        assert vocab_size <= self.config.vocab_size, f"cannot crop vocab {self.config.vocab_size} to {vocab_size}"
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        hf_config = config_to_hf(replace(self.config, vocab_size=vocab_size), eot_id)
-        (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        with torch.device("meta"):  # a GPT-2 shaped reference: every name and shape, no memory
-            reference = GPT(replace(self.config, bias=True, vocab_size=vocab_size)).state_dict()
-        write_safetensors(folder / "model.safetensors", state_to_hf(self.state_dict(), reference, vocab_size))
-
-
-PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora_targets -> module names
+        adapters are merged into the weights first: the layout has no place for them. WeightsError for a
+        model with architecture options other than GPT-2's."""
+        hf.save_gpt2(self, folder, vocab_size, eot_id)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

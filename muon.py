@@ -1,4 +1,5 @@
-"""Muon: an optimizer for hidden weight matrices, with AdamW for every other parameter (model.GPT.configure_optimizer)."""
+"""Muon: an optimizer for hidden weight matrices, with AdamW for every other parameter
+(model.GPT.configure_optimizer)."""
 
 import torch
 
