@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
-import torch
 
 MAGIC = 20240520
 VERSION = 1
@@ -311,11 +310,10 @@ class Windows:
             rows = shard_of == s
             tokens = load_shard(self.paths[s]).view(np.ndarray)  # plain view: memmap slicing is slow
             window[rows] = tokens[(starts[rows] - first_start[s])[:, None] + columns]
-        window = torch.from_numpy(window)
         if int(window.max()) >= self.vocab_size:
             raise DataError(f"token id {int(window.max())} in the data is >= the model's vocab_size "
-                                    f"{self.vocab_size}; the shards do not match meta.json, prepare them again")
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+                            f"{self.vocab_size}; the shards do not match meta.json, prepare them again")
+        return as_tensors(window[:, :-1], window[:, 1:])
 
     def random_batch(self, seed, index, batch_size):
         """Training micro-batch number `index`: random windows drawn from (seed, index) alone, so the
@@ -366,7 +364,7 @@ class Examples:
             ids, trained = self.ids[span].astype(np.int64), self.trained[span[1:]].astype(bool)
             x[row, :len(span) - 1] = ids[:-1]
             y[row, :len(span) - 1] = np.where(trained, ids[1:], -100)
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return as_tensors(x, y)
 
     def random_batch(self, seed, index, batch_size):
         rng = np.random.default_rng([seed, index])
@@ -375,3 +373,11 @@ class Examples:
     def fixed_batches(self, n_batches, batch_size):
         examples = np.linspace(0, self.count - 1, n_batches * batch_size).astype(np.int64)
         return [self.rows(chunk, packed=False) for chunk in np.split(examples, n_batches)]
+
+
+def as_tensors(*arrays):
+    """The arrays as contiguous tensors (a slice that is not contiguous is copied). torch is imported here, not
+    at the top, so that prepare.py, which uses this module for the format and tokenizers, starts without it."""
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)

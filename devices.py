@@ -12,10 +12,18 @@ from configurator import ConfigError
 
 
 @dataclass
-class DeviceConfig:
-    """The device keys of every script that runs a model; scripts take them with load_config(..., DeviceConfig)."""
+class DeviceKey:
+    """The device key alone, for a script that sets no precision of its own (bench/attention_speed.py times
+    each one)."""
 
     device: str = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
+
+
+@dataclass
+class DeviceConfig(DeviceKey):
+    """The device keys of every script that runs a model; scripts take them with load_config(..., DeviceConfig).
+    A script that declares one of these keys itself keeps its own default and meaning."""
+
     dtype: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
 
 
@@ -57,10 +65,11 @@ class Runtime:
 
 
 def runtime(cfg, local_rank=0, processes=1, keep_freed=True):
-    """The Runtime for a config's device keys (DeviceConfig's, plus compile if it has one), the process tuned
-    for that device (see tune_for). Raises ConfigError for a device or dtype that cannot be had."""
+    """The Runtime for a config's device keys (DeviceConfig's, plus compile if it has one; without dtype, float32),
+    the process tuned for that device (see tune_for). Raises ConfigError for a device, dtype or compile value
+    that cannot be had."""
     device = pick_device(cfg.device, local_rank)
-    dtype, reason = pick_dtype(cfg.dtype, device.split(":")[0])
+    dtype, reason = pick_dtype(getattr(cfg, "dtype", "float32"), device.split(":")[0])
     compile_model = use_compile(getattr(cfg, "compile", "false"), device)
     tune_for(device, keep_freed, processes)
     return Runtime(device, dtype, reason, compile_model)

@@ -164,7 +164,8 @@ def save_gpt2(gpt, folder, vocab_size=None, eot_id=None):
 
     if gpt.config.lora_rank > 0:
         gpt = gpt.merge_lora()  # the layout has no place for adapters
-    options = {key: value for key, value in architecture_options().items() if getattr(gpt.config, key) != value}
+    options = {key: getattr(gpt.config, key) for key, gpt2 in architecture_options().items()
+               if getattr(gpt.config, key) != gpt2}
     if options:
         raise WeightsError(f"this model uses {options}, which the GPT-2 layout cannot hold; only models with "
                            "GPT-2's architecture options export")

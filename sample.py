@@ -11,7 +11,7 @@ import torch
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, load_config
-from devices import pick_device, pick_dtype, tune_for
+from devices import DeviceConfig, runtime
 from model import GPT, WeightsError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -19,7 +19,7 @@ out_dir = "out"  # run folder to sample from (train.py's default run)
 ckpt = "best"  # which checkpoint: best (lowest val loss) or last
 init_from = ""  # instead of a run: GPT-2 weights, gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
 adapters = ""  # LoRA adapters to apply to the init_from weights: a folder from export.py --adapters_only
-start = ""  # prompt text (in bash $'...\n' writes a newline), or FILE:path to read it from a file; empty starts a new document
+start = ""  # prompt text (in bash $'...\n' writes a newline) or FILE:path to read it from; empty starts a new document
 num_samples = 3  # independent samples to print
 max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # below 1 sharpens, above 1 flattens the distribution; 0 is greedy
@@ -27,8 +27,7 @@ top_k = 200  # sample only among the k most likely tokens; 0 keeps all
 top_p = 1.0  # nucleus sampling: keep the fewest most likely tokens that hold this much probability; 1 keeps all
 stop_at_eot = True  # end a sample at the first end-of-text token it generates (where its document ends)
 seed = 1337  # makes the samples reproducible
-device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
-dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
+# device and dtype are devices.DeviceConfig's keys (--help lists them last)
 # ---- end of config ----
 
 
@@ -84,19 +83,16 @@ def check_sampling(cfg):
 
 def sample(cfg):
     check_sampling(cfg)
-    device = pick_device(cfg.device, 0)
-    tune_for(device)
-    device_type = device.split(":")[0]
-    ptdtype, _ = pick_dtype(cfg.dtype, device_type)
+    rt = runtime(cfg)
     model, meta = load_model(cfg)
-    model = model.to(device).eval()
+    model = model.to(rt.device).eval()
     tokenizer = data.get_tokenizer(meta)
     text, ids = prompt(tokenizer, cfg.start)
     if not ids:
         raise ConfigError("the prompt encodes to no tokens; give a longer --start")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    x = torch.tensor([ids], device=device).repeat(cfg.num_samples, 1)
-    with torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32):
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    x = torch.tensor([ids], device=rt.device).repeat(cfg.num_samples, 1)
+    with rt.autocast():
         out = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                              top_p=cfg.top_p, vocab_limit=meta["vocab_size"], generator=generator)
     for row in out[:, len(ids):].tolist():
@@ -108,7 +104,7 @@ def sample(cfg):
 
 def main(argv=None):
     try:
-        sample(load_config(__file__, sys.argv[1:] if argv is None else argv))
+        sample(load_config(__file__, sys.argv[1:] if argv is None else argv, DeviceConfig))
     except (ConfigError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,19 +16,21 @@ import torch.nn.functional as F
 # run as `python bench/attention_speed.py`, Python puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import train_speed
+import devices
+from bench import common
 from configurator import ConfigError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 shapes = "12x4x64x32,16x4x128x32,4x12x256x64,1x12x1024x64"  # batch x heads x T x head size, comma-separated
-device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
+# device is devices.DeviceKey's key (--help lists it last); there is no dtype key: each precision is timed
 warmup_steps = 5  # untimed passes first, per setting
 steps = 50  # timed forward+backward passes per setting
 seed = 1337  # seeds the random queries, keys and values
 out = "bench/results/attention_speed.json"  # JSON report
 # ---- end of config ----
 
-SETTINGS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16 computed in fp32": (torch.bfloat16, True)}
+SETTINGS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
+            "bf16 computed in fp32": (torch.bfloat16, True)}
 
 
 def parse_shapes(text):
@@ -52,7 +54,7 @@ def pass_ms(shape, dtype, upcast, cfg, device):
         inputs = (q.float(), k.float(), v.float()) if upcast else (q, k, v)
         y = F.scaled_dot_product_attention(*inputs, is_causal=True).to(dtype)
         torch.autograd.grad(y, (q, k, v), grad)
-        train_speed.sync(device)
+        common.sync(device)
 
     for _ in range(cfg.warmup_steps):
         one_pass()
@@ -65,18 +67,18 @@ def pass_ms(shape, dtype, upcast, cfg, device):
 
 
 def benchmark(cfg):
-    train_speed.check_positive(cfg, ("steps",))
-    train_speed.check_positive(cfg, ("warmup_steps",), allow_zero=True)
+    common.check_positive(cfg, ("steps",))
+    common.check_positive(cfg, ("warmup_steps",), allow_zero=True)
     shapes = parse_shapes(cfg.shapes)
-    device = train_speed.setup_device(cfg.device)
+    device = devices.runtime(cfg).device
     results = []
     for shape in shapes:
         timings = {name: pass_ms(shape, dtype, upcast, cfg, device) for name, (dtype, upcast) in SETTINGS.items()}
         results.append({"shape": list(shape), "ms": timings})
         print(f"B={shape[0]} heads={shape[1]} T={shape[2]} head size {shape[3]}: "
               + ", ".join(f"{name} {ms:.2f} ms" for name, ms in timings.items()) + " (forward+backward, median)")
-    train_speed.write_report(cfg.out, {**train_speed.machine_record(device), "config": vars(cfg), "results": results})
+    common.write_report(cfg.out, {**common.machine_record(device), "config": vars(cfg), "results": results})
 
 
 if __name__ == "__main__":
-    train_speed.run_main(benchmark, __file__)
+    common.run_main(benchmark, __file__, devices.DeviceKey)

@@ -3,12 +3,14 @@
 1. The loader's share of a training step: train.py's loop alternates `Windows.random_batch` (plus the copy to
    the device) with `train.train_step`; both are timed here on a prepared dataset, for a configurable model
    (train.py's default small one).
-2. prepare.py's throughput in MB of source text per second, per tokenizer, each run into a temporary folder.
+2. prepare.py's throughput in MB of source text per second, per tokenizer: the command a user runs,
+   `python prepare.py ...` into a temporary folder, timed as a whole. The figure therefore includes the
+   interpreter's start-up and prepare.py's imports (torch among them, through data.py), which dominate on a
+   small source; `prepare_startup_s` reports that start-up alone (`python prepare.py --help`).
 """
 
-import contextlib
-import io
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data
 import devices
-import prepare
 import train
-from bench import train_speed
+from bench import common
 from configurator import ConfigError
+
+PREPARE = Path(__file__).resolve().parents[1] / "prepare.py"
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # 1. loader against step: the dataset and train.py's default model
@@ -37,9 +40,7 @@ n_embd = 128  # width of the residual stream
 vocab_size = 0  # model vocabulary; 0 takes the dataset's
 bias = False  # biases in Linear layers and LayerNorms
 dropout = 0.0  # dropout on attention, residual branches and embeddings
-device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
-dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
-compile = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+# device, dtype and compile are devices.RuntimeConfig's keys (--help lists them last)
 warmup_steps = 3  # untimed batches and steps first
 steps = 30  # timed batches and steps
 # 2. tokenizing
@@ -51,25 +52,22 @@ out = "bench/results/data_speed.json"  # JSON report
 
 
 def check_config(cfg):
-    train_speed.check_model_shape(cfg)
-    train_speed.check_positive(cfg, ("batch_size", "steps", "tokenize_repeats"))
-    train_speed.check_positive(cfg, ("warmup_steps", "vocab_size"), allow_zero=True)
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    common.check_model_shape(cfg)
+    common.check_positive(cfg, ("batch_size", "steps", "tokenize_repeats"))
+    common.check_positive(cfg, ("warmup_steps", "vocab_size"), allow_zero=True)
 
 
 # ---- 1. the loader's share of a step ----
 
-def loader_share(cfg, device):
+def loader_share(cfg, rt):
     """Median ms of a micro-batch and of a train step, as train.py's loop runs them one after the other."""
-    ptdtype, dtype_reason = devices.pick_dtype(cfg.dtype, device.split(":")[0])
-    compiled = train_speed.use_compile(cfg.compile, device)
+    device = rt.device
     data_dir, meta = train.load_data(cfg, local_rank=0, world_size=1)
     vocab = cfg.vocab_size or meta["vocab_size"]
     if vocab < meta["vocab_size"]:
         raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
     windows = data.Windows(data_dir, "train", cfg.block_size, vocab)
-    setting = train_speed.Setting(train_speed.model_config(cfg, vocab), cfg.seed, device, ptdtype, compiled)
+    setting = common.TrainStep(common.model_config(cfg, vocab), cfg.seed, rt)
     batch_seconds, step_seconds = [], []
     for index in range(cfg.warmup_steps + cfg.steps):
         start = time.perf_counter()
@@ -77,7 +75,7 @@ def loader_share(cfg, device):
         if device.startswith("cuda"):  # as train.py's loop: page-locked memory, so the copy can overlap compute
             x, y = x.pin_memory(), y.pin_memory()
         batch = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))]
-        train_speed.sync(device)
+        common.sync(device)
         batch_s = time.perf_counter() - start
         step_s = setting.step(batch)
         if index >= cfg.warmup_steps:
@@ -85,7 +83,7 @@ def loader_share(cfg, device):
             step_seconds.append(step_s)
     batch_ms, step_ms = 1000 * statistics.median(batch_seconds), 1000 * statistics.median(step_seconds)
     return {"dataset": cfg.dataset, "tokenizer": meta["tokenizer"], "train_tokens": windows.tokens,
-            "dtype": train_speed.dtype_name(ptdtype), "dtype_reason": dtype_reason, "compile": compiled,
+            "dtype": common.dtype_name(rt.dtype), "dtype_reason": rt.dtype_reason, "compile": rt.compile,
             "batch_ms": batch_ms, "step_ms": step_ms, "loader_share_pct": 100 * batch_ms / (batch_ms + step_ms),
             "note": "medians over the timed steps; the step is train.train_step and the batch is "
                     "Windows.random_batch plus the copy to the device (pinned on CUDA). On CUDA the loop can draw "
@@ -95,16 +93,25 @@ def loader_share(cfg, device):
 
 # ---- 2. tokenizing ----
 
+def run_prepare(args):
+    """Seconds of one `python prepare.py ARGS` run, its output discarded; DataError with prepare.py's own
+    message if it fails."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(PREPARE), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise data.DataError(result.stderr.strip().removeprefix("error: ")
+                             or f"prepare.py failed with exit status {result.returncode}")
+    return seconds
+
+
 def tokenize_speed(cfg, tokenizer, data_root):
-    """prepare.py's throughput with one tokenizer, from the median of its runs."""
-    dataset, inputs = ("text", [cfg.tokenize_input]) if cfg.tokenize_input else ("python_stdlib", None)
-    seconds = []
-    for _ in range(cfg.tokenize_repeats):
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):  # prepare's progress lines would bury the summary
-            folder = prepare.prepare(dataset, inputs=inputs, tokenizer=tokenizer, data_root=data_root, name=tokenizer)
-        seconds.append(time.perf_counter() - start)
-    meta = data.read_meta(folder)
+    """prepare.py's throughput with one tokenizer, from the median of its runs (each the whole command)."""
+    source = ["text", f"--input={cfg.tokenize_input}"] if cfg.tokenize_input else ["python_stdlib"]
+    args = [*source, "--tokenizer", tokenizer, "--data_root", str(data_root), "--name", tokenizer]
+    seconds = [run_prepare(args) for _ in range(cfg.tokenize_repeats)]
+    meta = data.read_meta(Path(data_root) / tokenizer)
     median = statistics.median(seconds)
     tokens = sum(meta["tokens"].values())
     return {"source": cfg.tokenize_input or "python_stdlib", "source_bytes": meta["source_bytes"],
@@ -116,22 +123,25 @@ def tokenize_speed(cfg, tokenizer, data_root):
 def benchmark(cfg):
     check_config(cfg)
     names = [name for name in cfg.tokenizers.split(",") if name]
-    device = train_speed.setup_device(cfg.device)
-    machine = train_speed.machine_record(device)
-    loader = loader_share(cfg, device)
+    rt = devices.runtime(cfg)
+    machine = common.machine_record(rt.device)
+    loader = loader_share(cfg, rt)
     print(f"loader: {loader['dataset']} ({loader['tokenizer']} tokens), batch {cfg.batch_size} x {cfg.block_size}, "
           f"model {cfg.n_layer} layers x {cfg.n_embd}, {loader['dtype']}, "
-          f"compile {'on' if loader['compile'] else 'off'}, on {device}")
+          f"compile {'on' if loader['compile'] else 'off'}, on {rt.device}")
     print(f"  batch {loader['batch_ms']:.2f} ms, step {loader['step_ms']:.1f} ms (medians): "
           f"the loader is {loader['loader_share_pct']:.2f}% of the step time")
+    startup_s = statistics.median([run_prepare(["--help"]) for _ in range(cfg.tokenize_repeats)])
     with tempfile.TemporaryDirectory() as data_root:
         tokenizing = {name: tokenize_speed(cfg, name, data_root) for name in names}
+    print(f"prepare.py, whole commands: start-up alone (--help) {startup_s:.2f} s, included in each figure below")
     for name, result in tokenizing.items():
         print(f"prepare.py, {name}: {result['source_bytes'] / 1e6:.1f} MB in {result['seconds_median']:.2f} s = "
               f"{result['mb_per_sec']:.1f} MB/s, {result['tokens_per_sec'] / 1e6:.2f}M tokens/s, "
               f"{result['bytes_per_token']:.2f} bytes/token")
-    train_speed.write_report(cfg.out, {**machine, "config": vars(cfg), "loader": loader, "tokenize": tokenizing})
+    common.write_report(cfg.out, {**machine, "config": vars(cfg), "loader": loader, "prepare_startup_s": startup_s,
+                                  "tokenize": tokenizing})
 
 
 if __name__ == "__main__":
-    train_speed.run_main(benchmark, __file__, errors=(ConfigError, data.DataError))
+    common.run_main(benchmark, __file__, devices.RuntimeConfig, errors=(ConfigError, data.DataError))

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
-from bench import train_speed
+from bench import common
 from configurator import ConfigError
 from model import GPT, sample_next
 
@@ -33,8 +33,7 @@ prompt_lengths = "16,128"  # prompt lengths in tokens, comma-separated
 new_tokens = "100,500"  # tokens generated per prompt, comma-separated; every pair with prompt_lengths is a case
 batch_size = 1  # sequences generated together
 seed = 1337  # seeds the weights and the prompts
-# system
-device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
+# system: device comes from devices.DeviceConfig (--help lists it last); dtype is declared here for its float32 default
 dtype = "float32"  # float32, bfloat16, float16, or auto (devices.pick_dtype's choice)
 out = "bench/results/sample_speed.json"  # JSON report
 # ---- end of config ----
@@ -60,11 +59,11 @@ def with_kv_cache(model, idx, max_new_tokens):
 
 def timed(method, model, prompt, count, autocast, device):
     """(tokens, seconds) of one run of a generation method."""
-    train_speed.sync(device)
+    common.sync(device)
     start = time.perf_counter()
     with autocast:
         tokens = method(model, prompt, count)
-    train_speed.sync(device)
+    common.sync(device)
     return tokens, time.perf_counter() - start
 
 
@@ -101,22 +100,22 @@ def issue_check(cases, device):
 
 
 def benchmark(cfg):
-    train_speed.check_model_shape(cfg)
-    train_speed.check_positive(cfg, ("vocab_size", "batch_size"))
+    common.check_model_shape(cfg)
+    common.check_positive(cfg, ("vocab_size", "batch_size"))
     grid = [(p, n) for p in parse_lengths("prompt_lengths", cfg.prompt_lengths)
             for n in parse_lengths("new_tokens", cfg.new_tokens)]
-    device = train_speed.setup_device(cfg.device)
-    machine = train_speed.machine_record(device)
-    ptdtype, dtype_reason = devices.pick_dtype(cfg.dtype, device.split(":")[0])
-    autocast = torch.autocast(device.split(":")[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
+    rt = devices.runtime(cfg)
+    device = rt.device
+    machine = common.machine_record(device)
+    autocast = rt.autocast()
     torch.manual_seed(cfg.seed)
-    model = GPT(train_speed.model_config(cfg, cfg.vocab_size)).to(device).eval()
+    model = GPT(common.model_config(cfg, cfg.vocab_size)).to(device).eval()
     prompts = torch.randint(cfg.vocab_size, (cfg.batch_size, max(p for p, _ in grid)), device=device)
     for method in (with_kv_cache, generate_by_recomputing):
         timed(method, model, prompts[:, :grid[0][0]], WARMUP_TOKENS, autocast, device)
 
     print(f"GPT {model.num_params() / 1e6:.1f}M ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
-          f"random weights), batch {cfg.batch_size}, {train_speed.dtype_name(ptdtype)} ({dtype_reason}), on {device}")
+          f"random weights), batch {cfg.batch_size}, {common.dtype_name(rt.dtype)} ({rt.dtype_reason}), on {device}")
     cases = []
     for prompt_length, count in grid:
         case = run_case(model, prompts[:, :prompt_length], count, autocast, device)
@@ -129,17 +128,17 @@ def benchmark(cfg):
     if check:
         print(f"issue check, KV cache >= {ISSUE_SPEEDUP:g}x recomputation at a {ISSUE_CASE[0]}-token prompt and "
               f"{ISSUE_CASE[1]} new tokens on CPU: {'holds' if check['holds'] else 'FAILS'} ({check['speedup']:.1f}x)")
-    memory_mib, memory_source = train_speed.peak_memory(device)
+    memory_mib, memory_source = common.peak_memory(device)
     report = {**machine, "config": vars(cfg), "n_params": model.num_params(),
-              "dtype": train_speed.dtype_name(ptdtype), "dtype_reason": dtype_reason, "cases": cases,
+              "dtype": common.dtype_name(rt.dtype), "dtype_reason": rt.dtype_reason, "cases": cases,
               "tokens_match": all(c["tokens_match"] for c in cases), "issue_check": check,
               "peak_memory_mib": memory_mib, "peak_memory_source": memory_source}
-    train_speed.write_report(cfg.out, report)
+    common.write_report(cfg.out, report)
     return report["tokens_match"]
 
 
 def main():
-    if not train_speed.run_main(benchmark, __file__):
+    if not common.run_main(benchmark, __file__, devices.DeviceConfig):
         print("ERROR: the KV cache and recomputation chose different tokens (see first_mismatch in the report); "
               "in float32 that is a bug in the cache, under bf16/fp16 it can also be a rounding tie",
               file=sys.stderr)

@@ -8,17 +8,12 @@ work on the machine hits both alike. `--time_matmuls=True` splits each setting's
 (the projections' and the head's; attention's own stay inside its fused kernel) and the rest: it records every
 matmul of one forward and backward (shapes, layouts, dtypes) and times them replayed alone, which shows how much
 of a step a faster matmul precision can speed up.
-
-The helpers below (device record, sync, peak memory, report) serve the other bench scripts too.
 """
 
-import json
-import os
-import resource
 import statistics
 import sys
 import time
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,9 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
-import train
-from configurator import ConfigError, load_config
-from model import GPT, GPTConfig
+from bench import common
+from configurator import ConfigError
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # model: the GPT-2 124M shape
@@ -45,10 +39,7 @@ dropout = 0.0  # dropout on attention, residual branches and embeddings
 batch_size = 8  # sequences per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
 seed = 1337  # seeds the weights and the random batches
-# system
-device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
-dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
-compile = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+# system: device, dtype and compile are devices.RuntimeConfig's keys (--help lists them last)
 # measurement
 warmup_steps = 3  # untimed steps first (with compile, the first of them is the compile_s figure)
 steps = 10  # timed optimizer steps (per round with compare_fp32_eager)
@@ -60,132 +51,26 @@ keep_freed_memory = True  # CPU: glibc keeps freed memory for reuse, as in train
 out = "bench/results/train_speed.json"  # JSON report
 # ---- end of config ----
 
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
-
-
-# ---- helpers shared by the bench scripts ----
-
-def run_main(benchmark, script, errors=(ConfigError,)):
-    """Run a bench script's `benchmark` on its config (defaults, config files, then --key=value) and return
-    its result; a bad setting is a one-line error and exit status 2."""
-    try:
-        return benchmark(load_config(script, sys.argv[1:]))
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def check_positive(cfg, keys, allow_zero=False):
-    for key in keys:
-        if getattr(cfg, key) < 0 or (getattr(cfg, key) == 0 and not allow_zero):
-            raise ConfigError(f"{key} must be {'zero or more' if allow_zero else 'positive'}, got {getattr(cfg, key)}")
-
-
-def check_model_shape(cfg):
-    check_positive(cfg, ("n_layer", "n_head", "n_embd", "block_size"))
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}")
-
-
-def model_config(cfg, vocab):
-    """The model from a script's shape keys (GPTConfig's defaults fill any it lacks, e.g. dropout) and vocab."""
-    return GPTConfig(vocab_size=vocab, **{key: getattr(cfg, key) for key in MODEL_KEYS if hasattr(cfg, key)})
-
-
-def setup_device(requested, keep_freed_memory=True):
-    """The device to run on, tuned as train.py tunes it."""
-    device = devices.pick_device(requested, local_rank=0)
-    devices.tune_for(device, keep_freed_memory)
-    return device
-
-
-def use_compile(requested, device):
-    if requested not in ("auto", "true", "false"):
-        raise ConfigError(f"compile must be auto, true or false, got {requested!r}")
-    return requested == "true" or (requested == "auto" and device.startswith("cuda"))
-
-
-def sync(device):
-    """Wait for the device's queued work, so that a timer read afterwards covers it."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    elif device == "mps":
-        torch.mps.synchronize()
-
-
-def cpu_model_name():
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown CPU"
-    return next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-
-
-def machine_record(device):
-    """When, on what and by which command the figures were taken."""
-    record = {"date": datetime.now().astimezone().isoformat(timespec="seconds"),
-              "command": " ".join(["python", *sys.argv]), "torch": torch.__version__}
-    if device.startswith("cuda"):
-        return record | {"device": torch.cuda.get_device_name(device)}
-    if device == "mps":
-        return record | {"device": "Apple GPU (mps)"}
-    return record | {"device": cpu_model_name(), "cpu_bf16": devices.cpu_has_bf16(), "cpu_cores": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads()}
-
-
-def peak_memory(device):
-    """(MiB, what was measured): the CUDA allocator's peak, else the whole process's peak resident size."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"  # KiB on Linux
-
-
-def write_report(path, report):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
-def dtype_name(ptdtype):
-    return str(ptdtype).removeprefix("torch.")
-
 
 # ---- the training step ----
 
-class Setting:
-    """A model with its optimizer, precision and compile choice; `step` runs and times one train_step."""
+class Setting(common.TrainStep):
+    """One setting compared (a model with its optimizer, precision and compile choice), with its timings."""
 
-    def __init__(self, config, seed, device, ptdtype, compiled):
-        torch.manual_seed(seed)  # every setting starts from the same weights
-        self.raw_model = GPT(config).to(device)
-        self.model = torch.compile(self.raw_model) if compiled else self.raw_model
-        self.device, self.ptdtype, self.compiled = device, ptdtype, compiled
-        device_type = device.split(":")[0]
-        self.optimizer = self.raw_model.configure_optimizer(train.weight_decay, train.learning_rate,
-                                                            (train.beta1, train.beta2), device_type)
-        self.scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-        self.autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    def __init__(self, config, seed, rt):
+        super().__init__(config, seed, rt)
         self.compile_s = None
         self.seconds = []  # timed steps
         self.matmul_replay = None  # with time_matmuls: one step's matmuls, ready to replay
         self.matmul_seconds = []  # each replayed pass
 
-    def step(self, batches):
-        """Seconds for one optimizer step at train.py's default lr and clipping (the cost is the same at any lr)."""
-        start = time.perf_counter()
-        train.train_step(self.model, self.optimizer, self.scaler, self.autocast, batches, train.learning_rate,
-                         train.grad_clip)
-        sync(self.device)
-        return time.perf_counter() - start
-
     def label(self):
-        return f"{dtype_name(self.ptdtype)} {'compiled' if self.compiled else 'eager'}"
+        return f"{common.dtype_name(self.rt.dtype)} {'compiled' if self.rt.compile else 'eager'}"
 
     def warm_up(self, step_batches, count):
         for i in range(count):
             seconds = self.step(step_batches[i % len(step_batches)])
-            if i == 0 and self.compiled:
+            if i == 0 and self.rt.compile:
                 self.compile_s = seconds
 
 
@@ -243,11 +128,11 @@ def replay_seconds(replay, device, passes):
     """Seconds of each of `passes` passes over the replayed matmuls, after one untimed pass."""
     seconds = []
     for _ in range(passes + 1):
-        sync(device)
+        common.sync(device)
         start = time.perf_counter()
         for func, args, kwargs in replay:
             func(*args, **kwargs)
-        sync(device)
+        common.sync(device)
         seconds.append(time.perf_counter() - start)
     return seconds[1:]
 
@@ -273,17 +158,17 @@ def peak_for(override, device, ptdtype):
     name = torch.cuda.get_device_name(device)
     peak = devices.peak_flops(name, ptdtype)
     if peak is None:
-        return None, f"no {dtype_name(ptdtype)} peak known for {name}; pass --peak_flops=FLOP/s for MFU"
-    return peak, f"dense {dtype_name(ptdtype)} peak of {name} from devices.py's table"
+        return None, f"no {common.dtype_name(ptdtype)} peak known for {name}; pass --peak_flops=FLOP/s for MFU"
+    return peak, f"dense {common.dtype_name(ptdtype)} peak of {name} from devices.py's table"
 
 
 def figures(setting, tokens_per_step, flops_per_token, peak_override):
     """A setting's timing, throughput and MFU; throughput uses the median step, the figure least moved by noise."""
     median = statistics.median(setting.seconds)
     tokens_per_sec = tokens_per_step / median
-    peak, note = peak_for(peak_override, setting.device, setting.ptdtype)
+    peak, note = peak_for(peak_override, setting.rt.device, setting.rt.dtype)
     achieved = flops_per_token * tokens_per_sec
-    return {"dtype": dtype_name(setting.ptdtype), "compile": setting.compiled, "compile_s": setting.compile_s,
+    return {"dtype": common.dtype_name(setting.rt.dtype), "compile": setting.rt.compile, "compile_s": setting.compile_s,
             "steps_timed": len(setting.seconds), "ms_per_step_median": 1000 * median,
             "ms_per_step_mean": 1000 * statistics.mean(setting.seconds),
             "ms_per_step_all": [round(1000 * s, 2) for s in setting.seconds],
@@ -311,11 +196,9 @@ def describe(result):
 
 
 def check_config(cfg):
-    check_model_shape(cfg)
-    check_positive(cfg, ("vocab_size", "batch_size", "gradient_accumulation_steps", "steps", "rounds"))
-    check_positive(cfg, ("warmup_steps", "peak_flops"), allow_zero=True)
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    common.check_model_shape(cfg)
+    common.check_positive(cfg, ("vocab_size", "batch_size", "gradient_accumulation_steps", "steps", "rounds"))
+    common.check_positive(cfg, ("warmup_steps", "peak_flops"), allow_zero=True)
 
 
 def measure(settings, step_batches, cfg):
@@ -323,13 +206,13 @@ def measure(settings, step_batches, cfg):
     for setting in settings:
         setting.warm_up(step_batches, cfg.warmup_steps)
         if cfg.time_matmuls:
-            setting.matmul_replay = matmul_replay(step_matmuls(setting, step_batches[0]), setting.device)
+            setting.matmul_replay = matmul_replay(step_matmuls(setting, step_batches[0]), setting.rt.device)
     rounds = cfg.rounds if cfg.compare_fp32_eager else 1
     for round_index in range(rounds):
         for setting in settings:
             setting.seconds += [setting.step(batches) for batches in step_batches]
             if setting.matmul_replay:
-                setting.matmul_seconds += replay_seconds(setting.matmul_replay, setting.device, len(step_batches))
+                setting.matmul_seconds += replay_seconds(setting.matmul_replay, setting.rt.device, len(step_batches))
         if rounds > 1:  # a long comparison shows that it is moving, and how much the rounds differ
             print(f"  round {round_index + 1}/{rounds}: " + ", ".join(
                 f"{s.label()} {1000 * statistics.median(s.seconds[-len(step_batches):]):.0f} ms/step"
@@ -338,31 +221,30 @@ def measure(settings, step_batches, cfg):
 
 def benchmark(cfg):
     check_config(cfg)
-    device = setup_device(cfg.device, cfg.keep_freed_memory)
-    ptdtype, dtype_reason = devices.pick_dtype(cfg.dtype, device.split(":")[0])
-    compiled = use_compile(cfg.compile, device)
-    if compiled and cfg.warmup_steps < 1:
+    rt = devices.runtime(cfg, keep_freed=cfg.keep_freed_memory)
+    if rt.compile and cfg.warmup_steps < 1:
         raise ConfigError("compiling needs warmup_steps >= 1: the first step compiles and is timed apart")
-    config = model_config(cfg, cfg.vocab_size)
-    settings = [Setting(config, cfg.seed, device, ptdtype, compiled)]
-    if cfg.compare_fp32_eager:
-        settings.append(Setting(config, cfg.seed, device, torch.float32, compiled=False))
+    config = common.model_config(cfg, cfg.vocab_size)
+    settings = [Setting(config, cfg.seed, rt)]
+    if cfg.compare_fp32_eager:  # matmuls in TF32 on CUDA, as devices.tune_for sets them for train.py
+        baseline = replace(rt, dtype=torch.float32, dtype_reason="the fp32 eager baseline", compile=False)
+        settings.append(Setting(config, cfg.seed, baseline))
     raw_model = settings[0].raw_model
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
-    machine = machine_record(device)
+    machine = common.machine_record(rt.device)
     print(f"GPT {raw_model.num_params() / 1e6:.1f}M ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab "
-          f"{cfg.vocab_size}) on {machine['device']} ({device}), torch {torch.__version__}")
+          f"{cfg.vocab_size}) on {machine['device']} ({rt.device}), torch {torch.__version__}")
     print(f"batch {cfg.batch_size} x T {cfg.block_size} x {cfg.gradient_accumulation_steps} micro-steps = "
           f"{tokens_per_step:,} tokens/step; {flops_per_token / 1e6:.1f} MFLOPs/token; "
-          f"dtype {dtype_name(ptdtype)} ({dtype_reason})", flush=True)
+          f"dtype {common.dtype_name(rt.dtype)} ({rt.dtype_reason})", flush=True)
 
-    measure(settings, random_batches(cfg, device, cfg.steps), cfg)
+    measure(settings, random_batches(cfg, rt.device, cfg.steps), cfg)
     results = [figures(s, tokens_per_step, flops_per_token, cfg.peak_flops) for s in settings]
-    memory_mib, memory_source = peak_memory(device)
+    memory_mib, memory_source = common.peak_memory(rt.device)
     report = {**machine, "config": vars(cfg), "n_params": raw_model.num_params(), "batch_size": cfg.batch_size,
               "block_size": cfg.block_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-              "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token, "dtype_reason": dtype_reason,
+              "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token, "dtype_reason": rt.dtype_reason,
               **results[0], "peak_memory_mib": memory_mib, "peak_memory_source": memory_source}
     for result in results:
         print("  " + describe(result))
@@ -376,8 +258,8 @@ def benchmark(cfg):
     if report["mfu"] is None:
         print(f"MFU: {report['mfu_note']}")
     print(f"peak memory: {memory_mib:,.0f} MiB ({memory_source}{', both models' if len(settings) > 1 else ''})")
-    write_report(cfg.out, report)
+    common.write_report(cfg.out, report)
 
 
 if __name__ == "__main__":
-    run_main(benchmark, __file__)
+    common.run_main(benchmark, __file__, devices.RuntimeConfig)
