@@ -67,13 +67,13 @@ from pathlib import Path
 
 from data import MAX_SHARD_TOKENS, DataError, load_shard, shard_paths
 from preparation.common import dataset_meta, tokenizer_without_source, write_meta
-from preparation.files import prepare_files
+from preparation.files import DOWNLOADED, prepare_files
 from preparation.sft import DEFAULT_SFT_BLOCK_SIZE, prepare_sft
 from preparation.web import DEFAULT_VAL_TOKENS, WEB_DATASETS, prepare_stream
 
 DEFAULT_TOKENIZER = {
-    "python_stdlib": "byte", "shakespeare_char": "char", "text": "byte", **dict.fromkeys(WEB_DATASETS, "gpt2"),
-    "sft": "gpt2",
+    "python_stdlib": "byte", "text": "byte", **{name: tokenizer for name, (_, _, tokenizer) in DOWNLOADED.items()},
+    **dict.fromkeys(WEB_DATASETS, "gpt2"), "sft": "gpt2",
 }
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -147,12 +147,14 @@ def describe_shards(data_dir, tokenizer="gpt2") -> dict:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Tokenize text into llm.c-format token shards in <data_root>/<name>/.")
     defaults = {name: parameter.default for name, parameter in inspect.signature(prepare).parameters.items()}
+    downloads = " ".join(f"{name}: {about}, downloaded once unless --input is given;"
+                         for name, (about, _, _) in DOWNLOADED.items())
     parser.add_argument(
         "dataset",
         nargs="?",
         default=defaults["dataset"],
-        help="python_stdlib: Python's own standard library sources, no download; shakespeare_char: tiny"
-        " shakespeare, downloaded once unless --input is given; text: your files via --input;"
+        help="python_stdlib: Python's own standard library sources, no download;"
+        f" {downloads} text: your files via --input;"
         f" {', '.join(WEB_DATASETS)}: web text streamed from the Hugging Face hub (pip install datasets) unless"
         " --input is given; sft: fine-tuning records (JSON Lines of prompt/completion or messages) with a loss"
         " mask; meta: write meta.json for llm.c-format shards already in <data_root>/<name>/"
@@ -172,7 +174,9 @@ def _parser() -> argparse.ArgumentParser:
         help="byte, char, gpt2 or any tiktoken encoding name (default: char for shakespeare_char, gpt2 for web"
         " datasets, sft and meta, else byte)",
     )
-    parser.add_argument("--data_root", default=defaults["data_root"], help="folder of prepared datasets (default: %(default)s)")
+    parser.add_argument(
+        "--data_root", default=defaults["data_root"], help="folder of prepared datasets (default: %(default)s)"
+    )
     parser.add_argument("--name", help="output folder name under --data_root (default: the dataset name)")
     parser.add_argument(
         "--val_fraction",
@@ -193,7 +197,8 @@ def _parser() -> argparse.ArgumentParser:
         f" (default: {DEFAULT_SFT_BLOCK_SIZE})",
     )
     parser.add_argument(
-        "--shard_tokens", type=int, default=defaults["shard_tokens"], help="tokens per shard file (default: %(default)s)"
+        "--shard_tokens", type=int, default=defaults["shard_tokens"],
+        help="tokens per shard file (default: %(default)s)",
     )
     return parser
 

@@ -27,9 +27,10 @@ from preparation.common import (
 )
 
 STDLIB_SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
-
-
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DOWNLOADED = {  # name: (what it is, URL of one text file fetched once into <data_root>/<name>/, default tokenizer)
+    "shakespeare_char": ("tiny shakespeare, 1 MB", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                         "tinyshakespeare/input.txt", "char"),
+}
 
 
 def _source_documents(dataset: str, inputs, data_root) -> list[Path]:
@@ -40,8 +41,8 @@ def _source_documents(dataset: str, inputs, data_root) -> list[Path]:
         files = stdlib_files()
     elif inputs:
         files = input_files(inputs)
-    elif dataset == "shakespeare_char":
-        files = {_shakespeare_file(data_root).resolve(): DOWNLOAD_CACHE}
+    elif dataset in DOWNLOADED:
+        files = {_downloaded_file(dataset, data_root).resolve(): DOWNLOAD_CACHE}
     else:
         raise DataError("the text dataset needs input: pass --input with files, folders or glob patterns")
     return sorted(files, key=lambda path: (hashlib.sha256(files[path].encode()).hexdigest(), path))
@@ -52,14 +53,15 @@ def stdlib_files() -> dict[Path, str]:
     return files_under(root, lambda folder: folder not in STDLIB_SKIPPED_FOLDERS, lambda name: name.endswith(".py"))
 
 
-def _shakespeare_file(data_root) -> Path:
-    path = Path(data_root) / "shakespeare_char" / DOWNLOAD_CACHE
+def _downloaded_file(dataset: str, data_root) -> Path:
+    """The dataset's source file, downloaded on first use and kept in its folder for later runs."""
+    path = Path(data_root) / dataset / DOWNLOAD_CACHE
     if not path.is_file():
-        _download(SHAKESPEARE_URL, path)
+        _download(dataset, DOWNLOADED[dataset][1], path)
     return path
 
 
-def _download(url: str, path: Path) -> None:
+def _download(dataset: str, url: str, path: Path) -> None:
     print(f"downloading {url} to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -69,7 +71,7 @@ def _download(url: str, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
         tmp.unlink(missing_ok=True)
-        raise DataError(f"could not download tiny shakespeare ({e}); pass --input PATH to a local copy") from None
+        raise DataError(f"could not download {dataset} ({e}); pass --input PATH to a local copy") from None
 
 
 def _plan_splits(documents: list[Path], val_fraction: float) -> tuple[int, dict[str, list[tuple]]]:
