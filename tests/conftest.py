@@ -5,17 +5,19 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-
 import prepare
+
+ROOT = Path(__file__).resolve().parents[1]  # pyproject.toml puts it on sys.path (pythonpath), for the imports
+# The text the tests train and prepare on: a made-up play in tiny shakespeare's layout and with its 65 characters,
+# written by tests/fixtures/make_play.py (48 KB). Nothing outside the repository is read.
+PLAY = ROOT / "tests" / "fixtures" / "play.txt"
 
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
+    """The play prepared as the shakespeare_char dataset (character level, 90% train / 10% val)."""
     root = tmp_path_factory.mktemp("data")
-    prepare.prepare("shakespeare_char", inputs=[str(SHARED / "data" / "tinyshakespeare.txt")], data_root=root)
+    prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=root)
     return root
 
 

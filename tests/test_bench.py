@@ -1,17 +1,15 @@
 """Smoke tests of the bench scripts: each runs as a subprocess on a tiny model and writes its JSON report."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SHARED
+from conftest import PLAY, ROOT
 
 import prepare
 
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--device=cpu"]
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py", "bench/attention_speed.py"]
 
 
@@ -85,17 +83,16 @@ def test_sample_speed_kv_cache_matches_recomputation(tmp_path):
 
 
 def test_data_speed_reports_loader_share_and_tokenizer_throughput(tmp_path):
-    prepare.prepare("shakespeare_char", inputs=[str(SHAKESPEARE)], data_root=tmp_path / "data")
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken")}
+    prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path / "data")
     report = report_of("bench/data_speed.py", [*TINY_MODEL, "--batch_size=4", "--steps=3", "--warmup_steps=1",
                                                f"--data_root={tmp_path / 'data'}", "--dataset=shakespeare_char",
-                                               f"--tokenize_input={SHAKESPEARE}", "--tokenize_repeats=1"],
-                       tmp_path, env)
+                                               f"--tokenize_input={PLAY}", "--tokenize_repeats=1"],
+                       tmp_path)
     loader = report["loader"]
     assert loader["batch_ms"] > 0 and loader["step_ms"] > 0 and 0 < loader["loader_share_pct"] < 100
     assert set(report["tokenize"]) == {"byte", "gpt2"}
     for result in report["tokenize"].values():
-        assert result["mb_per_sec"] > 0 and result["source_bytes"] == SHAKESPEARE.stat().st_size
+        assert result["mb_per_sec"] > 0 and result["source_bytes"] == PLAY.stat().st_size
     assert report["tokenize"]["gpt2"]["bytes_per_token"] > 2 * report["tokenize"]["byte"]["bytes_per_token"]
 
 

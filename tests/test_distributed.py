@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT, SHARED, read_log, run_script, tiny_args
+from conftest import PLAY, ROOT, read_log, run_script, tiny_args
 
 
 def torchrun(args, nproc=2):
@@ -72,16 +72,15 @@ def test_fsdp_matches_ddp_and_its_checkpoint_resumes_in_one_process(data_root, t
     assert out.endswith("---------------\n")
 
 
-def test_readme_fineweb_cpu_command_runs_logs_checkpoints_and_resumes(tmp_path, monkeypatch):
+def test_readme_fineweb_cpu_command_runs_logs_checkpoints_and_resumes(tmp_path):
     """The README's CPU-sized config/fineweb.py command, on a local jsonl stand-in for the download."""
     readme = (ROOT / "README.md").read_text()
     prepare_line, train_line = re.search(r"\n(python prepare.py fineweb10B --input sample.jsonl.*)\n(torchrun .*)\n",
                                          readme).groups()
-    source = (SHARED / "data" / "tinyshakespeare.txt").read_text()
+    source = PLAY.read_text() * 5  # 200,000 characters and more, in 100 documents of 2,000
     with open(tmp_path / "sample.jsonl", "w") as f:
         f.writelines(json.dumps({"text": source[i:i + 2_000]}) + "\n" for i in range(0, 200_000, 2_000))
     data = tmp_path / "data"
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))  # GPT-2 BPE offline
     prepare_args = [str(tmp_path / a) if a == "sample.jsonl" else a for a in shlex.split(prepare_line)[2:]]
     run_script("prepare.py", [*prepare_args, "--data_root", str(data)])
     args = [*shlex.split(train_line)[4:], f"--data_root={data}", f"--out_dir={tmp_path / 'out'}"]

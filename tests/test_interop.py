@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SHARED, read_log, run_script, tiny_args
+from conftest import PLAY, ROOT, read_log, run_script, tiny_args
 
 import export
 from checkpoint import load_checkpoint
@@ -198,18 +198,17 @@ def test_named_model_offline_and_not_cached(tmp_path):
     assert result.stdout.count("\n") == 1
 
 
-def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path, monkeypatch):
+def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
     """train.py --init_from=<HF folder> fine-tunes from those weights (context cropped), resumes, and
-    sample.py --init_from samples from them directly; GPT-2 BPE comes from the offline tiktoken cache."""
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+    sample.py --init_from samples from them directly; GPT-2 BPE comes from tiktoken's cache."""
     torch.manual_seed(0)
     hf = tmp_path / "tiny-gpt2"
     GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, bias=True)).save_pretrained(hf)
     data = tmp_path / "data"
-    run_script("prepare.py", ["text", "--input", str(SHARED / "data" / "tinyshakespeare.txt"), "--tokenizer", "gpt2",
-                              "--name", "shakespeare_gpt2", "--data_root", str(data)])
+    run_script("prepare.py", ["text", "--input", str(PLAY), "--tokenizer", "gpt2", "--name", "play_gpt2",
+                              "--data_root", str(data)])
     out = tmp_path / "run"
-    args = tiny_args(data, out, dataset="shakespeare_gpt2", init_from=hf, max_iters=20, lr_decay_iters=20,
+    args = tiny_args(data, out, dataset="play_gpt2", init_from=hf, max_iters=20, lr_decay_iters=20,
                      eval_interval=10, sample_interval=0)
     run_script("train.py", [*args, "--stop_iter=10"])
     ckpt = torch.load(out / "last.pt", weights_only=True)

@@ -3,7 +3,7 @@ a LoRA run trains, and travel alone in PEFT's layout."""
 
 import pytest
 import torch
-from conftest import SHARED, run_script, tiny_args
+from conftest import PLAY, run_script, tiny_args
 
 import prepare
 from checkpoint import load_checkpoint, model_from_checkpoint
@@ -83,18 +83,15 @@ def test_peft_applies_our_adapters_to_transformers_gpt2(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpt2_run(tmp_path_factory):
-    """A LoRA fine-tune of random GPT-2-layout weights on tiny shakespeare in GPT-2 BPE."""
+    """A LoRA fine-tune of random GPT-2-layout weights on the test play in GPT-2 BPE."""
     tmp = tmp_path_factory.mktemp("lora")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
-        prepare.prepare("text", inputs=[str(SHARED / "data" / "tinyshakespeare.txt")], tokenizer="gpt2",
-                        name="shakespeare_gpt2", data_root=tmp / "data")
-        torch.manual_seed(0)
-        GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(tmp / "hf")
-        args = tiny_args(tmp / "data", tmp / "run", dataset="shakespeare_gpt2", init_from=tmp / "hf", lora_rank=4,
-                         lora_targets="attn,mlp", learning_rate=1e-2, max_iters=20, lr_decay_iters=20,
-                         eval_interval=10, sample_interval=20)
-        result = run_script("train.py", args)
+    prepare.prepare("text", inputs=[str(PLAY)], tokenizer="gpt2", name="play_gpt2", data_root=tmp / "data")
+    torch.manual_seed(0)
+    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(tmp / "hf")
+    args = tiny_args(tmp / "data", tmp / "run", dataset="play_gpt2", init_from=tmp / "hf", lora_rank=4,
+                     lora_targets="attn,mlp", learning_rate=1e-2, max_iters=20, lr_decay_iters=20,
+                     eval_interval=10, sample_interval=20)
+    result = run_script("train.py", args)
     return tmp, result
 
 
@@ -110,10 +107,9 @@ def test_a_lora_run_changes_only_the_adapters(gpt2_run):
     assert set(ckpt["optimizer"]["state"]) == {k for k in saved if ".lora_" in k}
 
 
-def test_a_lora_run_exports_merged_or_alone_and_samples(gpt2_run, tmp_path, monkeypatch):
+def test_a_lora_run_exports_merged_or_alone_and_samples(gpt2_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     tmp, _ = gpt2_run
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
     run_script("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "merged")])
     ours = model_from_checkpoint(load_checkpoint(tmp / "run" / "best.pt")).eval()
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()

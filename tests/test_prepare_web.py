@@ -1,7 +1,6 @@
 import hashlib
 import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,13 +11,7 @@ import data
 import prepare
 from data import DataError
 
-TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
 EOT = 50256
-
-
-@pytest.fixture(autouse=True)
-def offline_gpt2(monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 
 
 def gpt2():
@@ -144,7 +137,8 @@ def test_text_and_parquet_files_read_like_jsonl(tmp_path):
     parts = tmp_path / "parquet"
     parts.mkdir()
     for part, start in enumerate(range(0, 60, 25)):
-        table = pyarrow.table({"id": list(range(start, start + 25))[: 60 - start], "text": documents[start : start + 25]})
+        table = pyarrow.table({"id": list(range(start, start + 25))[: 60 - start],
+                               "text": documents[start : start + 25]})
         parquet.write_table(table, parts / f"{part:03d}_00000.parquet", row_group_size=7)
     from_parquet = prepare.prepare("fineweb10B", inputs=[str(parts / "*.parquet")], data_root=tmp_path / "out",
                                    val_tokens=200, shard_tokens=500)
@@ -285,7 +279,8 @@ def test_web_options_are_refused_for_file_datasets(tmp_path, capsys):
 def test_meta_describes_llmc_shards(tmp_path, capsys):
     data_dir = tmp_path / "data" / "fineweb10B"
     data_dir.mkdir(parents=True)
-    for name, count in [("fineweb_val_000000.bin", 7), ("fineweb_train_000001.bin", 5), ("fineweb_train_000002.bin", 4)]:
+    shards = [("fineweb_val_000000.bin", 7), ("fineweb_train_000001.bin", 5), ("fineweb_train_000002.bin", 4)]
+    for name, count in shards:
         data.write_shard(data_dir / name, np.full(count, EOT, dtype=np.uint16))
     with pytest.raises(DataError, match="holds shards but no meta.json.*python prepare.py meta --name fineweb10B"):
         data.read_meta(data_dir)

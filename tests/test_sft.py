@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, SHARED, read_log, run_script
+from conftest import ROOT, read_log, run_script
 
 import data
 import prepare
@@ -77,9 +77,8 @@ def test_an_example_longer_than_the_context_is_one_clear_line(sft_dir, tmp_path)
     assert result.stderr.count("\n") == 1
 
 
-def test_example_config_trains_with_falling_completion_loss(tmp_path, monkeypatch):
+def test_example_config_trains_with_falling_completion_loss(tmp_path):
     """config/sft_example.py as documented, on random GPT-2-layout weights (no download) shrunk for CPU."""
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
     data_root = tmp_path / "data"
     run_script("prepare.py", ["sft", "--input", str(ROOT / "config" / "sft_example.jsonl"), "--block_size", "128",
                               "--data_root", str(data_root)])
@@ -87,9 +86,9 @@ def test_example_config_trains_with_falling_completion_loss(tmp_path, monkeypatc
     hf = tmp_path / "tiny-gpt2"
     GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)).save_pretrained(hf)
     out = tmp_path / "out"
-    run_script("train.py", ["config/sft_example.py", f"--init_from={hf}", f"--data_root={data_root}", f"--out_dir={out}",
-                            "--learning_rate=3e-3", "--min_lr=3e-4", "--max_iters=60", "--lr_decay_iters=60",
-                            "--warmup_iters=5", "--eval_interval=30", "--eval_iters=4", "--device=cpu",
-                            "--dtype=float32", "--compile=false"])
+    run_script("train.py", ["config/sft_example.py", f"--init_from={hf}", f"--data_root={data_root}",
+                            f"--out_dir={out}", "--learning_rate=3e-3", "--min_lr=3e-4", "--max_iters=60",
+                            "--lr_decay_iters=60", "--warmup_iters=5", "--eval_interval=30", "--eval_iters=4",
+                            "--device=cpu", "--dtype=float32", "--compile=false"])
     evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
     assert len(evals) == 3 and evals[2] < evals[1] < evals[0] and evals[2] < 0.8 * evals[0]

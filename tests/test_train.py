@@ -11,7 +11,9 @@ import train
 
 
 def test_lr_schedule_values():
-    lr = lambda it: train.lr_at(it, learning_rate=1.0, warmup_iters=10, decay_iters=110, min_lr=0.1)
+    def lr(it):
+        return train.lr_at(it, learning_rate=1.0, warmup_iters=10, decay_iters=110, min_lr=0.1)
+
     assert lr(0) == pytest.approx(0.1)
     assert lr(9) == pytest.approx(1.0)  # warmup ends at full lr
     assert lr(10) == pytest.approx(1.0)
