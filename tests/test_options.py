@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from conftest import read_log, run_script, tiny_args
 
+from data import Windows
 from model import GPT, GPTConfig, WeightsError
 from muon import orthogonalize
-from train import Windows
 
 BASE = {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 48, "bias": False}
 OPTIONS = [{}, {"pos_embedding": "rope"}, {"norm": "rmsnorm"}, {"mlp": "relu2"}, {"mlp": "swiglu"},
