@@ -93,6 +93,16 @@ def save_checkpoint(path, state):
         os.close(folder)
 
 
+def checkpoint_to_resume(out_dir, resume):
+    """out_dir/last.pt's contents when resuming; otherwise None, refusing to start over a run already there."""
+    if resume:
+        return load_checkpoint(out_dir / "last.pt")
+    if (out_dir / "last.pt").exists():
+        raise CheckpointError(f"{out_dir} already holds a run (last.pt); continue it with --init_from=resume "
+                              "or choose another --out_dir")
+    return None
+
+
 def load_checkpoint(path, map_location="cpu"):
     """A checkpoint's contents (tensors and plain values only), or CheckpointError saying what is wrong."""
     if not Path(path).exists():

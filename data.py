@@ -10,6 +10,8 @@ uint16. A split is every `*{split}_NNNNNN.bin` of a dataset folder, in name orde
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +259,17 @@ def tokenizer_meta(tokenizer: Tokenizer) -> dict:
     if isinstance(tokenizer, CharTokenizer):
         meta["chars"] = tokenizer.chars
     return meta
+
+
+def prepare_default(data_dir):
+    """Run `python prepare.py` (the default dataset) as its own command, as a user would, so that reading never
+    imports the pipeline; its error message or None."""
+    print(f"preparing the default dataset in {data_dir} (Python's standard library, byte tokens)")
+    command = [sys.executable, str(Path(__file__).with_name("prepare.py")), "--data_root", str(data_dir.parent)]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    if result.returncode == 0:
+        return None
+    return result.stderr.strip().removeprefix("error: ") or f"prepare.py failed with exit status {result.returncode}"
 
 
 # ---- fine-tuning examples --------------------------------------------------------------------

@@ -78,9 +78,6 @@ def check_options(values):
             raise ValueError(f"{option} must be one of {', '.join(allowed)}, got {values[option]!r}")
 
 
-ARCHITECTURE_OPTIONS = option_choices()  # train.py's import until it calls check_options
-
-
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated to `block_size`."""
 

@@ -128,3 +128,25 @@ def open_wandb(cfg, run_id, record):
 
     return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id, resume="allow",
                       config={**vars(cfg), "run": record}, dir=str(Path(cfg.out_dir)))
+
+
+def describe(cfg, setup, rt, world_size):
+    """The run's opening console lines: model, data, batch, compute, device (train.set_up's Setup, a Runtime)."""
+    gpt, config = setup.gpt, setup.gpt.config
+    n_params, T = gpt.num_params(), config.block_size
+    print(f"model: {n_params / 1e6:.2f}M parameters ({gpt.num_params(False) / 1e6:.2f}M without embeddings), "
+          f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, vocab {config.vocab_size}, "
+          f"context {T}")
+    if config.lora_rank:
+        trainable = gpt.num_params(trainable_only=True)
+        print(f"LoRA: rank {config.lora_rank} adapters on {config.lora_targets}; {trainable:,} "
+              f"trainable of {n_params:,} parameters ({100 * trainable / n_params:.2f}%)")
+    print(f"data: {cfg.dataset} ({setup.meta['tokenizer']} tokens): {setup.train_data.summary} train, "
+          f"{setup.val_data.summary} val")
+    tokens_per_step, rows = setup.tokens_per_step, cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_iters
+    print(f"batch: {cfg.batch_size} x {T} tokens x {cfg.gradient_accumulation_steps // world_size} micro-steps x "
+          f"{world_size} process(es) = {tokens_per_step:,} tokens/step; {cfg.max_iters} steps = "
+          f"{tokens_per_step * cfg.max_iters / 1e6:.1f}M tokens ({rows / setup.train_data.rows_per_epoch:.1f} epochs)")
+    print(f"compute: 6ND = {6 * n_params * tokens_per_step * cfg.max_iters:.2e} FLOPs; "
+          f"{gpt.flops_per_token(T) / 1e6:.1f} MFLOPs per token with attention")
+    print(f"device: {rt.describe()}")

@@ -1,10 +1,11 @@
 """Train a GPT: `python train.py [config/x.py ...] [--key=value ...]`, or under torchrun for several processes.
 
-Read top to bottom: the config (every key with its default and meaning), the learning-rate schedule, the
-batch samplers (windows of a token stream; fine-tuning examples), evaluation, the checks and the model's
-architecture, then the loop: `train_step` (one optimizer step: zero the gradients, forward and backward
-over the micro-batches, clip, set the lr and step the optimizer), `train` (processes) and `run_training`
-(setup, then the loop with its logging, evaluation, samples and checkpoints, which checkpoint.py writes).
+Read top to bottom: the config (every key with its default and meaning; the device keys come from
+devices.RuntimeConfig, the architecture options from model.GPTConfig), the schedule (`lr_at`), the checks,
+`set_up` (data, model, optimizer), `TrainingState` (what a checkpoint saves besides weights and optimizer),
+`train_step` (one optimizer step, the heart of it), `DivergenceGuard`, the loop's pieces (evaluation,
+samples, checkpoints, the loader thread's batches, progress lines, stop signals), `train_loop`, then `train`
+(processes) and `main` (exit codes). checkpoint.py writes the checkpoints, runlog.py the run's records.
 """
 
 import contextlib
@@ -12,11 +13,10 @@ import importlib
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,23 +29,23 @@ import runlog
 from checkpoint import (
     CheckpointError,
     check_architecture,
+    checkpoint_to_resume,
     full_state,
     gather_rng_states,
     keep_step_checkpoint,
-    load_checkpoint,
     load_optimizer_state,
     restore_rng,
     save_checkpoint,
     set_rng_state,
 )
 from configurator import ConfigError, load_config
-from data import DataError, Examples, Windows, get_tokenizer, is_gpt2_bpe, read_meta
-from devices import peak_flops, pick_device, pick_dtype, tune_for
-from model import ARCHITECTURE_OPTIONS, GPT, GPTConfig, WeightsError
+from data import DataError, Examples, Windows, get_tokenizer, is_gpt2_bpe, prepare_default, read_meta
+from devices import RuntimeConfig, peak_flops, runtime
+from model import GPT, GPTConfig, WeightsError, architecture_options, check_options
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl
-init_from = "scratch"  # scratch (new model), resume (continue out_dir/last.pt), or GPT-2 weights: gpt2 ... gpt2-xl or a Hugging Face folder
+init_from = "scratch"  # scratch, resume (continue out_dir/last.pt), or GPT-2 weights: gpt2 ... gpt2-xl, a HF folder
 data_root = "data"  # folder that holds the prepared datasets
 dataset = "python_stdlib"  # data_root/<dataset>, written by prepare.py (the default is prepared on first use)
 seed = 1337  # seeds weights, dropout and the order of training batches
@@ -53,17 +53,12 @@ seed = 1337  # seeds weights, dropout and the order of training batches
 batch_size = 16  # sequences per micro-batch, per process
 block_size = 128  # context length in tokens
 gradient_accumulation_steps = 1  # micro-batches per optimizer step over all processes (divided by world size)
-# model
+# model (the architecture options, GPT-2's by default, are model.GPTConfig's: listed last in --help)
 n_layer = 4  # transformer blocks
 n_head = 4  # attention heads per block
 n_embd = 128  # width of the residual stream
 dropout = 0.0  # dropout on attention, residual branches and embeddings
 bias = False  # biases in Linear layers and LayerNorms
-pos_embedding = "learned"  # learned (a position table, GPT-2) or rope (rotary embeddings)
-norm = "layernorm"  # layernorm (GPT-2) or rmsnorm
-mlp = "gelu"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
-qk_norm = False  # RMS-normalise each head's queries and keys before attention
-tie_embeddings = True  # the LM head shares the token embedding's matrix (GPT-2)
 vocab_size = 0  # model vocabulary; 0 takes the dataset's, a larger value pads it (e.g. 50304 for GPT-2 BPE)
 # optimizer: AdamW with warmup and cosine decay
 learning_rate = 1e-3  # peak learning rate, reached after warmup
@@ -85,11 +80,8 @@ ckpt_interval = 250  # steps between saves of last.pt (it is also saved when the
 sample_interval = 500  # steps between text samples written to the log; 0 turns them off
 sample_tokens = 200  # length of each sample in tokens
 stop_iter = 0  # stop after this step (saving last.pt) without changing the schedule; 0 runs to max_iters
-# system
-device = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
-dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
-compile = "auto"  # torch.compile the model: auto (on for CUDA), true, false
-parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2: parameters, gradients, optimizer state sharded)
+# system (the device keys device, dtype and compile are devices.RuntimeConfig's: listed last in --help)
+parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2 shards parameters, grads, optimizer)
 # safety and records
 keep_last_k = 0  # also keep the k newest periodic checkpoints as ckpt_<step>.pt; 0 keeps only last.pt
 max_skipped_steps = 25  # stop the run after this many consecutive updates skipped for non-finite values
@@ -99,7 +91,7 @@ lora_rank = 0  # > 0 trains low-rank adapters (LoRA) of this rank and freezes ev
 lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = "attn,mlp"  # projections that get adapters: attn (c_attn, c_proj), mlp (c_fc, c_proj), or both
-pack_examples = False  # SFT data: rows of whole examples back to back (attention crosses them) instead of one padded example per row
+pack_examples = False  # SFT: rows of whole examples back to back (attention crosses them), not one padded per row
 wandb_log = False  # also send the logged metrics to Weights & Biases (needs `pip install wandb`)
 wandb_project = "gpt"  # wandb project name
 wandb_run_name = ""  # wandb run name; empty lets wandb choose
@@ -118,31 +110,7 @@ def lr_at(it, learning_rate, warmup_iters, decay_iters, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-# ---- batches ----
-
-# ---- evaluation ----
-
-@torch.no_grad()
-def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
-    """Mean loss over fixed batches per split, in eval mode (no dropout). Processes share the batches;
-    each runs the same number of forward passes (FSDP gathers parameters in every one), the surplus
-    ones counting zero."""
-    model.eval()
-    losses = {}
-    for split, split_batches in batches.items():
-        total = torch.zeros(2, device=device)
-        for i in range(rank, math.ceil(len(split_batches) / world_size) * world_size, world_size):
-            x, y = split_batches[min(i, len(split_batches) - 1)]
-            with autocast:
-                _, loss = model(x.to(device), y.to(device))
-            weight = float(i < len(split_batches))
-            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=device)])
-        if world_size > 1:
-            dist.all_reduce(total)
-        losses[split] = (total[0] / total[1]).item()
-    model.train()
-    return losses
-
+# ---- checks, the architecture, the data ----
 
 def check_config(cfg, world_size):
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
@@ -164,13 +132,12 @@ def check_config(cfg, world_size):
                           "--parallel=ddp with --optimizer=muon")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
-    if cfg.compile not in ("auto", "true", "false"):
-        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    for option, allowed in ARCHITECTURE_OPTIONS.items():
-        if getattr(cfg, option) not in allowed:
-            raise ConfigError(f"{option} must be one of {', '.join(allowed)}, got {getattr(cfg, option)!r}")
+    try:
+        check_options(vars(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"LoRA needs lora_rank >= 0, lora_alpha > 0 and lora_dropout in [0, 1), got "
                           f"{cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout}")
@@ -193,9 +160,9 @@ def architecture(cfg, meta, weights_from, ckpt):
         vocab = cfg.vocab_size or meta["vocab_size"]
         if vocab < meta["vocab_size"]:
             raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")
+        options = {option: getattr(cfg, option) for option in architecture_options()}
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, bias=cfg.bias, pos_embedding=cfg.pos_embedding, norm=cfg.norm,
-                         mlp=cfg.mlp, qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings, **tuning), None
+                         n_embd=cfg.n_embd, bias=cfg.bias, **options, **tuning), None
     if not is_gpt2_bpe(meta):
         raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} tokens; "
                           "prepare the data with --tokenizer gpt2")
@@ -228,17 +195,96 @@ def load_data(cfg, local_rank, world_size):
     return data_dir, read_meta(data_dir)
 
 
-def prepare_default(data_dir):
-    """Run `python prepare.py` (the default dataset) as its own command, as a user would; its error or None."""
-    print(f"preparing the default dataset in {data_dir} (Python's standard library, byte tokens)")
-    command = [sys.executable, str(Path(__file__).with_name("prepare.py")), "--data_root", str(data_dir.parent)]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
-    if result.returncode == 0:
-        return None
-    return result.stderr.strip().removeprefix("error: ") or f"prepare.py failed with exit status {result.returncode}"
+# ---- setup: the model, its optimizer and the data ----
+
+@dataclass
+class Setup:
+    """What the loop trains with, built once by set_up."""
+
+    gpt: GPT  # the model whose weights train and are saved (FSDP-sharded under parallel=fsdp)
+    model: torch.nn.Module  # what runs it: gpt compiled, DDP-wrapped, or gpt itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling for fp16; disabled for other dtypes
+    train_data: Windows | Examples
+    val_data: Windows | Examples
+    eval_batches: dict  # split -> the fixed (x, y) batches of every evaluation
+    meta: dict  # the dataset's meta.json
+    weights_from: str  # scratch or the GPT-2 source the run's weights started from (a resume keeps it)
+    tokens_per_step: int  # over all micro-batches and processes
 
 
-# ---- the loop ----
+def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
+    """The data; the model (given its pretrained or resumed weights), sharded, compiled or DDP-wrapped as
+    configured; its optimizer and loss scaler (with their resumed state)."""
+    data_dir, meta = load_data(cfg, local_rank, world_size)
+    weights_from = ckpt["weights_from"] if ckpt else cfg.init_from
+    model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
+    block_size, vocab = model_config.block_size, model_config.vocab_size
+    if meta.get("format") == "sft":
+        train_data = Examples(data_dir, "train", block_size, vocab, cfg.pack_examples)
+        val_data = Examples(data_dir, "val", block_size, vocab)
+    else:
+        train_data = Windows(data_dir, "train", block_size, vocab)
+        val_data = Windows(data_dir, "val", block_size, vocab)
+    eval_batches = {"train": train_data.fixed_batches(cfg.eval_iters, cfg.batch_size),
+                    "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
+
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
+    gpt = GPT(model_config).to(rt.device)
+    if pretrained_state is not None:  # LoRA adapters, not in the pretrained weights, keep their initial values
+        gpt.load_state_dict({**gpt.state_dict(), **pretrained_state})
+    if ckpt is not None:
+        check_architecture(ckpt, model_config, Path(cfg.out_dir) / "last.pt")
+        gpt.load_state_dict(ckpt["model"])
+    sharded = world_size > 1 and cfg.parallel == "fsdp"
+    if sharded:  # FSDP2: each block's parameters, gradients and optimizer state split across the processes
+        for block in gpt.transformer.h:
+            fully_shard(block)
+        fully_shard(gpt)
+    optimizer = gpt.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                        rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None)
+    scaler = rt.grad_scaler()
+    if ckpt is not None:
+        load_optimizer_state(gpt, optimizer, ckpt["optimizer"])
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+    model = rt.compiled(gpt)
+    if world_size > 1 and not sharded:
+        model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None)
+    tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
+    return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, meta, weights_from,
+                 tokens_per_step)
+
+
+# ---- the training state: what a checkpoint saves besides the weights ----
+
+@dataclass
+class TrainingState:
+    """Where training stands. A checkpoint saves it with every process's RNG (each draws its own dropout
+    masks), and a resume restores both, so that the run goes on as if never stopped."""
+
+    step: int = 0  # optimizer updates done
+    data_position: int = 0  # micro-batches drawn over all processes: the sampler's whole state
+    best_val_loss: float = float("inf")
+    best_step: int | None = None  # the step best.pt holds
+    wandb_id: str = field(default_factory=runlog.new_wandb_id)  # a resumed run continues its wandb run
+
+    @classmethod
+    def start(cls, cfg, ckpt, rank, world_size):
+        """A new run's state, or the one `ckpt` saved; this process's RNG seeded, or restored as saved."""
+        torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
+        if ckpt is None:
+            return cls()
+        set_rng_state(restore_rng(ckpt["rng"], rank, world_size))
+        return cls(ckpt["step"], ckpt["data_position"], ckpt["best_val_loss"], ckpt["best_step"], ckpt["wandb_id"])
+
+    def to_checkpoint(self, world_size):
+        """The checkpoint's entries for this state (a collective: every process's RNG is gathered)."""
+        return {"step": self.step, "data_position": self.data_position, "best_val_loss": self.best_val_loss,
+                "best_step": self.best_step, "rng": gather_rng_states(world_size), "wandb_id": self.wandb_id}
+
+
+# ---- one optimizer step ----
 
 def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
     """One optimizer step over a list of (x, y) micro-batches, in five moves: zero the gradients, forward
@@ -284,6 +330,51 @@ def gradient_sync(model, enabled):
     return contextlib.nullcontext()
 
 
+# ---- the divergence guard ----
+
+class Diverged(Exception):
+    """Too many consecutive updates skipped for non-finite values."""
+
+
+@dataclass
+class DivergenceGuard:
+    """Watches each step's outcome. A skipped update (train_step skips non-finite ones) is logged with clues
+    to its cause, and max_skipped_steps of them in a row end the run; an applied update whose loss is over
+    loss_spike_factor times the running average is a warning."""
+
+    skipped: int = 0  # consecutive skipped updates
+    recent_norms: list = field(default_factory=list)  # gradient norms of the last 100 applied updates
+    loss_ema: float | None = None  # running average of the applied updates' losses
+
+    def check(self, cfg, setup, log, step, lr, loss, grad_norm, applied):
+        """Raises Diverged (the run record closed) at max_skipped_steps consecutive skips."""
+        if not applied:
+            self.skipped += 1
+            scaler = setup.scaler
+            # under fp16 the first steps' overflows are routine: the scaler halves its scale after each
+            scale = f", fp16 loss scale now {scaler.get_scale():g}" if scaler.is_enabled() else ""
+            log.log({"step": step, "skipped": "non-finite loss or gradient norm", "loss": loss,
+                     "grad_norm": grad_norm, "lr": lr, "recent_grad_norms": self.recent_norms[-10:],
+                     "nonfinite_grads": nonfinite_gradients(setup.gpt)[:20], "consecutive_skips": self.skipped,
+                     "loss_scale": scaler.get_scale() if scaler.is_enabled() else None},
+                    f"step {step}: skipped the update: loss {loss}, grad norm {grad_norm} "
+                    f"({self.skipped} in a row, limit {cfg.max_skipped_steps}{scale})")
+            if self.skipped >= cfg.max_skipped_steps:
+                log.finish(step, step * setup.tokens_per_step, "diverged")
+                raise Diverged(f"training diverged: {self.skipped} consecutive steps up to step {step} had a "
+                               f"non-finite loss or gradient; the last good checkpoint is "
+                               f"{Path(cfg.out_dir) / 'last.pt'}; lower the learning rate or check the data, "
+                               "then resume")
+        else:
+            self.skipped = 0
+            self.recent_norms = [*self.recent_norms[-99:], grad_norm]
+            if self.loss_ema is not None and loss > cfg.loss_spike_factor * self.loss_ema:
+                log.log({"step": step, "warning": "loss spike", "loss": loss, "running_average": self.loss_ema},
+                        f"step {step}: warning: loss {loss:.4f} is over {cfg.loss_spike_factor}x its "
+                        f"running average {self.loss_ema:.4f}")
+            self.loss_ema = loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * loss
+
+
 def nonfinite_gradients(model):
     """Names of parameters whose gradient (this process's shard of it, under FSDP) holds inf or nan."""
     grads = {name: p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
@@ -291,242 +382,98 @@ def nonfinite_gradients(model):
     return [name for name, grad in grads.items() if not grad.isfinite().all()]
 
 
-class Diverged(Exception):
-    """Too many consecutive updates skipped for non-finite values."""
+# ---- the loop's pieces: evaluation, samples, checkpoints, batches, progress, signals ----
 
-
-def train(cfg):
-    ddp = "RANK" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-    check_config(cfg, world_size)
-    device = pick_device(cfg.device, local_rank)
-    device_type = device.split(":")[0]
-    if ddp:
-        if device_type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    try:
-        run_training(cfg, rank, local_rank, world_size, device)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def run_training(cfg, rank, local_rank, world_size, device):
-    master = rank == 0
-    device_type = device.split(":")[0]
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "last.pt"
-    ckpt = None
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-    elif ckpt_path.exists():
-        raise ConfigError(f"{out_dir} already holds a run (last.pt); continue it with --init_from=resume "
-                          "or choose another --out_dir")
-    data_dir, meta = load_data(cfg, local_rank, world_size)
-    weights_from = ckpt["weights_from"] if ckpt else cfg.init_from  # scratch or a GPT-2 source, kept by resumes
-    model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
-    vocab = model_config.vocab_size
-    if meta.get("format") == "sft":
-        train_data = Examples(data_dir, "train", model_config.block_size, vocab, cfg.pack_examples)
-        val_data = Examples(data_dir, "val", model_config.block_size, vocab)
-    else:
-        train_data = Windows(data_dir, "train", model_config.block_size, vocab)
-        val_data = Windows(data_dir, "val", model_config.block_size, vocab)
-    eval_batches = {"train": train_data.fixed_batches(cfg.eval_iters, cfg.batch_size),
-                    "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
-
-    ptdtype, dtype_reason = pick_dtype(cfg.dtype, device_type)
-    tune_for(device, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
-    raw_model = GPT(model_config).to(device)
-    if pretrained_state is not None:  # LoRA adapters, not in the pretrained weights, keep their initial values
-        raw_model.load_state_dict({**raw_model.state_dict(), **pretrained_state})
-    torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
-    step, best_val, best_step, wandb_id = 0, float("inf"), None, runlog.new_wandb_id()
-    if ckpt is not None:
-        check_architecture(ckpt, model_config, ckpt_path)
-        raw_model.load_state_dict(ckpt["model"])
-        step, best_val, best_step = ckpt["step"], ckpt["best_val_loss"], ckpt["best_step"]
-        wandb_id = ckpt["wandb_id"]
-        set_rng_state(restore_rng(ckpt["rng"], rank, world_size))
-    sharded = world_size > 1 and cfg.parallel == "fsdp"
-    if sharded:  # FSDP2: each block's parameters, gradients and optimizer state split across the processes
-        for block in raw_model.transformer.h:
-            fully_shard(block)
-        fully_shard(raw_model)
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                              device_type, cfg.muon_lr if cfg.optimizer == "muon" else None)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    if ckpt is not None:
-        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if world_size > 1 and not sharded:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-
-    accum = cfg.gradient_accumulation_steps // world_size
-    data_index = (ckpt["data_position"] if ckpt else 0) + rank * accum  # the sampler's whole state
-    T = model_config.block_size
-    tokens_per_step = cfg.batch_size * T * cfg.gradient_accumulation_steps
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
-    peak = peak_flops(torch.cuda.get_device_name(device), ptdtype) if device_type == "cuda" else None
-    run = runlog.RunLog(out_dir, master)
-    run.start(cfg, meta, device, ptdtype, world_size, ckpt["step"] if ckpt else None, wandb_id)
-    if master:
-        n_params = raw_model.num_params()
-        print(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M without "
-              f"embeddings), {model_config.n_layer} layers, {model_config.n_head} heads, {model_config.n_embd} wide, "
-              f"vocab {vocab}, context {T}")
-        if model_config.lora_rank:
-            trainable = raw_model.num_params(trainable_only=True)
-            print(f"LoRA: rank {model_config.lora_rank} adapters on {model_config.lora_targets}; {trainable:,} "
-                  f"trainable of {n_params:,} parameters ({100 * trainable / n_params:.2f}%)")
-        print(f"data: {cfg.dataset} ({meta['tokenizer']} tokens): {train_data.summary} train, "
-              f"{val_data.summary} val")
-        rows = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_iters
-        print(f"batch: {cfg.batch_size} x {T} tokens x {accum} micro-steps x {world_size} "
-              f"process(es) = {tokens_per_step:,} tokens/step; {cfg.max_iters} steps = "
-              f"{tokens_per_step * cfg.max_iters / 1e6:.1f}M tokens ({rows / train_data.rows_per_epoch:.1f} epochs)")
-        print(f"compute: 6ND = {6 * n_params * tokens_per_step * cfg.max_iters:.2e} FLOPs; "
-              f"{raw_model.flops_per_token(T) / 1e6:.1f} MFLOPs per token with attention")
-        print(f"device: {device}, {str(ptdtype).removeprefix('torch.')} ({dtype_reason}), "
-              f"compile {'on' if use_compile else 'off'}"
-              + (f", {torch.get_num_threads()} threads" if device_type == "cpu" else ""))
-
-    def evaluate():
-        nonlocal best_val, best_step
-        losses = estimate_loss(model, eval_batches, device, autocast, rank, world_size)
-        run.log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
-                 "val_loss": losses["val"], "val_ppl": math.exp(min(losses["val"], 50.0))},
-                f"step {step}: eval train {losses['train']:.4f}, val {losses['val']:.4f}")
-        if losses["val"] < best_val and step > 0:  # the untrained model is not a candidate
-            best_val, best_step = losses["val"], step
-            checkpoint(out_dir / "best.pt")
-        run.evaluated(step, step * tokens_per_step, losses["val"], best_val, best_step)
-
-    def checkpoint(path):
-        model_state, optimizer_state = full_state(raw_model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state,
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
-                 "data_position": data_index - rank * accum, "best_val_loss": best_val,
-                 "best_step": best_step, "rng": gather_rng_states(world_size), "wandb_id": wandb_id,
-                 "weights_from": weights_from, "config": vars(cfg),
-                 "model_config": asdict(model_config), "meta": meta}
+@torch.no_grad()
+def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
+    """Mean loss over fixed batches per split, in eval mode (no dropout). Processes share the batches;
+    each runs the same number of forward passes (FSDP gathers parameters in every one), the surplus
+    ones counting zero."""
+    model.eval()
+    losses = {}
+    for split, split_batches in batches.items():
+        total = torch.zeros(2, device=device)
+        for i in range(rank, math.ceil(len(split_batches) / world_size) * world_size, world_size):
+            x, y = split_batches[min(i, len(split_batches) - 1)]
+            with autocast:
+                _, loss = model(x.to(device), y.to(device))
+            weight = float(i < len(split_batches))
+            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=device)])
         if world_size > 1:
-            dist.barrier()  # every process has finished the step before its state is written
-        if master:
-            save_checkpoint(path, state)
-            if path == ckpt_path and cfg.keep_last_k:
-                keep_step_checkpoint(ckpt_path, step, cfg.keep_last_k)
+            dist.all_reduce(total)
+        losses[split] = (total[0] / total[1]).item()
+    model.train()
+    return losses
 
-    def write_sample():  # on every process: under FSDP each forward gathers parameters from all of them
-        tokenizer = get_tokenizer(meta)
-        start = tokenizer.document_start()
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        with autocast:
-            ids = raw_model.generate(torch.tensor([start], device=device), cfg.sample_tokens, temperature=0.8,
-                                     top_k=200, vocab_limit=meta["vocab_size"], generator=generator)
-        text = tokenizer.decode(ids[0, len(start):].tolist())
-        run.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")
 
-    stop_signal = []
+def evaluate(cfg, setup, state, log, rt, rank, world_size):
+    """Log the losses on the fixed batches; a new best val loss saves best.pt."""
+    losses = estimate_loss(setup.model, setup.eval_batches, rt.device, rt.autocast(), rank, world_size)
+    tokens = state.step * setup.tokens_per_step
+    log.log({"step": state.step, "tokens": tokens, "train_loss": losses["train"], "val_loss": losses["val"],
+             "val_ppl": math.exp(min(losses["val"], 50.0))},
+            f"step {state.step}: eval train {losses['train']:.4f}, val {losses['val']:.4f}")
+    if losses["val"] < state.best_val_loss and state.step > 0:  # the untrained model is not a candidate
+        state.best_val_loss, state.best_step = losses["val"], state.step
+        write_checkpoint(Path(cfg.out_dir) / "best.pt", cfg, setup, state, rank, world_size)
+    log.evaluated(state.step, tokens, losses["val"], state.best_val_loss, state.best_step)
+
+
+def write_sample(cfg, setup, log, rt, step):
+    """Log a sample of text. Every process runs it: under FSDP each forward gathers parameters from all."""
+    tokenizer = get_tokenizer(setup.meta)
+    start = tokenizer.document_start()
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    with rt.autocast():
+        ids = setup.gpt.generate(torch.tensor([start], device=rt.device), cfg.sample_tokens, temperature=0.8,
+                                 top_k=200, vocab_limit=setup.meta["vocab_size"], generator=generator)
+    text = tokenizer.decode(ids[0, len(start):].tolist())
+    log.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")
+
+
+def write_checkpoint(path, cfg, setup, state, rank, world_size):
+    """Save the run as it stands (every process takes part; rank 0 writes). With keep_last_k, last.pt is
+    also kept as ckpt_<step>.pt."""
+    model_state, optimizer_state = full_state(setup.gpt, setup.optimizer)
+    contents = {"model": model_state, "optimizer": optimizer_state,
+                "scaler": setup.scaler.state_dict() if setup.scaler.is_enabled() else None,
+                **state.to_checkpoint(world_size), "weights_from": setup.weights_from, "config": vars(cfg),
+                "model_config": asdict(setup.gpt.config), "meta": setup.meta}
+    if world_size > 1:
+        dist.barrier()  # every process has finished the step before its state is written
+    if rank == 0:
+        save_checkpoint(path, contents)
+        if path.name == "last.pt" and cfg.keep_last_k:
+            keep_step_checkpoint(path, state.step, cfg.keep_last_k)
+
+
+def step_batches(cfg, train_data, first, count, device_type):
+    """Training micro-batches first .. first + count - 1: one step's, on the loader thread while the step
+    before computes."""
+    batches = [train_data.random_batch(cfg.seed, first + micro, cfg.batch_size) for micro in range(count)]
+    if device_type == "cuda":  # page-locked host memory lets the copies overlap with compute
+        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+    return batches
+
+
+def log_progress(cfg, setup, log, step, end_step, lr, loss, grad_norm, dt, peak):
+    """A train line: loss, lr, gradient norm, speed (and MFU, given the processes' peak FLOP/s), time left."""
+    record = {"step": step, "tokens": step * setup.tokens_per_step, "train_loss": loss, "lr": lr,
+              "grad_norm": grad_norm, "dt_ms": 1000 * dt, "tok_per_sec": setup.tokens_per_step / dt}
+    if peak:
+        record["mfu"] = setup.gpt.flops_per_token(setup.gpt.config.block_size) * record["tok_per_sec"] / peak
+    eta = time.strftime("%H:%M:%S", time.gmtime(dt * (end_step - step)))
+    log.log(record, f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * dt:.1f} ms | "
+                    f"{record['tok_per_sec']:,.0f} tok/s | ETA {eta}")
+
+
+def catch_stop_signals():
+    """The names of the SIGINT/SIGTERM signals received from now on, which no longer end the process: the
+    loop stops at its next log line, saving last.pt."""
+    received = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
-
-    if ckpt is None:
-        if master:
-            print(f"expected loss at init: ln({vocab}) = {math.log(vocab):.4f}")
-        evaluate()
-    else:
-        run.log({"step": step, "event": "resumed"}, f"resumed from {ckpt_path} at step {step}")
-        if step >= end_step and master:
-            limit = "--max_iters" if end_step == cfg.max_iters else "--stop_iter (or set it to 0)"
-            print(f"{ckpt_path} is already at step {step}; raise {limit} to train further")
-    def step_batches(index):  # on the loader thread, while the step before computes
-        batches = [train_data.random_batch(cfg.seed, index + micro, cfg.batch_size) for micro in range(accum)]
-        if device_type == "cuda":  # page-locked host memory lets the copies overlap with compute
-            batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
-        return batches
-
-    loader = ThreadPoolExecutor(max_workers=1)
-    upcoming = loader.submit(step_batches, data_index)
-    interval_time, interval_steps, skipped, recent_norms, loss_ema = 0.0, 0, 0, [], None
-    compiling = use_compile
-    end_reason = "finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}"
-    while step < end_step:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr)
-        batches = upcoming.result()
-        data_index += cfg.gradient_accumulation_steps
-        upcoming = loader.submit(step_batches, data_index)
-        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
-        train_loss, norm, applied = train_step(model, optimizer, scaler, autocast, batches, lr, cfg.grad_clip)
-        step += 1
-        elapsed = time.perf_counter() - t0
-        if compiling:  # the first step traces and compiles the model: reported apart from the step times
-            compiling = False
-            run.log({"step": step, "compile_s": elapsed}, f"step {step}: {elapsed:.1f}s, compiling the model")
-        else:
-            interval_time += elapsed
-            interval_steps += 1
-
-        if not applied:
-            skipped += 1
-            # under fp16 the first steps' overflows are routine: the scaler halves its scale after each
-            scale = f", fp16 loss scale now {scaler.get_scale():g}" if scaler.is_enabled() else ""
-            run.log({"step": step, "skipped": "non-finite loss or gradient norm", "loss": train_loss,
-                     "grad_norm": norm, "lr": lr, "recent_grad_norms": recent_norms[-10:],
-                     "nonfinite_grads": nonfinite_gradients(raw_model)[:20], "consecutive_skips": skipped,
-                     "loss_scale": scaler.get_scale() if scaler.is_enabled() else None},
-                    f"step {step}: skipped the update: loss {train_loss}, grad norm {norm} "
-                    f"({skipped} in a row, limit {cfg.max_skipped_steps}{scale})")
-            if skipped >= cfg.max_skipped_steps:
-                run.finish(step, step * tokens_per_step, "diverged")
-                raise Diverged(f"training diverged: {skipped} consecutive steps up to step {step} had a non-finite "
-                               f"loss or gradient; the last good checkpoint is {ckpt_path}; lower the "
-                               "learning rate or check the data, then resume")
-        else:
-            skipped = 0
-            recent_norms = [*recent_norms[-99:], norm]
-            if loss_ema is not None and train_loss > cfg.loss_spike_factor * loss_ema:
-                run.log({"step": step, "warning": "loss spike", "loss": train_loss, "running_average": loss_ema},
-                        f"step {step}: warning: loss {train_loss:.4f} is over {cfg.loss_spike_factor}x its "
-                        f"running average {loss_ema:.4f}")
-            loss_ema = train_loss if loss_ema is None else 0.95 * loss_ema + 0.05 * train_loss
-
-        if step % cfg.log_interval == 0 or step == end_step:
-            dt = interval_time / interval_steps if interval_steps else elapsed
-            interval_time, interval_steps = 0.0, 0
-            record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
-                      "grad_norm": norm, "dt_ms": 1000 * dt, "tok_per_sec": tokens_per_step / dt}
-            if peak:
-                record["mfu"] = raw_model.flops_per_token(T) * record["tok_per_sec"] / (peak * world_size)
-            eta = time.strftime("%H:%M:%S", time.gmtime(dt * (end_step - step)))
-            run.log(record, f"step {step}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                            f"{1000 * dt:.1f} ms | {record['tok_per_sec']:,.0f} tok/s | ETA {eta}")
-            if stop_requested(stop_signal, device, world_size):
-                if master:
-                    print(f"stopping at step {step} on {stop_signal[0]}; saving {ckpt_path}")
-                checkpoint(ckpt_path)
-                end_reason = f"stopped by {stop_signal[0] if stop_signal else 'a signal to another process'}"
-                break
-        # the schedule's end, not stop_iter, decides the final eval and sample, so a paused run matches
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            evaluate()
-        if cfg.sample_interval and (step % cfg.sample_interval == 0 or step == cfg.max_iters):
-            write_sample()
-        if step % cfg.ckpt_interval == 0 or step == end_step:
-            checkpoint(ckpt_path)
-    loader.shutdown(cancel_futures=True)
-    run.finish(step, step * tokens_per_step, end_reason)
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+    return received
 
 
 def stop_requested(stop_signal, device, world_size):
@@ -537,9 +484,112 @@ def stop_requested(stop_signal, device, world_size):
     return bool(flag.item())
 
 
+# ---- the loop ----
+
+def begin(cfg, setup, state, log, rt, rank, world_size, resumed, end_step):
+    """Before the first step: a new run evaluates the untrained model, a resumed one notes where it resumes."""
+    if resumed:
+        last_pt = Path(cfg.out_dir) / "last.pt"
+        log.log({"step": state.step, "event": "resumed"}, f"resumed from {last_pt} at step {state.step}")
+        if state.step >= end_step and rank == 0:
+            limit = "--max_iters" if end_step == cfg.max_iters else "--stop_iter (or set it to 0)"
+            print(f"{last_pt} is already at step {state.step}; raise {limit} to train further")
+        return
+    if rank == 0:
+        vocab = setup.gpt.config.vocab_size
+        print(f"expected loss at init: ln({vocab}) = {math.log(vocab):.4f}")
+    evaluate(cfg, setup, state, log, rt, rank, world_size)
+
+
+def train_loop(cfg, setup, state, log, rt, rank, world_size, resumed):
+    """Optimizer steps from state.step to max_iters (or stop_iter), with progress lines, evaluations, samples
+    and saves of last.pt at their intervals; a stop signal ends it at the next progress line."""
+    last_pt = Path(cfg.out_dir) / "last.pt"
+    end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
+    stop_signals = catch_stop_signals()
+    begin(cfg, setup, state, log, rt, rank, world_size, resumed, end_step)
+    accum = cfg.gradient_accumulation_steps // world_size  # of each step's micro-batches, rank r draws the r-th share
+    loader = ThreadPoolExecutor(max_workers=1)
+    upcoming = loader.submit(step_batches, cfg, setup.train_data, state.data_position + rank * accum, accum,
+                             rt.device_type)
+    guard, step_times, compiling = DivergenceGuard(), [], rt.compile
+    gpu_peak = peak_flops(torch.cuda.get_device_name(rt.device), rt.dtype) if rt.device_type == "cuda" else None
+    peak = gpu_peak and gpu_peak * world_size  # all processes' FLOP/s, for MFU; None off CUDA or for an unknown GPU
+    end_reason = "finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}"
+    while state.step < end_step:
+        t0 = time.perf_counter()
+        lr = lr_at(state.step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr)
+        batches = upcoming.result()
+        state.data_position += cfg.gradient_accumulation_steps
+        upcoming = loader.submit(step_batches, cfg, setup.train_data, state.data_position + rank * accum, accum,
+                                 rt.device_type)
+        batches = [(x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)) for x, y in batches]
+        loss, grad_norm, applied = train_step(setup.model, setup.optimizer, setup.scaler, rt.autocast(), batches,
+                                              lr, cfg.grad_clip)
+        state.step += 1
+        elapsed = time.perf_counter() - t0
+        if compiling:  # the first step traces and compiles the model: reported apart from the step times
+            compiling = False
+            log.log({"step": state.step, "compile_s": elapsed},
+                    f"step {state.step}: {elapsed:.1f}s, compiling the model")
+        else:
+            step_times.append(elapsed)
+        guard.check(cfg, setup, log, state.step, lr, loss, grad_norm, applied)
+
+        if state.step % cfg.log_interval == 0 or state.step == end_step:
+            dt = sum(step_times) / len(step_times) if step_times else elapsed
+            step_times.clear()
+            log_progress(cfg, setup, log, state.step, end_step, lr, loss, grad_norm, dt, peak)
+            if stop_requested(stop_signals, rt.device, world_size):
+                signal_name = stop_signals[0] if stop_signals else "a signal to another process"
+                if rank == 0:
+                    print(f"stopping at step {state.step} on {signal_name}; saving {last_pt}")
+                write_checkpoint(last_pt, cfg, setup, state, rank, world_size)
+                end_reason = f"stopped by {signal_name}"
+                break
+        # the schedule's end, not stop_iter, decides the final eval and sample, so a paused run matches
+        if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
+            evaluate(cfg, setup, state, log, rt, rank, world_size)
+        if cfg.sample_interval and (state.step % cfg.sample_interval == 0 or state.step == cfg.max_iters):
+            write_sample(cfg, setup, log, rt, state.step)
+        if state.step % cfg.ckpt_interval == 0 or state.step == end_step:
+            write_checkpoint(last_pt, cfg, setup, state, rank, world_size)
+    loader.shutdown(cancel_futures=True)
+    log.finish(state.step, state.step * setup.tokens_per_step, end_reason)
+
+
+# ---- processes ----
+
+def train(cfg):
+    """Train as the config says: alone, or as one of torchrun's processes (torchrun sets RANK and the rest)."""
+    distributed = "RANK" in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if distributed:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    check_config(cfg, world_size)
+    rt = runtime(cfg, local_rank, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if distributed:
+        if rt.device_type == "cuda":
+            torch.cuda.set_device(rt.device)
+        dist.init_process_group(backend="nccl" if rt.device_type == "cuda" else "gloo")
+    try:
+        ckpt = checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
+        setup = set_up(cfg, ckpt, rt, rank, local_rank, world_size)
+        state = TrainingState.start(cfg, ckpt, rank, world_size)
+        log = runlog.RunLog(cfg.out_dir, rank == 0)
+        log.start(cfg, setup.meta, rt.device, rt.dtype, world_size, ckpt["step"] if ckpt else None, state.wandb_id)
+        if rank == 0:
+            runlog.describe(cfg, setup, rt, world_size)
+        train_loop(cfg, setup, state, log, rt, rank, world_size, resumed=ckpt is not None)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
 def main(argv=None):
     try:
-        train(load_config(__file__, sys.argv[1:] if argv is None else argv))
+        train(load_config(__file__, sys.argv[1:] if argv is None else argv, RuntimeConfig, GPTConfig))
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
