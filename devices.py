@@ -165,7 +165,8 @@ def pick_dtype(requested, device_type):
             raise ConfigError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
         return names[requested], "as configured"
     if device_type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        # not counting emulation: a V100 or T4 "supports" bf16 only as slow emulation, and trains faster in fp16
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, "the GPU supports bf16"
         return torch.float16, "the GPU lacks bf16, so fp16 with a gradient scaler"
     if device_type == "cpu" and cpu_has_bf16():

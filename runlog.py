@@ -10,7 +10,7 @@ import platform
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ CARRIED_ON_RESUME = ("started", "tokens_seen", "final_val_loss", "best_val_loss"
 
 
 def now():
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def code_version():

@@ -167,12 +167,22 @@ def test_dtype_choice_follows_the_device(monkeypatch):
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     assert devices.pick_dtype("auto", "cpu")[0] == torch.float32
     assert devices.pick_dtype("auto", "mps")[0] == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    dtype, reason = devices.pick_dtype("auto", "cuda")
-    assert dtype == torch.float16 and "gradient scaler" in reason
     assert devices.pick_dtype("float32", "cuda") == (torch.float32, "as configured")
     with pytest.raises(devices.ConfigError, match="unknown dtype"):
         devices.pick_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize("gpu, expected", [("native bf16", torch.bfloat16), ("emulated bf16", torch.float16),
+                                           ("no bf16", torch.float16)])
+def test_cuda_dtype_choice_counts_only_native_bf16(gpu, expected, monkeypatch):
+    """An A100/H100 trains in bf16; a V100 or T4, where torch can only emulate bf16, in fp16 with a scaler."""
+    def is_bf16_supported(including_emulation=True):
+        return gpu == "native bf16" or (gpu == "emulated bf16" and including_emulation)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    dtype, reason = devices.pick_dtype("auto", "cuda")
+    assert dtype == expected
+    assert ("gradient scaler" in reason) == (expected == torch.float16)
 
 
 def test_cpu_threads_one_per_physical_core(tmp_path, monkeypatch):
