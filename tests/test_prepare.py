@@ -14,6 +14,7 @@ import data
 import preparation.common
 import preparation.files
 import preparation.sft
+import preparation.web
 import prepare
 from data import DataError
 
@@ -373,3 +374,9 @@ def test_help_lists_every_option():
     for option in ["dataset", "--input", "--tokenizer", "--data_root", "--name", "--val_fraction", "--shard_tokens",
                    "--val_tokens", "--max_docs", "fineweb10B", "fineweb_edu10B", "openwebtext", "meta"]:
         assert option in result.stdout
+
+
+def test_the_read_side_names_every_dataset_prepare_knows_by_name():
+    """data.NAMED_DATASETS (which error messages use to suggest `python prepare.py <name>`) is the read side's
+    copy of the pipeline's names; it must not drift from them."""
+    assert set(data.NAMED_DATASETS) == set(preparation.files.DOWNLOADED) | set(preparation.web.WEB_DATASETS)
