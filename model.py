@@ -262,7 +262,17 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """Logits and mean cross-entropy over targets != -100; without targets, only the last position's logits."""
+        """(logits at every position, None) without targets; (None, mean cross-entropy over targets != -100)
+        with them. The loss path hands back no logits: a caller holding a micro-batch's full-vocabulary logits
+        (1.6 GB in bf16 at B=16, T=1024) would keep them alive through the next micro-batch's forward."""
+        x = self.hidden_states(idx, kv_cache)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+
+    def hidden_states(self, idx, kv_cache=None):
+        """The final normalised residual stream, (B, T, n_embd): what the LM head reads."""
         T = idx.size(1)
         start = kv_cache.pos if kv_cache is not None else 0
         block_size = self.config.block_size
@@ -278,12 +288,7 @@ class GPT(nn.Module):
             x = block(x, kv_cache, rotary)
         if kv_cache is not None:
             kv_cache.pos += T
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return self.transformer.ln_f(x)
 
     # ---- counting ----
 
@@ -369,10 +374,11 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is None or cache.pos >= block_size:
                 cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype)
-                logits, _ = self(idx[:, -block_size:], kv_cache=cache)
+                hidden = self.hidden_states(idx[:, -block_size:], cache)
             else:
-                logits, _ = self(idx[:, -1:], kv_cache=cache)
-            next_id = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p, generator)
+                hidden = self.hidden_states(idx[:, -1:], cache)
+            logits = self.lm_head(hidden[:, -1])  # the next token's only: a prefill needs no others
+            next_id = sample_next(logits[:, :vocab_limit].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 

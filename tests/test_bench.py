@@ -10,7 +10,8 @@ from conftest import PLAY, ROOT
 import prepare
 
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--device=cpu"]
-SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py", "bench/attention_speed.py"]
+SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py", "bench/attention_speed.py",
+           "bench/step_memory.py"]
 
 
 def run_bench(script, args, env=None):
@@ -103,3 +104,13 @@ def test_attention_speed_times_each_precision_per_shape(tmp_path):
     for result in report["results"]:
         assert set(result["ms"]) == {"fp32", "bf16", "bf16 computed in fp32"} and min(result["ms"].values()) > 0
     assert run_bench("bench/attention_speed.py", ["--shapes=2x2x8"]).stderr.startswith("error: shapes must be")
+
+
+def test_step_memory_measures_each_way_in_its_own_process(tmp_path):
+    report = report_of("bench/step_memory.py", [*TINY_MODEL, "--vocab_size=4096", "--batch_size=4",
+                                                "--gradient_accumulation_steps=3", "--steps=1", "--dtype=float32"],
+                       tmp_path)
+    assert report["one_micro_batch_logits_fp32_mib"] == 4 * 32 * 4096 * 4 / 2**20
+    for way in ("loss_only", "logits_held"):
+        assert report[way]["way"] == way and report[way]["peak_mib"] > report[way]["before_mib"] > 0
+    assert report["saved_mib"] == report["logits_held"]["step_mib"] - report["loss_only"]["step_mib"]

@@ -67,9 +67,9 @@ def test_rotary_attention_depends_only_on_relative_positions():
     """Every position moved by 10 gives the same logits: rotary embeddings encode distances only."""
     model = model_with({"pos_embedding": "rope"}).eval()
     tokens = torch.randint(0, 65, (1, 8))
-    plain, _ = model(tokens, targets=tokens)
+    plain, _ = model(tokens)
     model.rotary_cos, model.rotary_sin = model.rotary_cos.roll(-10, 0), model.rotary_sin.roll(-10, 0)
-    moved, _ = model(tokens, targets=tokens)
+    moved, _ = model(tokens)
     torch.testing.assert_close(moved, plain, rtol=1e-4, atol=1e-4)
 
 
