@@ -1,12 +1,15 @@
-"""What a run writes besides checkpoints: log.jsonl, the console, run.json, loss.png, and wandb if asked.
+"""What a run writes besides checkpoints: log.jsonl, the console, run.json, loss.png, and wandb if asked;
+and the run folder's guards: one run per folder (.lock), no new run over an old run's log.
 
 Only the main process writes; on other processes every method does nothing.
 """
 
+import contextlib
 import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 import uuid
@@ -18,7 +21,10 @@ import torch
 import plot
 
 SELECTION_RULE = "lowest val loss on the fixed val batches"
-CARRIED_ON_RESUME = ("started", "tokens_seen", "final_val_loss", "best_val_loss", "best_step", "selected_checkpoint")
+CARRIED_ON_RESUME = ("started", "tokens_seen", "final_val_loss", "final_val_loss_se", "best_val_loss", "best_step",
+                     "selected_checkpoint", "train_seconds", "target_val_loss", "target_step", "target_tokens",
+                     "target_train_seconds", "task", "task_acc", "task_acc_norm", "best_task_acc_norm")
+read_log = plot.read_log  # log.jsonl's records, torn lines skipped; defined in plot.py, which must run without torch
 
 
 def now():
@@ -50,7 +56,7 @@ class RunLog:
         self.out_dir = Path(out_dir)
         self.record = {}
         self.wandb = None
-        self.said_no_plot = False
+        self.said_no_plot = False  # a plot that cannot be drawn is said once, not at every evaluation
 
     def start(self, cfg, meta, device, dtype, world_size, resumed_from, wandb_id):
         """Write run.json's opening state and, with wandb_log, open (or reopen) the wandb run. A resumed
@@ -59,6 +65,8 @@ class RunLog:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         earlier = self.read_record() if resumed_from is not None else {}
+        if resumed_from is not None:
+            set_aside_torn_line(self.out_dir / "log.jsonl")
         self.record = {
             "code": code_version(), "config": vars(cfg), "seed": cfg.seed,
             "data": {k: meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "source_sha256", "tokens")},
@@ -94,9 +102,21 @@ class RunLog:
         self.record.update(step=step, tokens_seen=tokens, final_val_loss=val_loss, best_val_loss=best_val_loss,
                            best_step=best_step, selected_checkpoint="best.pt" if math.isfinite(best_val_loss) else None)
         self.write_record()
-        if not plot.draw([self.out_dir / "log.jsonl"], self.out_dir / "loss.png") and not self.said_no_plot:
-            print(plot.MISSING_MATPLOTLIB)
+        log_path, png_path = self.out_dir / "log.jsonl", self.out_dir / "loss.png"
+        try:  # loss.png is a convenience: nothing about drawing it may stop training
+            problem = None if plot.draw([log_path], png_path) else plot.MISSING_MATPLOTLIB
+        except Exception as e:
+            problem = f"warning: loss.png not drawn ({type(e).__name__}: {e}); training goes on"
+        if problem and not self.said_no_plot:
+            print(problem, flush=True)
             self.said_no_plot = True
+
+    def update(self, **fields):
+        """Set fields of run.json (a target reached, the test loss, task accuracy, training seconds)."""
+        if not self.enabled:
+            return
+        self.record.update(fields)
+        self.write_record()
 
     def finish(self, step, tokens, reason):
         """Close the run record with why it ended: finished, stopped by a signal, paused at stop_iter, diverged."""
@@ -116,6 +136,109 @@ class RunLog:
 
     def write_record(self):
         write_json_atomic(self.out_dir / "run.json", self.record)
+
+
+def set_aside_torn_line(log_path):
+    """A crash or a full disk can leave log.jsonl ending in a cut-short line (`{"step": 696, "tokens": 17`);
+    a resumed run appending after it would glue two records into one that no reader can parse. Move such a
+    last line (no newline at its end, or not a JSON object) to log.jsonl.torn and cut the log back to its
+    last whole line."""
+    try:
+        data = log_path.read_bytes()
+    except FileNotFoundError:
+        return
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line begins, whether or not it ends
+    last = data[start:]
+    if not last or (last.endswith(b"\n") and plot.parse_record(last) is not None):
+        return
+    torn = log_path.with_name(log_path.name + ".torn")
+    with open(torn, "ab") as f:
+        f.write(last.rstrip(b"\n") + b"\n")
+    os.truncate(log_path, start)
+    print(f"{log_path} ended in a torn line (left by a crash or a full disk); moved it to {torn}, the log goes on "
+          "after its last whole line", flush=True)
+
+
+class RunFolderError(Exception):
+    """A run folder that another live run holds, or that holds an old run's records; the message names the fix."""
+
+
+class RunFolderLock:
+    """out_dir/.lock, JSON {pid, host, started}, held while a run writes there: two runs in one folder would
+    interleave log.jsonl and overwrite each other's checkpoints. O_EXCL makes taking it atomic; a lock left by
+    a killed run (this host, its pid gone) is taken over. Two runs taking over one stale lock at the same
+    instant are not told apart. Taken before anything else looks at the folder, so a run that cannot start
+    learns it at once; a folder the lock had to create, and that is still empty at release, is removed."""
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / ".lock"
+        self.made_folder = not self.path.parent.exists()
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": now()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while not self.create(owner):
+                self.take_over_if_stale()
+        except OSError as e:
+            raise RunFolderError(f"cannot take {self.path} ({e.strerror or e}); choose another --out_dir") from None
+
+    def create(self, owner):
+        """Create the lock holding `owner`; False if there is one already."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(owner, f)
+        except BaseException:  # a lock without its owner's name could only be refused: leave none
+            self.path.unlink(missing_ok=True)
+            raise
+        return True
+
+    def take_over_if_stale(self):
+        """Remove the lock if its owner is a process of this host that is gone; otherwise refuse."""
+        try:
+            owner = json.loads(self.path.read_text())
+            pid, host, since = int(owner["pid"]), owner["host"], owner["started"]
+        except FileNotFoundError:
+            return  # released in the meantime: try again
+        except (OSError, ValueError, TypeError, KeyError):
+            raise RunFolderError(f"{self.path} cannot be read, so whether another run uses {self.path.parent} is "
+                                 "unknown; if none does, remove the lock file (or choose another --out_dir)") from None
+        if host == socket.gethostname() and not alive(pid):
+            print(f"taking over {self.path}: its run (pid {pid}, started {since}) is gone", flush=True)
+            self.path.unlink(missing_ok=True)
+            return
+        raise RunFolderError(f"{self.path.parent} is in use by another run (pid {pid} on {host}, since {since}): "
+                             f"wait for it to end, or choose another --out_dir, or remove {self.path} if that "
+                             "process is gone")
+
+    def release(self):
+        self.path.unlink(missing_ok=True)
+        if self.made_folder:
+            with contextlib.suppress(OSError):  # rmdir removes only an empty folder: a run that wrote nothing
+                self.path.parent.rmdir()
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only checks; PermissionError means the process exists under another user
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def check_fresh_folder(out_dir):
+    """A new run into a folder that holds an old run's log.jsonl would mix both runs' records in one log and
+    one plot (checkpoint.checkpoint_to_resume refuses a folder with a last.pt); refuse it."""
+    out_dir = Path(out_dir)
+    if (out_dir / "log.jsonl").exists():
+        resume = ", or continue it with --init_from=resume" if (out_dir / "last.pt").exists() else ""
+        raise RunFolderError(f"{out_dir} already holds a run's log.jsonl, and a new run would mix its records with "
+                             f"the old ones: choose another --out_dir, or delete log.jsonl and run.json there"
+                             f"{resume}")
 
 
 def new_wandb_id():

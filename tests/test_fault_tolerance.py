@@ -37,6 +37,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(data_root, tmp_p
     rng = random.Random(0)
     for _ in range(6):
         resume = (killed / "last.pt").exists()
+        if not resume:  # killed before its first checkpoint: start over in a clean folder, as a user must
+            shutil.rmtree(killed, ignore_errors=True)
         lines_before = len(read_log(killed)) if resume else 0
         cmd = [sys.executable, "train.py", *tiny_args(data_root, killed, init_from="resume" if resume else "scratch",
                                                        **args)]
