@@ -4,8 +4,10 @@ this module alone, never the preparation pipeline.
 
 Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header of 256
 little-endian int32 -- magic 20240520, version 1, token count, then zeros -- followed by the tokens as
-uint16. A split is every `*{split}_NNNNNN.bin` of a dataset folder, in name order. Fine-tuning data
-(`prepare.py sft`) is instead `{split}_tokens.npy`, `{split}_mask.npy` and `{split}_offsets.npy`.
+uint16. A split is every `*{split}_NNNNNN.bin` of a dataset folder, in name order: train, val, and test when
+prepare made one (has_split tells; it opens like val). Fine-tuning data (`prepare.py sft`) is instead
+`{split}_tokens.npy`, `{split}_mask.npy` and `{split}_offsets.npy`. meta.json's "leakage" is prepare's count of
+held-out documents also found verbatim in train (leaked_documents reads it).
 """
 
 import json
@@ -88,8 +90,15 @@ def shard_paths(data_dir, split: str) -> list[Path]:
     """A split's shards in order; the glob also matches llm.c names like fineweb_train_000001.bin."""
     paths = sorted(Path(data_dir).glob(f"*{split}_[0-9]*.bin"))
     if not paths:
-        raise DataError(f"no {split} shards in {data_dir}; run `{prepare_command(data_dir)}` first")
+        option = " with --test_fraction (web data: --test_tokens)" if split == "test" else ""
+        raise DataError(f"no {split} shards in {data_dir}; run `{prepare_command(data_dir)}`{option} first")
     return paths
+
+
+def has_split(data_dir, split: str) -> bool:
+    """Whether a prepared dataset holds this split (shards, or sft arrays): test only when prepared with one."""
+    data_dir = Path(data_dir)
+    return (data_dir / f"{split}_tokens.npy").is_file() or any(data_dir.glob(f"*{split}_[0-9]*.bin"))
 
 
 def read_meta(data_dir) -> dict:
@@ -107,6 +116,13 @@ def read_meta(data_dir) -> dict:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{meta_path} is not JSON ({e}); re-create it with `{prepare_command(data_dir)}`") from None
+
+
+def leaked_documents(meta: dict) -> int:
+    """How many val and test documents prepare's leakage audit found verbatim in train (meta.json's "leakage";
+    its unit is there too); 0 for data prepared before the audit or elsewhere."""
+    leakage = meta.get("leakage", {})
+    return leakage.get("val_in_train", 0) + leakage.get("test_in_train", 0)
 
 
 def prepare_command(data_dir, arguments=None) -> str:

@@ -20,7 +20,9 @@ and machine. The source is the concatenation of the documents in that order; its
 split there, with the cut moved back to a UTF-8 character boundary. For a single ASCII file this is
 exactly nanoGPT's shakespeare_char split (first 90% of characters train, last 10% val). Each
 document is followed by the end-of-text token when the tokenizer has one (a straddling document
-gets it in val only; empty files contribute nothing, not even that token).
+gets it in val only; empty files contribute nothing, not even that token). --test_fraction t (default 0:
+no test split) makes the last t of the bytes, cut the same way, test instead of val: train stays byte for byte
+the same and val keeps the bytes between.
 
 Web datasets (fineweb10B, fineweb_edu10B, openwebtext) are a stream of documents instead: from the
 Hugging Face hub through the optional `datasets` package, or with --input from local files read in
@@ -29,7 +31,10 @@ order): .jsonl (one JSON object with a "text" field per line), .parquet (a "text
 pyarrow) or any other file as one document. As in llm.c, the end-of-text token goes BEFORE each
 document, even an empty one, and the first --val_tokens tokens of the stream are val: the document
 that crosses that count is cut there and the rest of it dropped, so no document is in both splits
-and train starts at a document. --max_docs stops early.
+and train starts at a document. --test_tokens t (default 0: no test split) makes the last t of those tokens
+test instead of val: val is the first val_tokens - t, cut the same way, and test the documents after it up to
+val_tokens, the tokens dropped from val's last document still counting, so train is the same with or without
+test. --max_docs stops early.
 
 Fine-tuning records (sft): JSON Lines files, one record per line (blank lines skipped), read in order of
 their path relative to their input root. A record is {"prompt": ..., "completion": ...} or
@@ -46,10 +51,20 @@ record with nothing to train (an empty completion; no assistant turn, or only em
 than --block_size + 1 tokens (a training row is block_size + 1 tokens; cutting a record would cut its end
 token or its prompt). Split: of the n records, v = max(1, round(val_fraction * n)) spread evenly are val
 (Python's round: halves go to even): record i (from 0) is val when floor((i + 1) * v / n) > floor(i * v / n).
-The split is decided before any record is dropped, so it does not depend on the tokenizer or --block_size.
+With --test_fraction, t = max(1, round(test_fraction * n)) of those v records, spread evenly among them by the
+same rule, are test instead. The split is decided before any record is dropped, so it does not depend on the
+tokenizer or --block_size.
 Output: {split}_tokens.npy (uint16), {split}_mask.npy (uint8, 1 where the token is a trained target) and
 {split}_offsets.npy (int64: example i is tokens[offsets[i]:offsets[i + 1]]) per split, and meta.json with
 "format": "sft".
+
+Leakage audit: prepare hashes every document (64-bit blake2b of its bytes: exact, verbatim matches only,
+near-duplicates are not found) and says on the console and in meta.json's "leakage" -- {"unit", "val_docs",
+"val_in_train"}, plus "test_docs" and "test_in_train" with a test split -- how many val and test documents also
+occur in train. The unit: for file datasets of several files (python_stdlib) a file, its part in the split; for a
+single file, which straddles the cut anyway, a paragraph, a block of non-blank lines without the whitespace
+around it (one speech in tiny shakespeare); for web datasets a document; for sft a record as rendered (its token
+ids). Empty documents are not counted.
 
 Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header
 of 256 little-endian int32 -- magic 20240520, version 1, token count, then zeros -- followed by the
@@ -65,7 +80,7 @@ import sys
 import time
 from pathlib import Path
 
-from data import MAX_SHARD_TOKENS, DataError, load_shard, shard_paths
+from data import MAX_SHARD_TOKENS, DataError, has_split, leaked_documents, load_shard, shard_paths
 from preparation.common import dataset_meta, tokenizer_without_source, write_meta
 from preparation.files import DOWNLOADED, prepare_files
 from preparation.sft import DEFAULT_SFT_BLOCK_SIZE, prepare_sft
@@ -78,15 +93,18 @@ DEFAULT_TOKENIZER = {
 DEFAULT_VAL_FRACTION = 0.1
 
 
-def _check_options(dataset: str, val_fraction, shard_tokens: int, val_tokens, max_docs, block_size) -> None:
+def _check_options(dataset: str, val_fraction, test_fraction, shard_tokens: int, val_tokens, test_tokens, max_docs,
+                   block_size) -> None:
     if dataset not in DEFAULT_TOKENIZER:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DEFAULT_TOKENIZER)} (or meta)")
     if block_size is not None and (dataset != "sft" or block_size < 1):
         raise DataError(f"--block_size is for sft only and must be at least 1, not {block_size} for {dataset}")
-    if dataset in WEB_DATASETS and val_fraction is not None:
-        raise DataError(f"{dataset} takes the first --val_tokens tokens as val, so drop --val_fraction")
-    if dataset not in WEB_DATASETS and (val_tokens, max_docs) != (None, None):
-        raise DataError(f"--val_tokens and --max_docs are for the web datasets ({', '.join(WEB_DATASETS)}) only")
+    if dataset in WEB_DATASETS and (val_fraction, test_fraction) != (None, None):
+        raise DataError(f"{dataset} takes the first --val_tokens tokens as val (and --test_tokens of them as test),"
+                        " so drop --val_fraction and --test_fraction")
+    if dataset not in WEB_DATASETS and (val_tokens, test_tokens, max_docs) != (None, None, None):
+        raise DataError(f"--val_tokens, --test_tokens and --max_docs are for the web datasets"
+                        f" ({', '.join(WEB_DATASETS)}) only; file datasets take --val_fraction and --test_fraction")
     if val_fraction is not None and not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be strictly between 0 and 1, not {val_fraction}; 0.1 is typical")
     if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
@@ -94,6 +112,15 @@ def _check_options(dataset: str, val_fraction, shard_tokens: int, val_tokens, ma
     for option, value in (("--val_tokens", val_tokens), ("--max_docs", max_docs)):
         if value is not None and value < 1:
             raise DataError(f"{option} must be at least 1, not {value:,}")
+    if test_fraction is not None and not 0 <= test_fraction < 1:
+        raise DataError(f"--test_fraction must be at least 0 (off) and below 1, not {test_fraction}")
+    if test_tokens is not None and test_tokens < 0:
+        raise DataError(f"--test_tokens must be at least 0 (off), not {test_tokens:,}")
+    for unit, test, val in (("fraction", test_fraction, val_fraction or DEFAULT_VAL_FRACTION),
+                            ("tokens", test_tokens, val_tokens or DEFAULT_VAL_TOKENS)):
+        if test and test >= val:
+            raise DataError(f"--test_{unit} {test:,} must be below --val_{unit} {val:,}: test is the last part of what"
+                            f" val holds out, so that train stays the same; raise --val_{unit} to hold out both")
 
 
 def prepare(
@@ -103,44 +130,58 @@ def prepare(
     data_root="data",
     name=None,
     val_fraction=None,
+    test_fraction=None,
     shard_tokens=100_000_000,
     val_tokens=None,
+    test_tokens=None,
     max_docs=None,
     block_size=None,
 ) -> Path:
     """Tokenize a dataset into shards plus meta.json under <data_root>/<name>/ and return that folder.
 
-    val_fraction (default 0.1) splits the file datasets; val_tokens (default 100M) and max_docs are for the
-    web datasets; block_size (default 1024) is for sft."""
+    val_fraction (default 0.1) and test_fraction (default 0, no test split) split the file datasets and sft;
+    val_tokens (default 100M), test_tokens (default 0) and max_docs are for the web datasets; block_size (default
+    1024) is for sft."""
     started = time.perf_counter()
-    _check_options(dataset, val_fraction, shard_tokens, val_tokens, max_docs, block_size)
+    _check_options(dataset, val_fraction, test_fraction, shard_tokens, val_tokens, test_tokens, max_docs, block_size)
     tokenizer_name = tokenizer or DEFAULT_TOKENIZER[dataset]
     out_dir = Path(data_root) / (name or dataset)
+    val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     if dataset == "sft":
-        val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-        meta = prepare_sft(out_dir, inputs, tokenizer_name, val_fraction, block_size or DEFAULT_SFT_BLOCK_SIZE)
+        meta = prepare_sft(out_dir, inputs, tokenizer_name, val_fraction, test_fraction or 0,
+                           block_size or DEFAULT_SFT_BLOCK_SIZE)
     elif dataset in WEB_DATASETS:
         val_tokens = DEFAULT_VAL_TOKENS if val_tokens is None else val_tokens
-        meta = prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_tokens, max_docs, started)
+        meta = prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_tokens, test_tokens or 0,
+                              max_docs, started)
     else:
-        val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-        meta = prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, shard_tokens, started)
+        meta = prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, test_fraction or 0,
+                             shard_tokens, started)
     seconds = time.perf_counter() - started
-    print(
-        f"{out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens"
-        f" in {seconds:.1f}s ({meta['source_bytes'] / 1e6 / seconds:.1f} MB/s)"
-    )
+    tokens = " + ".join(f"{count:,} {split}" for split, count in meta["tokens"].items())
+    print(f"{out_dir}: {tokens} tokens in {seconds:.1f}s ({meta['source_bytes'] / 1e6 / seconds:.1f} MB/s)")
+    _report_leakage(meta)
     return out_dir
+
+
+def _report_leakage(meta: dict) -> None:
+    leakage = meta["leakage"]
+    held_out = " and ".join(f"{leakage[f'{split}_in_train']:,} of {leakage[f'{split}_docs']:,} {split}"
+                            for split in ("val", "test") if f"{split}_docs" in leakage)
+    warning = "warning: " if leaked_documents(meta) else ""
+    print(f"{warning}leakage audit: {held_out} {leakage['unit']}s also occur verbatim in train")
 
 
 def describe_shards(data_dir, tokenizer="gpt2") -> dict:
     """Write meta.json for shards made elsewhere (llm.c, modded-nanogpt), after checking every shard's header."""
     data_dir = Path(data_dir)
     tok = tokenizer_without_source(tokenizer)
-    tokens = {split: sum(len(load_shard(path)) for path in shard_paths(data_dir, split)) for split in ("train", "val")}
+    splits = ["train", "val", "test"] if has_split(data_dir, "test") else ["train", "val"]
+    tokens = {split: sum(len(load_shard(path)) for path in shard_paths(data_dir, split)) for split in splits}
     meta = dataset_meta(data_dir.name, tokenizer, tok, tokens=tokens)
     write_meta(data_dir, meta)
-    print(f"{data_dir / 'meta.json'}: {tokens['train']:,} train + {tokens['val']:,} val {tokenizer} tokens")
+    counts = " + ".join(f"{count:,} {split}" for split, count in tokens.items())
+    print(f"{data_dir / 'meta.json'}: {counts} {tokenizer} tokens")
     return meta
 
 
@@ -185,9 +226,22 @@ def _parser() -> argparse.ArgumentParser:
         f" evenly); not for web datasets (default: {DEFAULT_VAL_FRACTION})",
     )
     parser.add_argument(
+        "--test_fraction",
+        type=float,
+        help="fraction of source bytes, taken from the very end, that becomes a test split; it is carved out of"
+        " --val_fraction, so train stays the same and val keeps the rest (sft: of the val records, spread evenly);"
+        " not for web datasets (default: 0, no test split)",
+    )
+    parser.add_argument(
         "--val_tokens",
         type=int,
         help=f"web datasets: the stream's first this many tokens become the val split (default: {DEFAULT_VAL_TOKENS})",
+    )
+    parser.add_argument(
+        "--test_tokens",
+        type=int,
+        help="web datasets: the last this many of the --val_tokens tokens become a test split, so train stays the"
+        " same and val keeps the rest (default: 0, no test split)",
     )
     parser.add_argument("--max_docs", type=int, help="web datasets: stop after this many documents (default: all)")
     parser.add_argument(

@@ -1,5 +1,6 @@
 """File datasets (python_stdlib, shakespeare_char, text): documents in a fixed pseudo-random order, split by
-bytes into train and val (the rule is in prepare.py's docstring), tokenized a batch of chunks at a time."""
+bytes into train, val and optionally test (the rule is in prepare.py's docstring), tokenized a batch of chunks at a
+time."""
 
 import hashlib
 import http.client
@@ -16,10 +17,12 @@ from preparation.common import (
     BATCH_BYTES,
     CHUNK_BYTES,
     DOWNLOAD_CACHE,
+    LeakageAudit,
     ShardWriter,
     build_tokenizer,
     check_inputs_survive,
     dataset_meta,
+    document_hash,
     files_under,
     input_files,
     new_folder,
@@ -74,19 +77,24 @@ def _download(dataset: str, url: str, path: Path) -> None:
         raise DataError(f"could not download {dataset} ({e}); pass --input PATH to a local copy") from None
 
 
-def _plan_splits(documents: list[Path], val_fraction: float) -> tuple[int, dict[str, list[tuple]]]:
-    """Source size and, per split, its (path, start, end, ends_document) byte segments."""
+def _plan_splits(documents: list[Path], val_fraction: float, test_fraction: float) -> tuple[int, dict[str, list]]:
+    """Source size and, per split, its (path, start, end, ends_document) byte segments. Test, when asked for, is
+    the last test_fraction of the bytes, carved out of the val_fraction held out, so train is the same either way."""
     sizes = [path.stat().st_size for path in documents]
     total = sum(sizes)
     if total == 0:
         raise DataError("the input text is empty (0 bytes); pass files that contain text")
-    cut = _character_start(documents, sizes, int(total * (1 - val_fraction)))
-    if not 0 < cut < total:
+    fractions = {"val": val_fraction, "test": test_fraction} if test_fraction else {"val": val_fraction}
+    cuts = [0, *(_character_start(documents, sizes, int(total * (1 - f))) for f in fractions.values()), total]
+    if any(low >= high for low, high in zip(cuts, cuts[1:])):
+        options = " and ".join(f"--{split}_fraction {fraction}" for split, fraction in fractions.items())
+        wanted = "train, val and test" if test_fraction else "both train and val"
         raise DataError(
-            f"the source ({total:,} bytes) is too small to give both train and val text at --val_fraction"
-            f" {val_fraction}; use more text or another --val_fraction"
+            f"the source ({total:,} bytes) is too small to give {wanted} text at {options}; use more text or other"
+            " fractions"
         )
-    return total, {"train": _segments(documents, sizes, 0, cut), "val": _segments(documents, sizes, cut, total)}
+    splits = ["train", *fractions]
+    return total, {split: _segments(documents, sizes, cuts[i], cuts[i + 1]) for i, split in enumerate(splits)}
 
 
 def _character_start(documents: list[Path], sizes: list[int], cut: int) -> int:
@@ -202,10 +210,55 @@ def _write_splits(folder: Path, splits: dict, tokenizer: Tokenizer, shard_tokens
     return tokens, source_hash.hexdigest()
 
 
-def prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, shard_tokens, started) -> dict:
+def _leakage(splits: dict, several_files: bool) -> dict:
+    """The leakage audit. With several files a document is a file (its part in the split, exact bytes); a single
+    file, which straddles the cut anyway, is audited by paragraph: a block of non-blank lines, without the
+    whitespace around it (one speech in tiny shakespeare)."""
+    audit = LeakageAudit("file" if several_files else "paragraph", splits)
+    for split, segments in splits.items():
+        for path, start, end, _ in segments:
+            if several_files:
+                digest = document_hash()
+                for chunk in _read_chunks(path, start, end):
+                    digest.update(chunk)
+                audit.add(split, digest)
+            else:
+                for digest in _paragraph_hashes(path, start, end):
+                    audit.add(split, digest)
+    return audit.report()
+
+
+def _paragraph_hashes(path: Path, start: int, end: int):
+    """document_hash of each paragraph in path's bytes [start, end), fed a line at a time so that memory stays
+    flat; a line is held back until the next one shows whether it ends its paragraph (and loses trailing space)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        left, digest, held = end - start, None, b""
+        while left:
+            line = f.readline(min(left, CHUNK_BYTES))
+            if not line:
+                raise DataError(f"{path} got shorter while being read; rerun prepare once nothing writes to it")
+            left -= len(line)
+            if not line.isspace():
+                if digest is None:
+                    digest, line = document_hash(), line.lstrip()
+                else:
+                    digest.update(held)
+                held = line
+            elif digest is not None:
+                digest.update(held.rstrip())
+                yield digest
+                digest = None
+        if digest is not None:
+            digest.update(held.rstrip())
+            yield digest
+
+
+def prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, test_fraction, shard_tokens,
+                  started) -> dict:
     documents = _source_documents(dataset, inputs, data_root)
     check_inputs_survive(documents, out_dir)
-    source_bytes, splits = _plan_splits(documents, val_fraction)
+    source_bytes, splits = _plan_splits(documents, val_fraction, test_fraction)
     tok = build_tokenizer(tokenizer_name, source_chars(documents) if tokenizer_name == "char" else None)
     print(
         f"{dataset}: {source_bytes:,} bytes in {len(documents):,} file(s),"
@@ -213,7 +266,9 @@ def prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fract
     )
     with new_folder(out_dir) as folder:
         tokens, source_sha256 = _write_splits(folder, splits, tok, shard_tokens, started)
+        test = {"test_fraction": test_fraction} if test_fraction else {}
         meta = dataset_meta(dataset, tokenizer_name, tok, tokens=tokens, source_bytes=source_bytes,
-                     source_sha256=source_sha256, val_fraction=val_fraction)
+                            source_sha256=source_sha256, val_fraction=val_fraction, **test,
+                            leakage=_leakage(splits, len(documents) > 1))
         write_meta(folder, meta)
     return meta

@@ -9,8 +9,10 @@ import numpy as np
 
 from data import DataError, Tokenizer
 from preparation.common import (
+    LeakageAudit,
     check_inputs_survive,
     dataset_meta,
+    document_hash,
     input_files,
     new_folder,
     tokenizer_without_source,
@@ -93,13 +95,34 @@ def _record_text(value, where: str, what: str) -> str:
 
 
 def val_records(n: int, val_fraction: float) -> np.ndarray:
-    """Which of n records are val: v = max(1, round(val_fraction * n)) of them, spread evenly."""
-    v = max(1, round(val_fraction * n))
+    """Which of n records are held out: v = max(1, round(val_fraction * n)) of them, spread evenly."""
+    return _spread(n, max(1, round(val_fraction * n)))
+
+
+def _spread(n: int, k: int) -> np.ndarray:
     i = np.arange(n)
-    return (i + 1) * v // n > i * v // n
+    return (i + 1) * k // n > i * k // n
 
 
-def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, val_fraction: float, block_size: int) -> dict:
+def record_splits(n: int, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """Each record's split: the held-out ones (val_records) are val, except that with test_fraction on, t =
+    max(1, round(test_fraction * n)) of them, spread evenly among them, are test. Train is the same either way."""
+    splits = np.full(n, "train", dtype=object)
+    held = val_records(n, val_fraction).nonzero()[0]
+    if held.size == n:
+        raise DataError(f"--val_fraction {val_fraction} leaves no train record of {n}; lower it")
+    splits[held] = "val"
+    if test_fraction:
+        t = max(1, round(test_fraction * n))
+        if t >= held.size:
+            raise DataError(f"--test_fraction {test_fraction} takes all {held.size} held-out record(s) of {n}, leaving"
+                            " no val record; raise --val_fraction, of which test is a part")
+        splits[held[_spread(held.size, t)]] = "test"
+    return splits
+
+
+def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, val_fraction: float, test_fraction: float,
+                block_size: int) -> dict:
     files = input_files(inputs or [])
     files = sorted(files, key=lambda path: (files[path], path))
     if not files:
@@ -111,37 +134,41 @@ def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, val_fraction: float,
     records = list(_sft_records(files))
     if len(records) < 2:
         raise DataError(f"{len(records)} record(s) in the input; sft needs at least 2 (one train, one val)")
-    is_val = val_records(len(records), val_fraction)
-    if is_val.all():
-        raise DataError(f"--val_fraction {val_fraction} leaves no train record of {len(records)}; lower it")
-    kept = {"train": [], "val": []}
+    kept = {"train": [], "val": [], **({"test": []} if test_fraction else {})}
     dropped = {"nothing_to_train": 0, "too_long": 0}
-    for (where, record), val in zip(records, is_val):
+    for (where, record), split in zip(records, record_splits(len(records), val_fraction, test_fraction)):
         example = _render(record, tok, where)
         if example is None:
             dropped["nothing_to_train"] += 1
         elif len(example[0]) > block_size + 1:
             dropped["too_long"] += 1
         else:
-            kept["val" if val else "train"].append(example)
+            kept[split].append(example)
     for split, examples in kept.items():
         if not examples:
             raise DataError(f"no {split} example is left after dropping {dropped}; add records or raise --block_size")
+    audit = LeakageAudit("record", kept)  # a record as rendered: its token ids
+    for split, examples in kept.items():
+        for ids, _ in examples:
+            audit.add(split, document_hash(np.asarray(ids, dtype=np.uint16).tobytes()))
     with new_folder(out_dir) as folder:
         counts = {split: _write_sft_split(folder, split, examples) for split, examples in kept.items()}
         source_hash = hashlib.sha256()
         for path in files:
             source_hash.update(path.read_bytes())
+        test = {"test_fraction": test_fraction} if test_fraction else {}
         meta = dataset_meta("sft", tokenizer_name, tok, format="sft", template=SFT_TEMPLATE, block_size=block_size,
                      examples={split: c[0] for split, c in counts.items()},
                      tokens={split: c[1] for split, c in counts.items()},
                      trained_tokens={split: c[2] for split, c in counts.items()},
                      max_example_tokens=max(len(ids) for examples in kept.values() for ids, _ in examples),
                      dropped=dropped, source_bytes=sum(path.stat().st_size for path in files),
-                     source_sha256=source_hash.hexdigest(), val_fraction=val_fraction)
+                     source_sha256=source_hash.hexdigest(), val_fraction=val_fraction, **test,
+                     leakage=audit.report())
         meta["shard_format"] = "sft npy v1"
         write_meta(folder, meta)
-    print(f"sft: {len(records):,} records -> {counts['train'][0]:,} train + {counts['val'][0]:,} val examples; "
+    split_counts = " + ".join(f"{c[0]:,} {split}" for split, c in counts.items())
+    print(f"sft: {len(records):,} records -> {split_counts} examples; "
           f"dropped {dropped['too_long']:,} longer than block_size + 1 = {block_size + 1} tokens and "
           f"{dropped['nothing_to_train']:,} with nothing to train")
     return meta

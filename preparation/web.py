@@ -1,5 +1,6 @@
 """Web datasets (fineweb10B, fineweb_edu10B, openwebtext): a stream of documents from the Hugging Face hub or
-local files, end-of-text before each, the first val_tokens tokens as val (llm.c's convention)."""
+local files, end-of-text before each, the first val_tokens tokens held out as val (llm.c's convention), their
+last test_tokens as test when asked for."""
 
 import hashlib
 import itertools
@@ -12,9 +13,11 @@ import numpy as np
 from data import DataError, Tokenizer
 from preparation.common import (
     BATCH_BYTES,
+    LeakageAudit,
     ShardWriter,
     check_inputs_survive,
     dataset_meta,
+    document_hash,
     input_files,
     new_folder,
     tokenizer_without_source,
@@ -118,34 +121,49 @@ def _document_tokens(documents, tokenizer: Tokenizer):
             yield data, np.concatenate([eot, tokens])
 
 
-def _write_stream(folder: Path, documents, tokenizer: Tokenizer, shard_tokens: int, val_tokens: int, started) -> dict:
-    """Val shards of the stream's first val_tokens tokens, then train shards; returns meta's counts."""
+def _write_stream(folder: Path, documents, tokenizer: Tokenizer, shard_tokens: int, val_tokens: int, test_tokens: int,
+                  started) -> dict:
+    """Shards of the stream's first val_tokens tokens (the held-out part: val, then its last test_tokens as test),
+    then train shards; returns meta's counts. A document crossing a split's end is cut there and the rest of it
+    dropped, the dropped tokens still counting towards the held-out part, so train is the same with or without test.
+    """
     progress = _Progress()
-    writers = {split: ShardWriter(folder, split, shard_tokens, started, progress.log) for split in ("train", "val")}
-    documents_per_split = {"train": 0, "val": 0}
-    source_hash, source_bytes = hashlib.sha256(), 0
+    ends = {"val": val_tokens - test_tokens, "test": val_tokens} if test_tokens else {"val": val_tokens}
+    splits = ["train", *ends]
+    writers = {split: ShardWriter(folder, split, shard_tokens, started, progress.log) for split in splits}
+    documents_per_split = dict.fromkeys(splits, 0)
+    audit = LeakageAudit("document", splits)
+    source_hash, source_bytes, held_out = hashlib.sha256(), 0, 0  # held_out: the stream's tokens before train
     for data, tokens in _document_tokens(documents, tokenizer):
         source_hash.update(data)
         source_bytes += len(data)
-        split = "val" if writers["val"].tokens < val_tokens else "train"
-        if split == "val":
-            tokens = tokens[: val_tokens - writers["val"].tokens]  # the rest of the crossing document is dropped
-        writers[split].add(tokens)
-        if split == "val" and writers["val"].tokens == val_tokens:
-            writers["val"].flush()  # val is complete: write it now rather than after all of train
+        split = next((split for split, end in ends.items() if held_out < end), "train")
+        if split == "train":
+            writers[split].add(tokens)
+        else:
+            writers[split].add(tokens[: ends[split] - held_out])  # the rest of a crossing document is dropped
+            held_out += len(tokens)
+            if held_out >= ends[split]:
+                writers[split].flush()  # the split is complete: write it now rather than after all of train
         documents_per_split[split] += 1
+        if data:
+            audit.add(split, document_hash(data))
         progress.update(documents_per_split, writers)
     if not documents_per_split["train"]:
         raise DataError(
-            f"the documents give {writers['val'].tokens:,} tokens, none left for train after --val_tokens"
+            f"the documents give {held_out:,} tokens, none left for train after --val_tokens"
             f" {val_tokens:,}; use more documents or a smaller --val_tokens"
+        )
+    if test_tokens and not documents_per_split["test"]:
+        raise DataError(
+            f"the val document crossing into test (at token {ends['val']:,}) runs past --val_tokens {val_tokens:,},"
+            " leaving test empty; raise --test_tokens well above a document's length"
         )
     for writer in writers.values():
         writer.flush()
     progress.update(documents_per_split, writers, done=True)
-    tokens = {split: writer.tokens for split, writer in writers.items()}
-    return {"tokens": tokens, "documents": documents_per_split, "source_bytes": source_bytes,
-            "source_sha256": source_hash.hexdigest()}
+    return {"tokens": {split: writer.tokens for split, writer in writers.items()}, "documents": documents_per_split,
+            "source_bytes": source_bytes, "source_sha256": source_hash.hexdigest(), "leakage": audit.report()}
 
 
 class _Progress:
@@ -169,7 +187,8 @@ class _Progress:
         self.width = 0 if end else len(message)
 
 
-def prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_tokens, max_docs, started) -> dict:
+def prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_tokens, test_tokens, max_docs,
+                   started) -> dict:
     files = input_files(inputs) if inputs else {}
     files = sorted(files, key=lambda path: (files[path], path))  # by path relative to the input root
     check_inputs_survive(files, out_dir)
@@ -178,7 +197,9 @@ def prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_t
     source = f"{len(files):,} file(s)" if inputs else f"the Hugging Face hub ({WEB_DATASETS[dataset][0]})"
     print(f"{dataset}: documents from {source}, tokenizer {tokenizer_name} (vocab {tok.vocab_size:,})")
     with new_folder(out_dir) as folder:
-        counts = _write_stream(folder, itertools.islice(documents, max_docs), tok, shard_tokens, val_tokens, started)
-        meta = dataset_meta(dataset, tokenizer_name, tok, **counts, val_tokens=val_tokens)
+        documents = itertools.islice(documents, max_docs)
+        counts = _write_stream(folder, documents, tok, shard_tokens, val_tokens, test_tokens, started)
+        test = {"test_tokens": test_tokens} if test_tokens else {}
+        meta = dataset_meta(dataset, tokenizer_name, tok, **counts, val_tokens=val_tokens, **test)
         write_meta(folder, meta)
     return meta

@@ -257,6 +257,65 @@ def test_python_stdlib_default(tmp_path):
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == meta["source_bytes"] + nonempty
     assert meta["source_bytes"] > 1_000_000
     assert split_tokens(data_dir, "val")[-1] == 256
+    assert meta["leakage"]["unit"] == "file" and meta["leakage"]["val_in_train"] == 0  # the issue's acceptance
+
+
+# ---- the test split ----------------------------------------------------------------------------
+
+
+def test_without_a_test_split_the_shards_are_as_before(tmp_path):
+    """The play's shards and meta.json as prepare wrote them before test splits and the leakage audit existed
+    (sha256 of each shard file), so the default split is unchanged byte for byte; meta only gains "leakage"."""
+    data_dir = prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path)
+
+    assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in data_dir.glob("*.bin")} == {
+        "train_000000.bin": "d7c6a65ee919686b41c5aba2b4c43b849cc5aa25cc1bbc8ad89cdc7cf228f881",
+        "val_000000.bin": "96c31b4218bf80b1243171225a8bafd315773da09cf5b20ed70b0698cc9e7741"}
+    meta = data.read_meta(data_dir)
+    assert list(meta) == ["dataset", "tokenizer", "encoding", "vocab_size", "eot_id", "chars", "tokens",
+                          "source_bytes", "source_sha256", "val_fraction", "leakage", "shard_format"]
+    assert meta["tokens"] == {"train": 43359, "val": 4818} and meta["val_fraction"] == 0.1
+    assert not data.has_split(data_dir, "test")
+    with pytest.raises(DataError, match="no test shards .* with --test_fraction"):
+        data.Windows(data_dir, "test", 8, 65)
+
+
+def test_test_fraction_is_carved_from_the_end_of_val(tmp_path):
+    """The last test_fraction of the bytes become test; train is the same shard, val keeps the bytes between."""
+    plain = prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path / "plain")
+    data_dir = prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path / "test", test_fraction=0.04)
+
+    assert (data_dir / "train_000000.bin").read_bytes() == (plain / "train_000000.bin").read_bytes()
+    assert sorted(path.name for path in data_dir.glob("*.bin")) == ["test_000000.bin", "train_000000.bin",
+                                                                    "val_000000.bin"]
+    text = PLAY.read_text()
+    tokenizer = data.get_tokenizer(data.read_meta(data_dir))
+    val, test = (tokenizer.decode(split_tokens(data_dir, split)) for split in ("val", "test"))
+    assert test == text[int(len(text) * 0.96) :] and val + test == text[int(len(text) * 0.9) :]
+    meta = data.read_meta(data_dir)
+    assert meta["tokens"] == {"train": 43359, "val": len(val), "test": len(test)}
+    assert sum(meta["tokens"].values()) == len(text) and meta["test_fraction"] == 0.04
+    assert data.has_split(data_dir, "test")
+    windows = data.Windows(data_dir, "test", 8, 65)  # opens like val
+    assert windows.tokens == len(test)
+    assert meta["leakage"] == {"unit": "paragraph", "val_docs": 20, "val_in_train": 0, "test_docs": 14,
+                               "test_in_train": 0}  # 33 paragraphs in val without test, one now cut in two
+
+
+def test_test_split_tokens_add_up_with_end_of_text_tokens(tmp_path):
+    """Several files with the byte tokenizer: every document's end-of-text lands in exactly one split."""
+    write_files(tmp_path / "corpus", byte_corpus())
+    corpus = str(tmp_path / "corpus")
+    plain = prepare.prepare("text", inputs=[corpus], data_root=tmp_path / "plain", val_fraction=0.3)
+    data_dir = prepare.prepare("text", inputs=[corpus], data_root=tmp_path / "test", val_fraction=0.3,
+                               test_fraction=0.15)
+
+    np.testing.assert_array_equal(split_tokens(data_dir, "train"), split_tokens(plain, "train"))
+    np.testing.assert_array_equal(np.concatenate([split_tokens(data_dir, "val"), split_tokens(data_dir, "test")]),
+                                  split_tokens(plain, "val"))
+    tokens = data.read_meta(data_dir)["tokens"]
+    assert tokens["train"] + tokens["val"] + tokens["test"] == sum(data.read_meta(plain)["tokens"].values())
+    assert tokens["test"] > 0 and tokens["val"] > 0
 
 
 # ---- tokenizers --------------------------------------------------------------------------------
@@ -291,6 +350,12 @@ def test_char_tokenizer_rejects_unknown_characters():
         (["text", "--input", "{tmp}/text.txt", "--tokenizer", "nope"], "unknown tokenizer"),
         (["wikipedia"], "unknown dataset"),
         (["--val_fraction", "0"], "--val_fraction"),
+        (["--test_fraction", "-0.1"], "--test_fraction must be at least 0"),
+        (["--test_fraction", "1"], "--test_fraction must be at least 0 (off) and below 1"),
+        (["--test_fraction", "0.1"], "--test_fraction 0.1 must be below --val_fraction 0.1"),
+        (["--val_fraction", "0.2", "--test_fraction", "0.3"], "raise --val_fraction to hold out both"),
+        (["text", "--input", "{tmp}/text.txt", "--test_fraction", "0.09"], "too small to give train, val and test"),
+        (["--test_tokens", "5"], "--test_tokens and --max_docs are for the web datasets"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, capsys, arguments, message):
@@ -372,7 +437,8 @@ def test_help_lists_every_option():
     result = subprocess.run([sys.executable, "prepare.py", "--help"], cwd=REPO, capture_output=True, text=True,
                             check=True)
     for option in ["dataset", "--input", "--tokenizer", "--data_root", "--name", "--val_fraction", "--shard_tokens",
-                   "--val_tokens", "--max_docs", "fineweb10B", "fineweb_edu10B", "openwebtext", "meta"]:
+                   "--val_tokens", "--max_docs", "--test_fraction", "--test_tokens", "fineweb10B", "fineweb_edu10B",
+                   "openwebtext", "meta"]:
         assert option in result.stdout
 
 

@@ -87,6 +87,26 @@ def test_split_is_even_and_decided_before_dropping(tmp_path):
     assert len(examples(folder, "train")) == 8
 
 
+def test_test_fraction_takes_test_from_the_val_records(tmp_path):
+    records = [{"prompt": f"{i}:", "completion": "x"} for i in range(20)]
+    plain = prepare_sft(tmp_path, records, val_fraction=0.3, name="plain")
+    folder = prepare_sft(tmp_path, records, val_fraction=0.3, test_fraction=0.1, name="test")
+
+    def numbers(folder, split):
+        return [int(bytes(ids[1:-2]).decode().rstrip(":")) for ids, _ in examples(folder, split)]
+
+    assert numbers(plain, "val") == [3, 6, 9, 13, 16, 19]  # 6 of 20 spread evenly
+    assert numbers(folder, "val") == [3, 6, 13, 16] and numbers(folder, "test") == [9, 19]  # 2 of those 6
+    assert numbers(folder, "train") == numbers(plain, "train")
+    meta = data.read_meta(folder)
+    assert meta["examples"] == {"train": 14, "val": 4, "test": 2} and meta["test_fraction"] == 0.1
+    assert sum(meta["tokens"].values()) == sum(data.read_meta(plain)["tokens"].values())
+    assert data.has_split(folder, "test") and not data.has_split(plain, "test")
+    assert data.Examples(folder, "test", 16, 257).count == 2  # opens like val
+    with pytest.raises(data.DataError, match="takes all 6 held-out record"):
+        prepare_sft(tmp_path, records, val_fraction=0.3, test_fraction=0.29)  # round(5.8) = 6 records
+
+
 def test_meta_files_order_and_same_bytes_on_every_run(tmp_path):
     write_records(tmp_path / "b.jsonl", [{"prompt": "b", "completion": "2"}])
     write_records(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "1"}, "", {"prompt": "c", "completion": "3"}])

@@ -153,6 +153,42 @@ def test_byte_tokenizer_also_leads_each_document_with_eot(tmp_path):
     assert split_tokens(data_dir, "train").tolist() == [256, 256, 99, 0xC3, 0xA9, 256, 100]
 
 
+def test_test_tokens_are_the_end_of_the_held_out_part(tmp_path):
+    """Val is the first val_tokens - test_tokens; its last document is cut there and the rest dropped but counted,
+    so test is the stream's tokens from the next document up to val_tokens and train is the same as without test."""
+    documents = make_documents()
+    source = str(write_jsonl(tmp_path / "docs.jsonl", documents))
+    plain = prepare.prepare("fineweb10B", inputs=[source], data_root=tmp_path / "plain", val_tokens=500,
+                            shard_tokens=1000)
+    data_dir = prepare.prepare("fineweb10B", inputs=[source], data_root=tmp_path / "test", val_tokens=500,
+                               test_tokens=200, shard_tokens=1000)
+
+    assert {name: data for name, data in shard_bytes(data_dir).items() if name.startswith("train")} == {
+        name: data for name, data in shard_bytes(plain).items() if name.startswith("train")}
+    stream, ends = [], []  # the stream's tokens, and where each document ends in it
+    for text in documents:
+        stream += [EOT] + gpt2().encode_ordinary(text)
+        ends.append(len(stream))
+    val_end = next(end for end in ends if end >= 300)  # the end of the document crossing val's end
+    assert split_tokens(data_dir, "val").tolist() == stream[:300]
+    assert split_tokens(data_dir, "test").tolist() == stream[val_end:500]
+    meta = data.read_meta(data_dir)
+    _, _, held_out_documents = expected_stream(documents, 500)
+    val_documents = ends.index(val_end) + 1
+    assert meta["tokens"] == {"train": data.read_meta(plain)["tokens"]["train"], "val": 300, "test": 500 - val_end}
+    assert meta["documents"] == {"train": len(documents) - held_out_documents, "val": val_documents,
+                                 "test": held_out_documents - val_documents}
+    assert (meta["val_tokens"], meta["test_tokens"]) == (500, 200)
+    assert data.Windows(data_dir, "test", 8, 50257).tokens == 500 - val_end
+
+
+def test_a_document_that_fills_test_is_an_error(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "docs.jsonl", ["short", "a long document " * 50, "more", "and more"])
+    err = run_main(["fineweb10B", "--input", str(source), "--val_tokens", "20", "--test_tokens", "10",
+                    "--data_root", str(tmp_path / "data")], capsys)
+    assert "leaving test empty" in err
+
+
 # ---- the Hugging Face hub ----------------------------------------------------------------------
 
 
@@ -232,6 +268,10 @@ def test_hub_failure_suggests_input_and_keeps_old_data(tmp_path, monkeypatch, ca
         (["--input", "{tmp}/docs.jsonl", "--val_fraction", "0.1"], "drop --val_fraction"),
         (["--input", "{tmp}/docs.jsonl", "--val_tokens", "0"], "--val_tokens must be at least 1"),
         (["--input", "{tmp}/docs.jsonl", "--max_docs", "0"], "--max_docs must be at least 1"),
+        (["--input", "{tmp}/docs.jsonl", "--test_tokens", "-1"], "--test_tokens must be at least 0"),
+        (["--input", "{tmp}/docs.jsonl", "--val_tokens", "5", "--test_tokens", "5"],
+         "--test_tokens 5 must be below --val_tokens 5"),
+        (["--input", "{tmp}/docs.jsonl", "--test_fraction", "0.1"], "drop --val_fraction and --test_fraction"),
         (["--input", "{tmp}/docs.jsonl", "--tokenizer", "char"], "char tokenizer"),
         (["--input", "{tmp}/missing.jsonl"], "does not exist"),
     ],
