@@ -3,22 +3,35 @@ single-process, DDP and FSDP runs, every process's RNG state, and the checks bef
 
 A checkpoint is a dict: model, optimizer (full state dicts, by parameter name), scaler, step, data_position
 (the sampler's whole state), best_val_loss, best_step, rng (one per process), wandb_id, weights_from,
-config, model_config, meta.
+config, model_config, meta, train_seconds. best.pt holds the weights alone (no optimizer, scaler or rng): the
+run resumes from last.pt, and a smaller file written off the training thread keeps evaluations cheap.
+
+Two formats (train.py's checkpoint_format): "full", one file (last.pt) that rank 0 writes with every tensor
+gathered to it; and "sharded", a folder (last/) that every process writes its own shards into with
+torch.distributed.checkpoint, plus trainer_state.pt (the dict above without model and optimizer). `last` is a
+symlink to the newest step's folder (last.0000500/), repointed atomically once that folder is complete.
+Both load through load_checkpoint; a sharded checkpoint's tensors are read with load_sharded_state.
 """
 
+import contextlib
 import os
 import pickle
 import random
+import shutil
+import threading
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
@@ -46,12 +59,19 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+WHOLE_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_weights(model):
+    """The model's state dict with whole tensors on the CPU; under FSDP gathered to rank 0 (others get {})."""
+    return get_model_state_dict(model, options=WHOLE_ON_CPU)
+
+
 def full_state(model, optimizer):
     """Model and optimizer state dicts with whole tensors, the optimizer's keyed by parameter name. Under
     FSDP they are gathered to rank 0 (others get empty dicts). One format for every run: a checkpoint
     resumes in one process, under DDP or under FSDP, whichever wrote it."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return full_weights(model), get_optimizer_state_dict(model, optimizer, options=WHOLE_ON_CPU)
 
 
 def load_optimizer_state(model, optimizer, state):
@@ -80,7 +100,7 @@ def save_checkpoint(path, state):
     """Atomic save: write a temporary file in the same folder, fsync it, rename it over `path`, fsync the
     folder. A crash at any instant leaves either the old or the new checkpoint, never a torn one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -93,31 +113,128 @@ def save_checkpoint(path, state):
         os.close(folder)
 
 
+class BackgroundSaver:
+    """Writes one checkpoint at a time on a thread of its own, so training goes on meanwhile; a failed write
+    is raised by the next save or by wait()."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, path, state):
+        self.wait()
+        self.thread = threading.Thread(target=self._save, args=(path, state), daemon=True)
+        self.thread.start()
+
+    def _save(self, path, state):
+        try:
+            save_checkpoint(path, state)
+        except BaseException as e:  # raised on the training thread, at the next save or wait()
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def checkpoint_path(out_dir, name, checkpoint_format):
+    """out_dir/last.pt or out_dir/last (a sharded checkpoint's link), for name last or best."""
+    return Path(out_dir) / (name if checkpoint_format == "sharded" else f"{name}.pt")
+
+
+def save_sharded(link, model, optimizer, trainer_state, rank, keep=1):
+    """Every process writes its shards of the model (and, given, the optimizer) into link's step folder, rank 0
+    adds trainer_state.pt, then points `link` at the folder: a crash leaves the link at the previous, complete
+    one. The `keep` newest step folders stay (keep_last_k's periodic checkpoints), older ones are removed."""
+    folder = link.with_name(f"{link.name}.{trainer_state['step']:07d}")
+    if rank == 0 and folder.exists():  # a resumed run saving again at a step it had saved before its crash
+        shutil.rmtree(folder)
+    if dist.is_initialized():
+        dist.barrier()
+    tensors = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        tensors["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with one_process_quietly():
+        dcp.save(tensors, checkpoint_id=folder)  # a collective: returns once every process's shards are written
+    if rank == 0:
+        save_checkpoint(folder / "trainer_state.pt", trainer_state)
+        tmp = link.with_name(f".{link.name}.link")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(folder.name)
+        os.replace(tmp, link)
+        for old in sorted(link.parent.glob(f"{link.name}.[0-9]*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def one_process_quietly():
+    """torch.distributed.checkpoint warns each time it runs without a process group; here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        yield
+
+
+def load_sharded_state(folder, model, optimizer=None):
+    """Read a sharded checkpoint's model (and optimizer) state into `model` as it is now, sharded or not, on
+    any number of processes: torch.distributed.checkpoint reshards what was saved to what is asked."""
+    tensors = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        tensors["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with one_process_quietly():
+        dcp.load(tensors, checkpoint_id=folder)
+    set_model_state_dict(model, tensors["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
+
+
+def saved_checkpoint(out_dir, name):
+    """out_dir's checkpoint `name` (last or best): the newer of the file name.pt and the sharded folder name
+    (a run may switch checkpoint_format when resumed), or name.pt if there is neither."""
+    saved = [path for path in (Path(out_dir) / f"{name}.pt", Path(out_dir) / name) if path.exists()]
+    return max(saved, key=lambda p: state_file(p).stat().st_mtime) if saved else Path(out_dir) / f"{name}.pt"
+
+
 def checkpoint_to_resume(out_dir, resume):
-    """out_dir/last.pt's contents when resuming; otherwise None, refusing to start over a run already there."""
+    """The last checkpoint's contents when resuming; otherwise None, refusing to start over a run already there."""
+    last = saved_checkpoint(out_dir, "last")
     if resume:
-        return load_checkpoint(out_dir / "last.pt")
-    if (out_dir / "last.pt").exists():
-        raise CheckpointError(f"{out_dir} already holds a run (last.pt); continue it with --init_from=resume "
+        return load_checkpoint(last)
+    if last.exists():
+        raise CheckpointError(f"{out_dir} already holds a run ({last.name}); continue it with --init_from=resume "
                               "or choose another --out_dir")
     return None
 
 
+def state_file(path):
+    return Path(path) / "trainer_state.pt" if Path(path).is_dir() else Path(path)
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint's contents (tensors and plain values only), or CheckpointError saying what is wrong."""
+    """A checkpoint's contents (tensors and plain values only), or CheckpointError saying what is wrong. A
+    sharded one's has `sharded` (its folder) in place of model and optimizer."""
     if not Path(path).exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, or point --out_dir at a run folder")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(state_file(path), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); it is truncated or corrupt: "
                               "restore it from a copy or start a new run in another out_dir") from None
+    return {**ckpt, "sharded": Path(path).resolve()} if Path(path).is_dir() else ckpt
 
 
 def model_from_checkpoint(ckpt):
-    """The GPT (LoRA adapters included) whose weights a checkpoint holds, on the CPU."""
+    """The GPT (LoRA adapters included) whose weights a checkpoint holds, on the CPU; a sharded checkpoint's
+    shards are gathered into it (in one process)."""
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    if ckpt.get("sharded"):
+        load_sharded_state(ckpt["sharded"], model)
+    else:
+        model.load_state_dict(ckpt["model"])
     return model
 
 

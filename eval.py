@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, saved_checkpoint
 from configurator import ConfigError, load_config
 from devices import DeviceConfig, runtime
 from sample import load_model
@@ -189,7 +189,7 @@ def report(cfg, result, seconds, block_size):
         print(f"note: {result['truncated']} example(s) ran past the model's context of {block_size} tokens and kept "
               f"their last tokens: {result['cut_tokens']} tokens cut in all")
     if cfg.out:
-        summary = {"task": cfg.task, "model": cfg.init_from or str(Path(cfg.out_dir) / f"{cfg.ckpt}.pt"),
+        summary = {"task": cfg.task, "model": cfg.init_from or str(saved_checkpoint(cfg.out_dir, cfg.ckpt)),
                    "examples_per_s": speed, **result}
         Path(cfg.out).write_text(json.dumps(summary) + "\n")
         print(f"wrote {cfg.out}")

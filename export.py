@@ -22,7 +22,7 @@ class ExportError(Exception):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a run's checkpoint, e.g. out/best.pt")
+    parser.add_argument("checkpoint", help="a run's checkpoint, e.g. out/best.pt (or out/best, a sharded one)")
     parser.add_argument("folder", help="where to write config.json, model.safetensors and meta.json")
     parser.add_argument("--crop_vocab", action="store_true",
                         help="drop the vocabulary padding beyond the tokenizer's (e.g. 50304 -> 50257 rows); "

@@ -262,12 +262,13 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """(logits at every position, None) without targets; (None, mean cross-entropy over targets != -100)
-        with them. The loss path hands back no logits: a caller holding a micro-batch's full-vocabulary logits
-        (1.6 GB in bf16 at B=16, T=1024) would keep them alive through the next micro-batch's forward."""
+        """(logits, None) without targets: at every position, or with a KV cache (generating) at the last only.
+        (None, mean cross-entropy over targets != -100) with them: the loss path hands back no logits, since a
+        caller holding a micro-batch's full-vocabulary logits (1.6 GB in bf16 at B=16, T=1024) would keep them
+        alive through the next micro-batch's forward."""
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
-            return self.lm_head(x), None
+            return self.lm_head(x if kv_cache is None else x[:, [-1]]), None
         logits = self.lm_head(x)
         return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
 
@@ -374,11 +375,10 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is None or cache.pos >= block_size:
                 cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype)
-                hidden = self.hidden_states(idx[:, -block_size:], cache)
+                logits, _ = self(idx[:, -block_size:], kv_cache=cache)
             else:
-                hidden = self.hidden_states(idx[:, -1:], cache)
-            logits = self.lm_head(hidden[:, -1])  # the next token's only: a prefill needs no others
-            next_id = sample_next(logits[:, :vocab_limit].float(), temperature, top_k, top_p, generator)
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
+            next_id = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import data
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, saved_checkpoint
 from configurator import ConfigError, load_config
 from devices import DeviceConfig, runtime
 from model import GPT, WeightsError
@@ -64,7 +64,7 @@ def load_model(cfg):
             raise ConfigError(str(e)) from None
     if cfg.ckpt not in ("best", "last"):
         raise ConfigError(f"ckpt must be best or last, got {cfg.ckpt!r}")
-    state = load_checkpoint(Path(cfg.out_dir) / f"{cfg.ckpt}.pt")
+    state = load_checkpoint(saved_checkpoint(cfg.out_dir, cfg.ckpt))
     model = model_from_checkpoint(state)
     return (model.merge_lora() if model.config.lora_rank else model), state["meta"]
 

@@ -21,26 +21,44 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runlog
 from checkpoint import (
+    BackgroundSaver,
     CheckpointError,
     check_architecture,
+    checkpoint_path,
     checkpoint_to_resume,
     full_state,
+    full_weights,
     gather_rng_states,
     keep_step_checkpoint,
+    load_checkpoint,
     load_optimizer_state,
+    load_sharded_state,
+    model_from_checkpoint,
     restore_rng,
     save_checkpoint,
+    save_sharded,
     set_rng_state,
 )
 from configurator import ConfigError, load_config
-from data import DataError, Examples, Windows, get_tokenizer, is_gpt2_bpe, prepare_default, read_meta
+from data import (
+    DataError,
+    Examples,
+    Windows,
+    get_tokenizer,
+    has_split,
+    is_gpt2_bpe,
+    leaked_documents,
+    prepare_default,
+    read_meta,
+)
 from devices import RuntimeConfig, peak_flops, runtime
+from eval import evaluate_task, load_task
 from model import GPT, GPTConfig, WeightsError, architecture_options, check_options
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -73,17 +91,24 @@ optimizer = "adamw"  # adamw, or muon: Muon for the blocks' weight matrices, Ada
 muon_lr = 0.02  # with optimizer=muon: the peak learning rate of the Muon matrices (same warmup and decay)
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables clipping (the norm is still logged)
 # evaluation, logging, checkpoints
-eval_interval = 250  # steps between evaluations on the fixed held-out batches (best.pt follows the val loss)
+eval_interval = 250  # steps between evaluations on the fixed held-out batches (best.pt, weights only, follows val)
 eval_iters = 20  # batches per split in each evaluation
 log_interval = 10  # steps between train lines in the console and log.jsonl
 ckpt_interval = 250  # steps between saves of last.pt (it is also saved when the run ends or stops)
 sample_interval = 500  # steps between text samples written to the log; 0 turns them off
 sample_tokens = 200  # length of each sample in tokens
 stop_iter = 0  # stop after this step (saving last.pt) without changing the schedule; 0 runs to max_iters
+target_val_loss = 0.0  # stop at the first evaluation whose val loss is at or below this (time to target); 0 is off
+early_stop_patience = 0  # stop after this many evaluations without a new best val loss (by min_delta); 0 is off
+early_stop_min_delta = 0.0  # how much lower than the best so far a val loss must be to count as improving
+task_eval = ""  # multiple-choice task scored while training: hellaswag or a JSON Lines file (see eval.py); empty: off
+task_eval_interval = 0  # steps between task evaluations; 0 means eval_interval
+task_eval_examples = 200  # the task's first N examples are scored each time; 0 scores all
 # system (the device keys device, dtype and compile are devices.RuntimeConfig's: listed last in --help)
 parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2 shards parameters, grads, optimizer)
 # safety and records
-keep_last_k = 0  # also keep the k newest periodic checkpoints as ckpt_<step>.pt; 0 keeps only last.pt
+checkpoint_format = "full"  # full: files rank 0 writes (last.pt, best.pt); sharded: folders (last, best) of all shards
+keep_last_k = 0  # also keep the k newest periodic checkpoints (ckpt_<step>.pt; sharded: last.<step>); 0 keeps the last
 max_skipped_steps = 25  # stop the run after this many consecutive updates skipped for non-finite values
 loss_spike_factor = 1.5  # warn when a step's loss exceeds this multiple of its running average
 # fine-tuning (SFT data comes from `prepare.py sft`; its prompt tokens are never trained)
@@ -132,6 +157,15 @@ def check_config(cfg, world_size):
                           "--parallel=ddp with --optimizer=muon")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
+    for key in ("target_val_loss", "early_stop_patience", "early_stop_min_delta", "task_eval_interval",
+                "task_eval_examples", "stop_iter", "keep_last_k"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be 0 (off) or more, got {getattr(cfg, key)}")
+    if cfg.task_eval and cfg.parallel == "fsdp" and world_size > 1:
+        raise ConfigError("task_eval scores with whole weights in every process, which FSDP does not keep; use "
+                          "--parallel=ddp, or score checkpoints afterwards with eval.py")
+    if cfg.checkpoint_format not in ("full", "sharded"):
+        raise ConfigError(f"checkpoint_format must be full or sharded, got {cfg.checkpoint_format!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
     try:
@@ -208,9 +242,12 @@ class Setup:
     train_data: Windows | Examples
     val_data: Windows | Examples
     eval_batches: dict  # split -> the fixed (x, y) batches of every evaluation
+    test_batches: dict  # {"test": batches} when the dataset has a test split, scored once at the end; else {}
+    task_examples: list  # task_eval's examples (eval.load_task), or [] without task_eval
     meta: dict  # the dataset's meta.json
     weights_from: str  # scratch or the GPT-2 source the run's weights started from (a resume keeps it)
     tokens_per_step: int  # over all micro-batches and processes
+    best_saver: BackgroundSaver  # writes best.pt off the training thread
 
 
 def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
@@ -228,6 +265,13 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
         val_data = Windows(data_dir, "val", block_size, vocab)
     eval_batches = {"train": train_data.fixed_batches(cfg.eval_iters, cfg.batch_size),
                     "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
+    test_batches = {}
+    if has_split(data_dir, "test"):
+        test_data = (Examples if meta.get("format") == "sft" else Windows)(data_dir, "test", block_size, vocab)
+        test_batches = {"test": test_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
+    task_examples = load_task(cfg.task_eval, cfg.task_eval_examples) if cfg.task_eval else []
+    if task_examples:
+        get_tokenizer(meta)  # a tokenizer that cannot load fails now, not at the first task evaluation
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
     gpt = GPT(model_config).to(rt.device)
@@ -235,25 +279,40 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
         gpt.load_state_dict({**gpt.state_dict(), **pretrained_state})
     if ckpt is not None:
         check_architecture(ckpt, model_config, Path(cfg.out_dir) / "last.pt")
-        gpt.load_state_dict(ckpt["model"])
+        if not ckpt.get("sharded"):
+            gpt.load_state_dict(ckpt["model"])
     sharded = world_size > 1 and cfg.parallel == "fsdp"
-    if sharded:  # FSDP2: each block's parameters, gradients and optimizer state split across the processes
-        for block in gpt.transformer.h:
-            fully_shard(block)
-        fully_shard(gpt)
+    if sharded:
+        shard(gpt, rt)
     optimizer = gpt.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                         rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None)
     scaler = rt.grad_scaler()
     if ckpt is not None:
-        load_optimizer_state(gpt, optimizer, ckpt["optimizer"])
+        if ckpt.get("sharded"):  # read as the model now is: sharded or whole, on any number of processes
+            load_sharded_state(ckpt["sharded"], gpt, optimizer)
+        else:
+            load_optimizer_state(gpt, optimizer, ckpt["optimizer"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-    model = rt.compiled(gpt)
+    model = gpt if sharded else rt.compiled(gpt)  # FSDP's blocks are compiled one by one, in shard()
     if world_size > 1 and not sharded:
         model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
-    return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, meta, weights_from,
-                 tokens_per_step)
+    return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches, task_examples,
+                 meta, weights_from, tokens_per_step, BackgroundSaver())
+
+
+def shard(gpt, rt):
+    """FSDP2: each block's parameters, gradients and optimizer state split across the processes. Under bf16
+    the gathered parameters are bf16 (half the bytes to send) while gradients are reduced in fp32. Each
+    block is compiled before it is wrapped, so FSDP's hooks fall between compiled regions, not inside one."""
+    bf16 = rt.dtype == torch.bfloat16
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in gpt.transformer.h:
+        if rt.compile:
+            block.compile()
+        fully_shard(block, mp_policy=policy)
+    fully_shard(gpt, mp_policy=policy)
 
 
 # ---- the training state: what a checkpoint saves besides the weights ----
@@ -268,6 +327,8 @@ class TrainingState:
     best_val_loss: float = float("inf")
     best_step: int | None = None  # the step best.pt holds
     wandb_id: str = field(default_factory=runlog.new_wandb_id)  # a resumed run continues its wandb run
+    train_seconds: float = 0.0  # time spent in optimizer steps (evaluations, samples and saves excluded)
+    stale_evals: int = 0  # evaluations since the val loss last improved by early_stop_min_delta
 
     @classmethod
     def start(cls, cfg, ckpt, rank, world_size):
@@ -276,12 +337,14 @@ class TrainingState:
         if ckpt is None:
             return cls()
         set_rng_state(restore_rng(ckpt["rng"], rank, world_size))
-        return cls(ckpt["step"], ckpt["data_position"], ckpt["best_val_loss"], ckpt["best_step"], ckpt["wandb_id"])
+        return cls(ckpt["step"], ckpt["data_position"], ckpt["best_val_loss"], ckpt["best_step"], ckpt["wandb_id"],
+                   ckpt.get("train_seconds", 0.0), ckpt.get("stale_evals", 0))  # (absent in older checkpoints)
 
     def to_checkpoint(self, world_size):
         """The checkpoint's entries for this state (a collective: every process's RNG is gathered)."""
         return {"step": self.step, "data_position": self.data_position, "best_val_loss": self.best_val_loss,
-                "best_step": self.best_step, "rng": gather_rng_states(world_size), "wandb_id": self.wandb_id}
+                "best_step": self.best_step, "rng": gather_rng_states(world_size), "wandb_id": self.wandb_id,
+                "train_seconds": self.train_seconds, "stale_evals": self.stale_evals}
 
 
 # ---- one optimizer step ----
@@ -322,11 +385,13 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
 
 def gradient_sync(model, enabled):
     """Whether this micro-batch's backward exchanges gradients between processes (DDP all-reduce, FSDP
-    reduce-scatter): only the last of a step's micro-batches needs to, the others just accumulate."""
+    reduce-scatter): only the last of a step's micro-batches needs to, the others just accumulate. FSDP also
+    keeps the parameters gathered after those backwards, so the next micro-batch's forward need not regather."""
     if isinstance(model, DDP) and not enabled:
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
+        model.set_reshard_after_backward(enabled)
     return contextlib.nullcontext()
 
 
@@ -361,10 +426,10 @@ class DivergenceGuard:
                     f"({self.skipped} in a row, limit {cfg.max_skipped_steps}{scale})")
             if self.skipped >= cfg.max_skipped_steps:
                 log.finish(step, step * setup.tokens_per_step, "diverged")
+                last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
                 raise Diverged(f"training diverged: {self.skipped} consecutive steps up to step {step} had a "
-                               f"non-finite loss or gradient; the last good checkpoint is "
-                               f"{Path(cfg.out_dir) / 'last.pt'}; lower the learning rate or check the data, "
-                               "then resume")
+                               f"non-finite loss or gradient; the last good checkpoint is {last}; lower the "
+                               "learning rate or check the data, then resume")
         else:
             self.skipped = 0
             self.recent_norms = [*self.recent_norms[-99:], grad_norm]
@@ -386,37 +451,90 @@ def nonfinite_gradients(model):
 
 @torch.no_grad()
 def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
-    """Mean loss over fixed batches per split, in eval mode (no dropout). Processes share the batches;
-    each runs the same number of forward passes (FSDP gathers parameters in every one), the surplus
-    ones counting zero."""
+    """{split: (mean loss, its standard error)} over fixed batches per split, in eval mode (no dropout); the
+    standard error is the batch losses' standard deviation over sqrt(batches): the noise in comparing two
+    evaluations. Processes share the batches; each runs the same number of forward passes (FSDP gathers
+    parameters in every one), the surplus ones counting zero."""
     model.eval()
     losses = {}
     for split, split_batches in batches.items():
-        total = torch.zeros(2, device=device)
+        total = torch.zeros(3, device=device)  # sum of losses, of their squares, count
         for i in range(rank, math.ceil(len(split_batches) / world_size) * world_size, world_size):
             x, y = split_batches[min(i, len(split_batches) - 1)]
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
             weight = float(i < len(split_batches))
-            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=device)])
+            total += torch.stack([loss.float(), loss.float() ** 2, torch.tensor(1.0, device=device)]) * weight
         if world_size > 1:
             dist.all_reduce(total)
-        losses[split] = (total[0] / total[1]).item()
+        loss_sum, square_sum, n = total.tolist()
+        mean = loss_sum / n
+        variance = max(square_sum / n - mean ** 2, 0.0) * n / (n - 1) if n > 1 else 0.0
+        losses[split] = mean, math.sqrt(variance / n)
     model.train()
     return losses
 
 
 def evaluate(cfg, setup, state, log, rt, rank, world_size):
-    """Log the losses on the fixed batches; a new best val loss saves best.pt."""
+    """Log the losses on the fixed batches; a new best val loss saves best.pt (the weights alone). Counts the
+    evaluations without an improvement of early_stop_min_delta, and records reaching target_val_loss."""
     losses = estimate_loss(setup.model, setup.eval_batches, rt.device, rt.autocast(), rank, world_size)
+    (train_loss, _), (val, val_se) = losses["train"], losses["val"]
     tokens = state.step * setup.tokens_per_step
-    log.log({"step": state.step, "tokens": tokens, "train_loss": losses["train"], "val_loss": losses["val"],
-             "val_ppl": math.exp(min(losses["val"], 50.0))},
-            f"step {state.step}: eval train {losses['train']:.4f}, val {losses['val']:.4f}")
-    if losses["val"] < state.best_val_loss and state.step > 0:  # the untrained model is not a candidate
-        state.best_val_loss, state.best_step = losses["val"], state.step
-        write_checkpoint(Path(cfg.out_dir) / "best.pt", cfg, setup, state, rank, world_size)
-    log.evaluated(state.step, tokens, losses["val"], state.best_val_loss, state.best_step)
+    log.log({"step": state.step, "tokens": tokens, "train_loss": train_loss, "val_loss": val, "val_loss_se": val_se,
+             "val_ppl": math.exp(min(val, 50.0))},
+            f"step {state.step}: eval train {train_loss:.4f}, val {val:.4f} ± {val_se:.4f}")
+    if state.step > 0:  # the untrained model is neither a candidate nor a reference
+        improved = val < state.best_val_loss - cfg.early_stop_min_delta
+        state.stale_evals = 0 if improved else state.stale_evals + 1
+    if val < state.best_val_loss and state.step > 0:
+        if cfg.target_val_loss and val <= cfg.target_val_loss < state.best_val_loss:
+            log.log({"step": state.step, "tokens": tokens, "train_seconds": state.train_seconds,
+                     "target_val_loss": cfg.target_val_loss, "reached_target": True},
+                    f"step {state.step}: val {val:.4f} reached target_val_loss {cfg.target_val_loss} after "
+                    f"{tokens:,} tokens and {state.train_seconds:.1f} s of training steps")
+            log.update(target_val_loss=cfg.target_val_loss, target_step=state.step, target_tokens=tokens,
+                       target_train_seconds=state.train_seconds)
+        state.best_val_loss, state.best_step = val, state.step
+        write_checkpoint("best", cfg, setup, state, log, rank, world_size)
+    log.evaluated(state.step, tokens, val, state.best_val_loss, state.best_step)
+    log.update(final_val_loss_se=val_se, train_seconds=state.train_seconds)
+
+
+def stop_reason(cfg, state):
+    """Why the run should stop now by its rules (target_val_loss, early_stop_patience), or None."""
+    if cfg.target_val_loss and state.best_val_loss <= cfg.target_val_loss:
+        val, step = state.best_val_loss, state.best_step
+        return f"reached target_val_loss {cfg.target_val_loss} (val {val:.4f} at step {step})"
+    if cfg.early_stop_patience and state.stale_evals >= cfg.early_stop_patience:
+        return (f"early stop: {state.stale_evals} evaluations without improving val loss by more than "
+                f"{cfg.early_stop_min_delta}; best at step {state.best_step}")
+    return None
+
+
+def evaluate_on_task(cfg, setup, log, rt, step, rank, world_size):
+    """Score the multiple-choice task (eval.py's rule) with the current weights and log its accuracy."""
+    result = evaluate_task(setup.gpt, get_tokenizer(setup.meta), setup.task_examples, rt.device, rt.autocast(),
+                           rank, world_size)
+    log.log({"step": step, "tokens": step * setup.tokens_per_step, "task_acc": result["acc"],
+             "task_acc_norm": result["acc_norm"], "task_n": result["n"]},
+            f"step {step}: task {cfg.task_eval}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
+            f"(n {result['n']})")
+    best = max(result["acc_norm"], log.record.get("best_task_acc_norm") or 0.0)
+    log.update(task=cfg.task_eval, task_acc=result["acc"], task_acc_norm=result["acc_norm"], best_task_acc_norm=best)
+
+
+def evaluate_on_test(cfg, setup, log, rt, step, rank, world_size):
+    """The test split's loss, once, at the end, with the selected checkpoint's weights (best.pt's, else the
+    last's): no decision of the run ever reads it."""
+    setup.best_saver.wait()
+    best = checkpoint_path(cfg.out_dir, "best", cfg.checkpoint_format)
+    model = model_from_checkpoint(load_checkpoint(best)).to(rt.device) if best.exists() else setup.model
+    test_loss, test_se = estimate_loss(model, setup.test_batches, rt.device, rt.autocast(), rank, world_size)["test"]
+    used = best.name if best.exists() else "the final weights"
+    log.log({"step": step, "test_loss": test_loss, "test_loss_se": test_se, "test_checkpoint": used},
+            f"test loss {test_loss:.4f} ± {test_se:.4f} ({used}, scored once)")
+    log.update(test_loss=test_loss, test_loss_se=test_se, test_checkpoint=used)
 
 
 def write_sample(cfg, setup, log, rt, step):
@@ -431,20 +549,31 @@ def write_sample(cfg, setup, log, rt, step):
     log.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")
 
 
-def write_checkpoint(path, cfg, setup, state, rank, world_size):
-    """Save the run as it stands (every process takes part; rank 0 writes). With keep_last_k, last.pt is
-    also kept as ckpt_<step>.pt."""
-    model_state, optimizer_state = full_state(setup.gpt, setup.optimizer)
-    contents = {"model": model_state, "optimizer": optimizer_state,
-                "scaler": setup.scaler.state_dict() if setup.scaler.is_enabled() else None,
-                **state.to_checkpoint(world_size), "weights_from": setup.weights_from, "config": vars(cfg),
-                "model_config": asdict(setup.gpt.config), "meta": setup.meta}
-    if world_size > 1:
-        dist.barrier()  # every process has finished the step before its state is written
-    if rank == 0:
-        save_checkpoint(path, contents)
-        if path.name == "last.pt" and cfg.keep_last_k:
-            keep_step_checkpoint(path, state.step, cfg.keep_last_k)
+def write_checkpoint(name, cfg, setup, state, log, rank, world_size):
+    """Save `last` (all a resume needs) or `best` (the weights alone; as one file, written off the training
+    thread) in checkpoint_format. Every process takes part. The training thread's time is logged as ckpt_s."""
+    start = time.perf_counter()
+    path, last = checkpoint_path(cfg.out_dir, name, cfg.checkpoint_format), name == "last"
+    described = {"weights_from": setup.weights_from, "config": vars(cfg), "model_config": asdict(setup.gpt.config),
+                 "meta": setup.meta, **(state.to_checkpoint(world_size) if last else
+                                        {"step": state.step, "best_val_loss": state.best_val_loss})}
+    if last:
+        described["scaler"] = setup.scaler.state_dict() if setup.scaler.is_enabled() else None
+    if cfg.checkpoint_format == "sharded":
+        save_sharded(path, setup.gpt, setup.optimizer if last else None, described, rank, 1 + cfg.keep_last_k)
+    elif last:
+        model_state, optimizer_state = full_state(setup.gpt, setup.optimizer)
+        if world_size > 1:
+            dist.barrier()  # every process has finished the step before its state is written
+        if rank == 0:
+            save_checkpoint(path, {"model": model_state, "optimizer": optimizer_state, **described})
+            if cfg.keep_last_k:
+                keep_step_checkpoint(path, state.step, cfg.keep_last_k)
+    else:
+        weights = full_weights(setup.gpt)  # copied below: the weights train on while the thread writes them
+        if rank == 0:
+            setup.best_saver.save(path, {"model": {k: t.clone() for k, t in weights.items()}, **described})
+    log.log({"step": state.step, "checkpoint": path.name, "ckpt_s": time.perf_counter() - start})
 
 
 def step_batches(cfg, train_data, first, count, device_type):
@@ -456,15 +585,19 @@ def step_batches(cfg, train_data, first, count, device_type):
     return batches
 
 
-def log_progress(cfg, setup, log, step, end_step, lr, loss, grad_norm, dt, peak):
-    """A train line: loss, lr, gradient norm, speed (and MFU, given the processes' peak FLOP/s), time left."""
+def log_progress(cfg, setup, log, state, end_step, lr, loss, grad_norm, dt, wall_dt, peak):
+    """A train line: loss, lr, gradient norm, speed and time left. Two throughputs: tok_per_sec over the
+    optimizer steps alone (dt a step, and MFU from it, given the processes' peak FLOP/s), wall_tok_per_sec
+    over the wall time since the last line (wall_dt a step), evaluations, samples and checkpoints included."""
+    step = state.step
     record = {"step": step, "tokens": step * setup.tokens_per_step, "train_loss": loss, "lr": lr,
-              "grad_norm": grad_norm, "dt_ms": 1000 * dt, "tok_per_sec": setup.tokens_per_step / dt}
+              "grad_norm": grad_norm, "dt_ms": 1000 * dt, "tok_per_sec": setup.tokens_per_step / dt,
+              "wall_tok_per_sec": setup.tokens_per_step / wall_dt, "train_seconds": state.train_seconds}
     if peak:
         record["mfu"] = setup.gpt.flops_per_token(setup.gpt.config.block_size) * record["tok_per_sec"] / peak
-    eta = time.strftime("%H:%M:%S", time.gmtime(dt * (end_step - step)))
+    eta = time.strftime("%H:%M:%S", time.gmtime(wall_dt * (end_step - step)))
     log.log(record, f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * dt:.1f} ms | "
-                    f"{record['tok_per_sec']:,.0f} tok/s | ETA {eta}")
+                    f"{record['tok_per_sec']:,.0f} tok/s ({record['wall_tok_per_sec']:,.0f} wall) | ETA {eta}")
 
 
 def catch_stop_signals():
@@ -487,27 +620,53 @@ def stop_requested(stop_signal, device, world_size):
 # ---- the loop ----
 
 def begin(cfg, setup, state, log, rt, rank, world_size, resumed, end_step):
-    """Before the first step: a new run evaluates the untrained model, a resumed one notes where it resumes."""
+    """Before the first step: a new run evaluates the untrained model, a resumed one notes where it resumes.
+    Returns the reason a resumed run is already done by its stop rules, or None."""
     if resumed:
-        last_pt = Path(cfg.out_dir) / "last.pt"
-        log.log({"step": state.step, "event": "resumed"}, f"resumed from {last_pt} at step {state.step}")
-        if state.step >= end_step and rank == 0:
+        last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
+        log.log({"step": state.step, "event": "resumed"}, f"resumed from {last} at step {state.step}")
+        done = stop_reason(cfg, state)
+        if rank == 0 and done:
+            print(f"{last} is done: it {done}; to train on, resume with that rule off (set it to 0)")
+        elif rank == 0 and state.step >= end_step:
             limit = "--max_iters" if end_step == cfg.max_iters else "--stop_iter (or set it to 0)"
-            print(f"{last_pt} is already at step {state.step}; raise {limit} to train further")
-        return
+            print(f"{last} is already at step {state.step}; raise {limit} to train further")
+        return done
     if rank == 0:
         vocab = setup.gpt.config.vocab_size
         print(f"expected loss at init: ln({vocab}) = {math.log(vocab):.4f}")
     evaluate(cfg, setup, state, log, rt, rank, world_size)
+    if cfg.task_eval:
+        evaluate_on_task(cfg, setup, log, rt, state.step, rank, world_size)
+    return None
+
+
+def after_step(cfg, setup, state, log, rt, rank, world_size, end_step):
+    """The evaluations, sample and save due after this step. Returns the stop rules' reason if one now holds
+    (last.pt is then saved at this step), or None."""
+    final = state.step == cfg.max_iters  # the schedule's end, not stop_iter: a paused run evaluates as the whole
+    if state.step % cfg.eval_interval == 0 or final:
+        evaluate(cfg, setup, state, log, rt, rank, world_size)
+    if cfg.task_eval and (state.step % (cfg.task_eval_interval or cfg.eval_interval) == 0 or final):
+        evaluate_on_task(cfg, setup, log, rt, state.step, rank, world_size)
+    if cfg.sample_interval and (state.step % cfg.sample_interval == 0 or final):
+        write_sample(cfg, setup, log, rt, state.step)
+    reason = stop_reason(cfg, state)
+    if reason or state.step % cfg.ckpt_interval == 0 or state.step == end_step:
+        write_checkpoint("last", cfg, setup, state, log, rank, world_size)
+    if reason and rank == 0:
+        print(f"step {state.step}: stopping: {reason}")
+    return reason
 
 
 def train_loop(cfg, setup, state, log, rt, rank, world_size, resumed):
-    """Optimizer steps from state.step to max_iters (or stop_iter), with progress lines, evaluations, samples
-    and saves of last.pt at their intervals; a stop signal ends it at the next progress line."""
-    last_pt = Path(cfg.out_dir) / "last.pt"
+    """Optimizer steps from state.step to max_iters (or stop_iter), each followed by after_step's work; a stop
+    signal ends it at the next progress line, a stop rule (target, patience) at the evaluation that meets it."""
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
     stop_signals = catch_stop_signals()
-    begin(cfg, setup, state, log, rt, rank, world_size, resumed, end_step)
+    done = begin(cfg, setup, state, log, rt, rank, world_size, resumed, end_step)
+    if done:
+        end_step = state.step
     accum = cfg.gradient_accumulation_steps // world_size  # of each step's micro-batches, rank r draws the r-th share
     loader = ThreadPoolExecutor(max_workers=1)
     upcoming = loader.submit(step_batches, cfg, setup.train_data, state.data_position + rank * accum, accum,
@@ -515,7 +674,8 @@ def train_loop(cfg, setup, state, log, rt, rank, world_size, resumed):
     guard, step_times, compiling = DivergenceGuard(), [], rt.compile
     gpu_peak = peak_flops(torch.cuda.get_device_name(rt.device), rt.dtype) if rt.device_type == "cuda" else None
     peak = gpu_peak and gpu_peak * world_size  # all processes' FLOP/s, for MFU; None off CUDA or for an unknown GPU
-    end_reason = "finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}"
+    end_reason = done or ("finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}")
+    window = time.perf_counter(), state.step  # the wall clock and step at the last progress line
     while state.step < end_step:
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr)
@@ -528,6 +688,7 @@ def train_loop(cfg, setup, state, log, rt, rank, world_size, resumed):
                                               lr, cfg.grad_clip)
         state.step += 1
         elapsed = time.perf_counter() - t0
+        state.train_seconds += elapsed
         if compiling:  # the first step traces and compiles the model: reported apart from the step times
             compiling = False
             log.log({"step": state.step, "compile_s": elapsed},
@@ -538,23 +699,25 @@ def train_loop(cfg, setup, state, log, rt, rank, world_size, resumed):
 
         if state.step % cfg.log_interval == 0 or state.step == end_step:
             dt = sum(step_times) / len(step_times) if step_times else elapsed
+            wall_dt = (time.perf_counter() - window[0]) / (state.step - window[1])
             step_times.clear()
-            log_progress(cfg, setup, log, state.step, end_step, lr, loss, grad_norm, dt, peak)
+            window = time.perf_counter(), state.step
+            log_progress(cfg, setup, log, state, end_step, lr, loss, grad_norm, dt, wall_dt, peak)
             if stop_requested(stop_signals, rt.device, world_size):
                 signal_name = stop_signals[0] if stop_signals else "a signal to another process"
                 if rank == 0:
-                    print(f"stopping at step {state.step} on {signal_name}; saving {last_pt}")
-                write_checkpoint(last_pt, cfg, setup, state, rank, world_size)
+                    print(f"stopping at step {state.step} on {signal_name}; saving the last checkpoint")
+                write_checkpoint("last", cfg, setup, state, log, rank, world_size)
                 end_reason = f"stopped by {signal_name}"
                 break
-        # the schedule's end, not stop_iter, decides the final eval and sample, so a paused run matches
-        if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
-            evaluate(cfg, setup, state, log, rt, rank, world_size)
-        if cfg.sample_interval and (state.step % cfg.sample_interval == 0 or state.step == cfg.max_iters):
-            write_sample(cfg, setup, log, rt, state.step)
-        if state.step % cfg.ckpt_interval == 0 or state.step == end_step:
-            write_checkpoint(last_pt, cfg, setup, state, rank, world_size)
+        reason = after_step(cfg, setup, state, log, rt, rank, world_size, end_step)
+        if reason:
+            end_reason = reason
+            break
     loader.shutdown(cancel_futures=True)
+    setup.best_saver.wait()
+    if setup.test_batches and not done and (end_reason == "finished" or stop_reason(cfg, state)):
+        evaluate_on_test(cfg, setup, log, rt, state.step, rank, world_size)
     log.finish(state.step, state.step * setup.tokens_per_step, end_reason)
 
 
@@ -573,16 +736,26 @@ def train(cfg):
         if rt.device_type == "cuda":
             torch.cuda.set_device(rt.device)
         dist.init_process_group(backend="nccl" if rt.device_type == "cuda" else "gloo")
+    lock = None
     try:
+        if rank == 0:  # one run per folder, taken before anything reads or writes it
+            lock = runlog.RunFolderLock(cfg.out_dir)
         ckpt = checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
+        if ckpt is None and rank == 0:
+            runlog.check_fresh_folder(cfg.out_dir)
         setup = set_up(cfg, ckpt, rt, rank, local_rank, world_size)
         state = TrainingState.start(cfg, ckpt, rank, world_size)
         log = runlog.RunLog(cfg.out_dir, rank == 0)
         log.start(cfg, setup.meta, rt.device, rt.dtype, world_size, ckpt["step"] if ckpt else None, state.wandb_id)
         if rank == 0:
             runlog.describe(cfg, setup, rt, world_size)
+            if leaked := leaked_documents(setup.meta):
+                print(f"warning: {leaked:,} val/test {setup.meta['leakage']['unit']}s of {cfg.dataset} also occur "
+                      "verbatim in train (meta.json's leakage audit); held-out losses will flatter the model")
         train_loop(cfg, setup, state, log, rt, rank, world_size, resumed=ckpt is not None)
     finally:
+        if lock is not None:
+            lock.release()
         if distributed:
             dist.destroy_process_group()
 
@@ -590,7 +763,7 @@ def train(cfg):
 def main(argv=None):
     try:
         train(load_config(__file__, sys.argv[1:] if argv is None else argv, RuntimeConfig, GPTConfig))
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, runlog.RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:
