@@ -168,7 +168,8 @@ def test_example_records_fit_128_tokens_and_the_cli_reports(tmp_path):
                                        "--block_size", "128", "--data_root", str(tmp_path)])
     assert "dropped 0 longer than block_size + 1 = 129 tokens and 0 with nothing to train" in result.stdout
     meta = data.read_meta(tmp_path / "sft")
-    assert meta["examples"]["val"] == 48 and meta["tokenizer"] == "gpt2"
+    assert meta["examples"]["val"] == 34 and meta["tokenizer"] == "gpt2"
+    assert meta["leakage"]["val_in_train"] == 0  # no val record repeats a train one
     bad = run_script("prepare.py", ["sft", "--input", str(write_records(tmp_path / "one.jsonl", ["{"])),
                                     "--data_root", str(tmp_path)], check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and bad.stderr.count("\n") == 1
