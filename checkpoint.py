@@ -20,7 +20,7 @@ import random
 import shutil
 import threading
 import warnings
-from dataclasses import asdict
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from model import GPT, GPTConfig
+from runlog import writing
 
 
 class CheckpointError(Exception):
@@ -98,14 +99,16 @@ def restore_rng(states, rank, world_size):
 
 def save_checkpoint(path, state):
     """Atomic save: write a temporary file in the same folder, fsync it, rename it over `path`, fsync the
-    folder. A crash at any instant leaves either the old or the new checkpoint, never a torn one."""
+    folder. A crash at any instant leaves either the old or the new checkpoint, never a torn one; a failed
+    write (runlog.WriteError: a full disk, a file size limit) removes the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -214,17 +217,30 @@ def state_file(path):
     return Path(path) / "trainer_state.pt" if Path(path).is_dir() else Path(path)
 
 
+OWN_CHECKPOINTS = ("pass a last.pt or best.pt that train.py wrote (GPT-2 weights from elsewhere load from a Hugging "
+                   "Face folder: --init_from=FOLDER)")
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint's contents (tensors and plain values only), or CheckpointError saying what is wrong. A
-    sharded one's has `sharded` (its folder) in place of model and optimizer."""
+    """A checkpoint's contents (tensors and plain values only) plus `path`, or CheckpointError saying what is
+    wrong. A sharded one's has `sharded` (its folder) in place of model and optimizer."""
     if not Path(path).exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, or point --out_dir at a run folder")
+    file = state_file(path)
     try:
-        ckpt = torch.load(state_file(path), map_location=map_location, weights_only=True)
+        ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(file):  # whole, but more than weights
+            raise CheckpointError(f"{path} is a whole file but holds Python objects besides tensors and plain "
+                                  "values, which are not loaded (torch.load's weights_only), so another program "
+                                  f"wrote it; {OWN_CHECKPOINTS}") from None
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); it is truncated or corrupt: "
                               "restore it from a copy or start a new run in another out_dir") from None
-    return {**ckpt, "sharded": Path(path).resolve()} if Path(path).is_dir() else ckpt
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+        nanogpt = isinstance(ckpt, dict) and "model_args" in ckpt
+        layout = "nanoGPT's layout: model_args, no model_config" if nanogpt else "no model_config"
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer ({layout}); {OWN_CHECKPOINTS}")
+    return {**ckpt, "path": Path(path), **({"sharded": Path(path).resolve()} if Path(path).is_dir() else {})}
 
 
 def model_from_checkpoint(ckpt):
@@ -234,22 +250,30 @@ def model_from_checkpoint(ckpt):
     if ckpt.get("sharded"):
         load_sharded_state(ckpt["sharded"], model)
     else:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], ckpt["path"])
     return model
 
 
-def check_architecture(ckpt, model_config, path):
-    saved = asdict(GPTConfig(**ckpt["model_config"]))  # a checkpoint from before a field existed has its default
-    for key, value in asdict(model_config).items():
-        if key not in ("dropout", "lora_dropout") and saved[key] != value:
-            raise CheckpointError(f"{path} holds a model with {key}={saved[key]} but the "
-                                  f"config asks for {key}={value}; use the run's own config to resume it")
+def load_weights(model, weights, path):
+    """Load a checkpoint's weights into `model`, or CheckpointError naming the tensors that do not fit it."""
+    expected = model.state_dict()
+    wrong = {"lacks": [name for name in expected if name not in weights],
+             "has unexpected": [name for name in weights if name not in expected],
+             "has a different shape of": [name for name, t in expected.items()
+                                          if name in weights and weights[name].shape != t.shape]}
+    found = [f"{what} {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+             for what, names in wrong.items() if names]
+    if found:
+        raise CheckpointError(f"{path} does not fit the model its model_config describes: it {'; it '.join(found)}; "
+                              "it is damaged: restore it from a copy or start a new run in another out_dir")
+    model.load_state_dict(weights)
 
 
 def keep_step_checkpoint(ckpt_path, step, keep):
     """Keep last.pt of this step as ckpt_<step>.pt too (a hard link: no copy), and only the newest `keep`."""
     link = ckpt_path.with_name(f"ckpt_{step:07d}.pt")
-    link.unlink(missing_ok=True)
-    os.link(ckpt_path, link)
+    with writing(link):
+        link.unlink(missing_ok=True)
+        os.link(ckpt_path, link)
     for old in sorted(ckpt_path.parent.glob("ckpt_*.pt"))[:-keep]:
         old.unlink()

@@ -10,7 +10,6 @@ one token count that every run reached, so an early lead is not mistaken for a b
 Every field past the loss is optional (older runs, datasets without a test split): a missing one shows as "-".
 """
 
-import argparse
 import json
 import math
 import re
@@ -20,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import plot
+from configurator import ArgumentParser
 
 TASK_KEY = re.compile(r"(best_|final_)?task_")  # run.json's task accuracy fields: task_acc, best_task_acc_norm, ...
 DATA_KEYS = ("dataset", "tokenizer", "source_sha256")  # losses on other data or tokens are not comparable
@@ -166,8 +166,8 @@ def data_warnings(runs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Compare training runs: a table, a verdict against the first run "
-                                                 "on best val loss, and a plot of their loss curves.")
+    parser = ArgumentParser(description="Compare training runs: a table, a verdict against the first run "
+                                        "on best val loss, and a plot of their loss curves.")
     parser.add_argument("runs", nargs="*", help="run folders (each with run.json and log.jsonl); the first is the base")
     parser.add_argument("-o", "--output", "--out", default="compare.png", help="PNG to write (default: compare.png)")
     args = parser.parse_args(argv)

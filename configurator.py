@@ -5,8 +5,10 @@ literal value). Keys that several scripts share, or that another module owns, ar
 declared the same way (`name: type = default  # meaning`), such as devices.DeviceConfig or model.GPTConfig,
 and are named in the script's load_config call. This module reads those lines from the source, so `--help`
 lists exactly the keys, defaults and meanings that the code uses; there is no second list to keep in sync.
+The scripts with positional arguments (export, plot, compare, prepare) use ArgumentParser instead.
 """
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -20,6 +22,15 @@ from types import SimpleNamespace
 
 class ConfigError(Exception):
     """A config problem the user can fix; the message is one sentence naming the key or file."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line, `error: ...`, and exit status 2, as every script's bad
+    input is (argparse's own prints the usage first)."""
+
+    def error(self, message):
+        print(f"error: {message}; see --help", file=sys.stderr)
+        sys.exit(2)
 
 
 def declared_keys(script_path):

@@ -12,6 +12,7 @@ held-out documents also found verbatim in train (leaked_documents reads it).
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -107,15 +108,45 @@ def read_meta(data_dir) -> dict:
     if not meta_path.is_file() and any(Path(data_dir).glob("*.bin")):
         raise DataError(
             f"{data_dir} holds shards but no meta.json; for shards from llm.c or modded-nanogpt run"
-            f" `{prepare_command(data_dir, f' meta --name {Path(data_dir).name}')}`,"
+            f" `{prepare_command(data_dir, f' meta --name {shlex.quote(Path(data_dir).name)}')}`,"
             f" else re-create them with `{prepare_command(data_dir)}`"
         )
     if not meta_path.is_file():
         raise DataError(f"no prepared data in {data_dir} (no meta.json); run `{prepare_command(data_dir)}` first")
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:  # not JSON, or not even text
         raise DataError(f"{meta_path} is not JSON ({e}); re-create it with `{prepare_command(data_dir)}`") from None
+    if not well_formed(meta):
+        raise DataError(f"{meta_path} is not a dataset's meta (an object with its tokenizer, vocab_size and, for char "
+                        f"tokens, chars); re-create it with `{prepare_command(data_dir)}`")
+    return meta
+
+
+def well_formed(meta) -> bool:
+    """Whether a meta holds what reading its data needs: an object naming its tokenizer, a positive vocab_size,
+    and a char tokenizer's chars."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), str):
+        return False
+    vocab = meta.get("vocab_size")
+    chars_ok = meta["tokenizer"] != "char" or isinstance(meta.get("chars"), str)
+    return type(vocab) is int and vocab > 0 and chars_ok
+
+
+IDENTITY = ("dataset", "tokenizer", "encoding", "vocab_size", "chars", "source_sha256", "tokens")  # tell data apart
+
+
+def data_differences(saved: dict, meta: dict) -> list[str]:
+    """The IDENTITY fields in which `meta` differs from `saved` (e.g. a checkpoint's copy of the meta it trained
+    on); a field `saved` lacks (data prepared before it was recorded) is not compared."""
+    return [key for key in IDENTITY if key in saved and saved[key] != meta.get(key)]
+
+
+def describe_data(meta: dict) -> str:
+    """A dataset's identity in a few words, for messages: name, tokens, vocab, source hash and split sizes."""
+    splits = " + ".join(f"{count:,} {split}" for split, count in (meta.get("tokens") or {}).items())
+    return (f"{meta.get('dataset')} ({meta.get('tokenizer')} tokens, vocab {meta.get('vocab_size')}, source sha256 "
+            f"{(meta.get('source_sha256') or 'unrecorded')[:12]}, {splits or 'unknown'} tokens)")
 
 
 def leaked_documents(meta: dict) -> int:
@@ -129,13 +160,14 @@ def prepare_command(data_dir, arguments=None) -> str:
     """The command line that (re)creates data_dir, or runs other arguments on it, for error messages."""
     data_dir = Path(data_dir)
     if arguments is None:
+        quoted = shlex.quote(data_dir.name)
         arguments = {"python_stdlib": "", **{name: f" {name}" for name in NAMED_DATASETS}}.get(
-            data_dir.name, f" text --input ... --name {data_dir.name}"
+            data_dir.name, f" text --input ... --name {quoted}"
         )
         if data_dir.name == "sft" or (data_dir / "train_tokens.npy").exists():
-            arguments = f" sft --input ... --name {data_dir.name}"
+            arguments = f" sft --input ... --name {quoted}"
     if data_dir.parent.resolve() != Path("data").resolve():
-        arguments += f" --data_root {data_dir.parent}"
+        arguments += f" --data_root {shlex.quote(str(data_dir.parent))}"
     return "python prepare.py" + arguments
 
 

@@ -199,6 +199,9 @@ def evaluate(cfg):
     """Evaluate as the config says: alone, or as one of torchrun's processes (torchrun sets RANK and the rest)."""
     if cfg.max_examples < 0:
         raise ConfigError(f"max_examples must be 0 (all) or more, got {cfg.max_examples}")
+    if cfg.out and (Path(cfg.out).is_dir() or not Path(cfg.out).parent.is_dir()):  # found out before, not after
+        raise ConfigError(f"out {cfg.out} is a folder or in a folder that does not exist; pass a file path such as "
+                          "scores.json")
     distributed = "RANK" in os.environ
     rank, local_rank, world_size = 0, 0, 1
     if distributed:

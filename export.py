@@ -6,13 +6,14 @@ rebuilds its tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go 
 adapters are merged into the weights; with --adapters_only they are written alone instead, in PEFT's layout.
 """
 
-import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from configurator import ArgumentParser
 from model import WeightsError
 
 
@@ -21,7 +22,7 @@ class ExportError(Exception):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a run's checkpoint, e.g. out/best.pt (or out/best, a sharded one)")
     parser.add_argument("folder", help="where to write config.json, model.safetensors and meta.json")
     parser.add_argument("--crop_vocab", action="store_true",
@@ -52,6 +53,11 @@ def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=Fals
         if not model.config.lora_rank:
             raise ExportError(f"{checkpoint} is not a LoRA run (lora_rank 0), so it has no adapters; export "
                               "it without --adapters_only")
+        if ckpt["weights_from"] == "scratch":
+            raise ExportError(f"{checkpoint} is a LoRA run trained from scratch: its base weights are its own random "
+                              "initialisation, which exists only in the checkpoint, so its adapters alone apply to "
+                              "nothing; export it without --adapters_only (the adapters merged), or sample it with "
+                              f"`{shlex.join(['python', 'sample.py', f'--out_dir={Path(checkpoint).parent}'])}`")
         model.save_adapters(folder, base_model=ckpt["weights_from"])
     else:
         model.save_pretrained(folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
@@ -62,8 +68,9 @@ def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=Fals
 def report_adapters(folder, model, base):
     print(f"wrote {folder}/adapter_config.json and adapter_model.safetensors: LoRA rank {model.config.lora_rank} "
           f"on {model.config.lora_targets}, {sum(t.numel() for t in model.adapter_state().values()):,} parameters")
-    print(f'apply them to {base}: here `python sample.py --init_from={base} --adapters={folder}`; with PEFT '
-          f'PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("{base}"), "{folder}")')
+    command = shlex.join(["python", "sample.py", f"--init_from={base}", f"--adapters={folder}"])
+    print(f"apply them to {base}: here `{command}`; with PEFT "
+          f"PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({str(base)!r}), {str(folder)!r})")
 
 
 def report(folder, model, meta, crop_vocab):
@@ -71,13 +78,13 @@ def report(folder, model, meta, crop_vocab):
     vocab = meta["vocab_size"] if crop_vocab else cfg.vocab_size
     print(f"wrote {folder}/config.json, model.safetensors and meta.json: {cfg.n_layer} layers, {cfg.n_head} "
           f"heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} ({meta['vocab_size']} tokens)")
-    print(f'load it with transformers: GPT2LMHeadModel.from_pretrained("{folder}"), or here: '
-          f'GPT.from_pretrained("{folder}")')
+    print(f"load it with transformers: GPT2LMHeadModel.from_pretrained({str(folder)!r}), or here: "
+          f"GPT.from_pretrained({str(folder)!r})")
     if data.is_gpt2_bpe(meta):
         print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
     else:
         print(f"tokenizer: {meta['tokenizer']}, not a Hugging Face one; rebuild it with "
-              f'data.get_tokenizer(data.read_meta("{folder}"))')
+              f"data.get_tokenizer(data.read_meta({str(folder)!r}))")
 
 
 def main(argv=None):
@@ -87,6 +94,10 @@ def main(argv=None):
     except (CheckpointError, ExportError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full disk, a read-only folder
+        print(f"error: cannot write {e.filename or args.folder} ({e.strerror or e}); make room there or choose "
+              "another folder", file=sys.stderr)
+        sys.exit(1)
     if args.adapters_only:
         report_adapters(Path(args.folder), model, base)
     else:

@@ -8,10 +8,11 @@ the last line for each (kind, step) wins, which is what a resumed run wrote on i
 A line that does not parse (one a crash or a full disk cut short) is skipped: read_log, also runlog.read_log.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from configurator import ArgumentParser
 
 MISSING_MATPLOTLIB = "matplotlib is not installed, so no loss.png; `pip install matplotlib` to get it"
 
@@ -105,7 +106,7 @@ def check_log(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot train and val loss against tokens from log.jsonl files.")
+    parser = ArgumentParser(description="Plot train and val loss against tokens from log.jsonl files.")
     parser.add_argument("logs", nargs="+", help="log.jsonl files of one or more runs")
     parser.add_argument("-o", "--output", help="PNG to write (default: loss.png beside the first log)")
     args = parser.parse_args(argv)

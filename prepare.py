@@ -74,12 +74,12 @@ no tokenizing: put the .bin files in <data_root>/<name>/ and run `python prepare
 (--tokenizer names another).
 """
 
-import argparse
 import inspect
 import sys
 import time
 from pathlib import Path
 
+from configurator import ArgumentParser
 from data import MAX_SHARD_TOKENS, DataError, has_split, leaked_documents, load_shard, shard_paths
 from preparation.common import dataset_meta, tokenizer_without_source, write_meta
 from preparation.files import DOWNLOADED, prepare_files
@@ -185,8 +185,8 @@ def describe_shards(data_dir, tokenizer="gpt2") -> dict:
     return meta
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Tokenize text into llm.c-format token shards in <data_root>/<name>/.")
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Tokenize text into llm.c-format token shards in <data_root>/<name>/.")
     defaults = {name: parameter.default for name, parameter in inspect.signature(prepare).parameters.items()}
     downloads = " ".join(f"{name}: {about}, downloaded once unless --input is given;"
                          for name, (about, _, _) in DOWNLOADED.items())

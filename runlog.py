@@ -1,5 +1,6 @@
 """What a run writes besides checkpoints: log.jsonl, the console, run.json, loss.png, and wandb if asked;
-and the run folder's guards: one run per folder (.lock), no new run over an old run's log.
+the run folder's guards: one run per folder (.lock), no new run over an old run's log; and WriteError, what
+every write of the run (checkpoints included) raises when a disk is full, read-only or over a file size limit.
 
 Only the main process writes; on other processes every method does nothing.
 """
@@ -9,6 +10,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,10 +47,45 @@ def code_version():
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
+class WriteError(Exception):
+    """A file of the run that could not be written (a full disk, a read-only folder, a file size limit); the
+    message names the file, the reason and the free space on its disk."""
+
+
+def write_failed(path, error):
+    """The WriteError for `error` while writing `path`, or None if `error` is no I/O error. torch.save reports
+    a failed write as a RuntimeError whose context is the OSError."""
+    cause = error if isinstance(error, OSError) else error.__context__
+    if not isinstance(cause, OSError):
+        return None
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 1e9:.2f} GB free on its disk"
+    except OSError:
+        free = "the free space on its disk unknown"
+    return WriteError(f"cannot write {path} ({cause.strerror or cause}; {free})")
+
+
+@contextlib.contextmanager
+def writing(path, tmp=None):
+    """Around a write of `path` (through the temporary file `tmp`, renamed over it): a failure removes tmp and
+    an I/O error becomes a WriteError."""
+    try:
+        yield
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        failed = write_failed(path, e) if isinstance(e, Exception) else None
+        if failed is None:
+            raise
+        raise failed from None
+
+
 def write_json_atomic(path, data):
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 class RunLog:
@@ -58,9 +96,10 @@ class RunLog:
         self.wandb = None
         self.said_no_plot = False  # a plot that cannot be drawn is said once, not at every evaluation
 
-    def start(self, cfg, meta, device, dtype, world_size, resumed_from, wandb_id):
+    def start(self, cfg, meta, device, dtype, world_size, resumed_from, wandb_id, changed=None):
         """Write run.json's opening state and, with wandb_log, open (or reopen) the wandb run. A resumed
-        run keeps what run.json already says about the run's start, progress and best checkpoint."""
+        run keeps what run.json already says about the run's start, progress and best checkpoint, and records
+        the config keys this resume changed ({key: [old, new]})."""
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +112,8 @@ class RunLog:
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda},
             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
             "dtype": str(dtype).removeprefix("torch."), "world_size": world_size,
-            "command": " ".join(["python", *sys.argv]), "started": now(), "resumed_from_step": resumed_from,
+            "command": shlex.join(["python", *sys.argv]), "started": now(), "resumed_from_step": resumed_from,
+            "changed_on_resume": changed,
             "ended": None, "end_reason": "running", "step": resumed_from or 0, "tokens_seen": 0,
             "final_val_loss": None, "best_val_loss": None, "best_step": None,
             "selected_checkpoint": None, "selection_rule": SELECTION_RULE,
@@ -87,7 +127,8 @@ class RunLog:
         """Append a line to log.jsonl (and its numbers to wandb); print `console` if given."""
         if not self.enabled:
             return
-        with open(self.out_dir / "log.jsonl", "a") as f:
+        path = self.out_dir / "log.jsonl"
+        with writing(path), open(path, "a") as f:  # a line cut short by a full disk is set aside on resume
             f.write(json.dumps(record) + "\n")
         if console:
             print(console, flush=True)
@@ -152,9 +193,10 @@ def set_aside_torn_line(log_path):
     if not last or (last.endswith(b"\n") and plot.parse_record(last) is not None):
         return
     torn = log_path.with_name(log_path.name + ".torn")
-    with open(torn, "ab") as f:
+    with writing(torn), open(torn, "ab") as f:
         f.write(last.rstrip(b"\n") + b"\n")
-    os.truncate(log_path, start)
+    with writing(log_path):
+        os.truncate(log_path, start)
     print(f"{log_path} ended in a torn line (left by a crash or a full disk); moved it to {torn}, the log goes on "
           "after its last whole line", flush=True)
 
@@ -165,13 +207,15 @@ class RunFolderError(Exception):
 
 class RunFolderLock:
     """out_dir/.lock, JSON {pid, host, started}, held while a run writes there: two runs in one folder would
-    interleave log.jsonl and overwrite each other's checkpoints. O_EXCL makes taking it atomic; a lock left by
+    interleave log.jsonl and overwrite each other's checkpoints. A hard link makes taking it atomic; a lock left by
     a killed run (this host, its pid gone) is taken over. Two runs taking over one stale lock at the same
     instant are not told apart. Taken before anything else looks at the folder, so a run that cannot start
     learns it at once; a folder the lock had to create, and that is still empty at release, is removed."""
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / ".lock"
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise RunFolderError(f"--out_dir {self.path.parent} is a file, not a folder; choose another --out_dir")
         self.made_folder = not self.path.parent.exists()
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": now()}
         try:
@@ -182,17 +226,17 @@ class RunFolderLock:
             raise RunFolderError(f"cannot take {self.path} ({e.strerror or e}); choose another --out_dir") from None
 
     def create(self, owner):
-        """Create the lock holding `owner`; False if there is one already."""
+        """Create the lock holding `owner`; False if there is one already. The owner is written to a file of
+        this process first, then linked as the lock (atomic, and refused if a lock exists), so that another
+        run never reads a lock whose owner is not written yet."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            tmp.write_text(json.dumps(owner))
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(owner, f)
-        except BaseException:  # a lock without its owner's name could only be refused: leave none
-            self.path.unlink(missing_ok=True)
-            raise
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def take_over_if_stale(self):
@@ -214,7 +258,8 @@ class RunFolderLock:
                              "process is gone")
 
     def release(self):
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only folder the lock stays: the next run takes it over
+            self.path.unlink(missing_ok=True)
         if self.made_folder:
             with contextlib.suppress(OSError):  # rmdir removes only an empty folder: a run that wrote nothing
                 self.path.parent.rmdir()

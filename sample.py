@@ -40,7 +40,11 @@ def prompt(tokenizer, start):
         path = Path(start[len("FILE:"):])
         if not path.is_file():
             raise ConfigError(f"prompt file {path} does not exist; give --start=FILE:path to an existing file")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"prompt file {path} cannot be read as UTF-8 text ({type(e).__name__}); give "
+                              "--start=FILE:path to a text file") from None
     if tokenizer.eot_id is None:
         return text, tokenizer.encode(text) if text else tokenizer.document_start()
     return text, tokenizer.document_start() + tokenizer.encode(text)

@@ -1,11 +1,13 @@
 """Train a GPT: `python train.py [config/x.py ...] [--key=value ...]`, or under torchrun for several processes.
 
 Read top to bottom: the config (every key with its default and meaning; the device keys come from
-devices.RuntimeConfig, the architecture options from model.GPTConfig), the schedule (`lr_at`), the checks,
-`set_up` (data, model, optimizer), `TrainingState` (what a checkpoint saves besides weights and optimizer),
-`train_step` (one optimizer step, the heart of it), `DivergenceGuard`, the loop's pieces (evaluation,
-samples, checkpoints, the loader thread's batches, progress lines, stop signals), `train_loop`, then `train`
-(processes) and `main` (exit codes). checkpoint.py writes the checkpoints, runlog.py the run's records.
+devices.RuntimeConfig, the architecture options from model.GPTConfig), the schedule (`lr_at`), the checks
+(the keys' ranges; on resume, what the checkpoint fixes and what may change), `set_up` (data, model,
+optimizer), `TrainingState` (what a checkpoint saves besides weights and optimizer), `train_step` (one
+optimizer step, the heart of it), `DivergenceGuard`, the loop's pieces (evaluation, samples, checkpoints, the
+loader thread's batches, progress lines, stop signals), `train_loop`, then `train` (processes) and `main` (exit
+codes: 2 for refused input, 1 for a diverged run or a failed write). checkpoint.py writes the checkpoints,
+runlog.py the run's records.
 """
 
 import contextlib
@@ -29,7 +31,6 @@ import runlog
 from checkpoint import (
     BackgroundSaver,
     CheckpointError,
-    check_architecture,
     checkpoint_path,
     checkpoint_to_resume,
     full_state,
@@ -39,6 +40,7 @@ from checkpoint import (
     load_checkpoint,
     load_optimizer_state,
     load_sharded_state,
+    load_weights,
     model_from_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -49,7 +51,10 @@ from configurator import ConfigError, load_config
 from data import (
     DataError,
     Examples,
+    Tokenizer,
     Windows,
+    data_differences,
+    describe_data,
     get_tokenizer,
     has_split,
     is_gpt2_bpe,
@@ -59,6 +64,7 @@ from data import (
 )
 from devices import RuntimeConfig, peak_flops, runtime
 from eval import evaluate_task, load_task
+from hf import HUB_REPOS
 from model import GPT, GPTConfig, WeightsError, architecture_options, check_options
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -93,6 +99,7 @@ grad_clip = 1.0  # clip the global gradient norm to this; 0 disables clipping (t
 # evaluation, logging, checkpoints
 eval_interval = 250  # steps between evaluations on the fixed held-out batches (best.pt, weights only, follows val)
 eval_iters = 20  # batches per split in each evaluation
+allow_new_eval_batches = False  # resume with another batch_size or eval_iters (best.pt was chosen on other batches)
 log_interval = 10  # steps between train lines in the console and log.jsonl
 ckpt_interval = 250  # steps between saves of last.pt (it is also saved when the run ends or stops)
 sample_interval = 500  # steps between text samples written to the log; 0 turns them off
@@ -138,10 +145,13 @@ def lr_at(it, learning_rate, warmup_iters, decay_iters, min_lr):
 # ---- checks, the architecture, the data ----
 
 def check_config(cfg, world_size):
+    """ConfigError for the first key out of its range or at odds with another; nothing is read or written yet."""
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "max_iters"):
+                "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "max_iters", "learning_rate",
+                "muon_lr", "sample_tokens", "max_skipped_steps"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    check_schedule(cfg)
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}")
     if cfg.gradient_accumulation_steps % world_size:
@@ -158,9 +168,16 @@ def check_config(cfg, world_size):
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
     for key in ("target_val_loss", "early_stop_patience", "early_stop_min_delta", "task_eval_interval",
-                "task_eval_examples", "stop_iter", "keep_last_k"):
+                "task_eval_examples", "stop_iter", "keep_last_k", "sample_interval"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be 0 (off) or more, got {getattr(cfg, key)}")
+    if cfg.loss_spike_factor <= 1:
+        raise ConfigError(f"loss_spike_factor must be above 1 (a loss that many times its running average is a "
+                          f"spike), got {cfg.loss_spike_factor}")
+    if cfg.init_from not in ("scratch", "resume", *HUB_REPOS) and not Path(cfg.init_from).is_dir():
+        raise ConfigError(f"init_from {cfg.init_from} is neither scratch, resume, one of {', '.join(HUB_REPOS)} nor "
+                          "an existing folder; pass a folder in the Hugging Face layout (config.json plus "
+                          "model.safetensors)")
     if cfg.task_eval and cfg.parallel == "fsdp" and world_size > 1:
         raise ConfigError("task_eval scores with whole weights in every process, which FSDP does not keep; use "
                           "--parallel=ddp, or score checkpoints afterwards with eval.py")
@@ -184,12 +201,84 @@ def check_config(cfg, world_size):
             raise ConfigError("wandb_log=True needs the wandb package: pip install wandb") from None
 
 
+def check_schedule(cfg):
+    """The optimizer's keys in range, and a schedule whose phases come in order: warmup, cosine decay, end."""
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    for key in ("weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.min_lr <= cfg.learning_rate:
+        raise ConfigError(f"min_lr must be between 0 and learning_rate {cfg.learning_rate} (the floor the cosine "
+                          f"decays to), got {cfg.min_lr}")
+    if cfg.warmup_iters > cfg.max_iters:
+        raise ConfigError(f"warmup_iters {cfg.warmup_iters} is more than max_iters {cfg.max_iters}: the run would end "
+                          "still warming up; lower --warmup_iters")
+    if cfg.lr_decay_iters and cfg.lr_decay_iters < cfg.warmup_iters:
+        raise ConfigError(f"lr_decay_iters {cfg.lr_decay_iters} ends the decay before warmup_iters {cfg.warmup_iters} "
+                          "ends the warmup; raise it (or set 0: decay until max_iters)")
+
+
+# ---- resume: what the checkpoint fixes and what may change ----
+# On resume each config key is compared with the checkpoint's config; every key is in exactly one class
+# (tests/test_robustness.py checks it), and every change is said at start and kept in run.json's changed_on_resume.
+FIXED_ON_RESUME = (  # refused: the saved weights and optimizer state are of this shape, vocabulary and optimizer
+    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "pos_embedding", "norm", "mlp", "qk_norm",
+    "tie_embeddings", "lora_rank", "lora_alpha", "lora_targets", "optimizer")
+OPTIMIZER_SETTINGS = (  # set in the resumed optimizer's param groups (its moments are kept), as a new run would
+    "learning_rate", "weight_decay", "beta1", "beta2", "muon_lr")
+EVAL_BATCH_KEYS = (  # they make the fixed val batches that choose best.pt: refused without allow_new_eval_batches
+    "batch_size", "eval_iters")
+CHANGEABLE = (  # read afresh as the run goes on: the schedule, regularisation, intervals, stop rules, records,
+    # devices, and where the run and its data are (the data's identity is checked against the checkpoint's meta)
+    "out_dir", "data_root", "dataset", "seed", "gradient_accumulation_steps", "dropout", "min_lr", "max_iters",
+    "warmup_iters", "lr_decay_iters", "grad_clip", "eval_interval", "log_interval", "ckpt_interval",
+    "sample_interval", "sample_tokens", "stop_iter", "target_val_loss", "early_stop_patience",
+    "early_stop_min_delta", "task_eval", "task_eval_interval", "task_eval_examples", "parallel",
+    "checkpoint_format", "keep_last_k", "max_skipped_steps", "loss_spike_factor", "lora_dropout", "pack_examples",
+    "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile")
+RESUME_CONTROLS = ("init_from", "allow_new_eval_batches")  # how this start goes, not what the run is: not compared
+
+
+def resume_changes(cfg, ckpt):
+    """{key: [checkpoint's value, config's value]} for each key this resume changes; ConfigError for a change
+    the checkpoint cannot follow. A key the checkpoint's config lacks (older than the key) is not compared."""
+    saved = ckpt["config"]
+    changed = {key: [saved[key], value] for key, value in vars(cfg).items()
+               if key in saved and key not in RESUME_CONTROLS and saved[key] != value}
+    fixed = [key for key in changed if key in FIXED_ON_RESUME]
+    if fixed:
+        raise ConfigError(f"{ckpt['path']} was trained with {', '.join(f'{k}={changed[k][0]}' for k in fixed)}, which "
+                          f"a resume cannot change (the config asks for "
+                          f"{', '.join(f'{k}={changed[k][1]}' for k in fixed)}); resume with the run's own values "
+                          "(run.json's config), or start a new run in another --out_dir")
+    batches = [key for key in changed if key in EVAL_BATCH_KEYS]
+    if batches and not cfg.allow_new_eval_batches:
+        raise ConfigError(f"{', '.join(f'{k} {changed[k][0]} -> {changed[k][1]}' for k in batches)} would change the "
+                          "fixed val batches, so best.pt's selection would compare val losses measured on different "
+                          f"batches; resume with {', '.join(f'--{k}={changed[k][0]}' for k in batches)}, or pass "
+                          "--allow_new_eval_batches=True to accept that")
+    return changed
+
+
+def check_same_data(ckpt, meta, data_dir):
+    """A resume reads the data its checkpoint was trained on: not another dataset, nor another preparation."""
+    differ = data_differences(ckpt["meta"], meta)
+    if differ:
+        raise DataError(f"{ckpt['path']} was trained on {describe_data(ckpt['meta'])}, but {data_dir} holds "
+                        f"{describe_data(meta)}: they differ in {', '.join(differ)}; resume on the data the run "
+                        "was trained on (--data_root, --dataset), or start a new run in another --out_dir")
+
+
 def architecture(cfg, meta, weights_from, ckpt):
-    """(GPTConfig, pretrained state dict or None). From scratch the config's keys decide; with GPT-2 weights
-    their config.json does, the position table cropped to block_size; a resume keeps the checkpoint's.
-    Dropout and the LoRA keys always come from the config."""
+    """(GPTConfig, pretrained state dict or None). A resume keeps the checkpoint's (resume_changes has refused a
+    config asking for another); from scratch the config's keys decide; with GPT-2 weights their config.json
+    does, the position table cropped to block_size. Dropout and the LoRA keys always come from the config."""
     tuning = {"dropout": cfg.dropout, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
               "lora_dropout": cfg.lora_dropout, "lora_targets": cfg.lora_targets}
+    if ckpt is not None:
+        return replace(GPTConfig(**ckpt["model_config"]), **tuning), None
     if weights_from == "scratch":
         vocab = cfg.vocab_size or meta["vocab_size"]
         if vocab < meta["vocab_size"]:
@@ -200,8 +289,6 @@ def architecture(cfg, meta, weights_from, ckpt):
     if not is_gpt2_bpe(meta):
         raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} tokens; "
                           "prepare the data with --tokenizer gpt2")
-    if ckpt is not None:
-        return replace(GPTConfig(**ckpt["model_config"]), **tuning), None
     try:
         pretrained = GPT.from_pretrained(weights_from, dropout=cfg.dropout)
     except WeightsError as e:
@@ -245,6 +332,7 @@ class Setup:
     test_batches: dict  # {"test": batches} when the dataset has a test split, scored once at the end; else {}
     task_examples: list  # task_eval's examples (eval.load_task), or [] without task_eval
     meta: dict  # the dataset's meta.json
+    tokenizer: Tokenizer | None  # the data's, for samples and task_eval; None when the run uses neither
     weights_from: str  # scratch or the GPT-2 source the run's weights started from (a resume keeps it)
     tokens_per_step: int  # over all micro-batches and processes
     best_saver: BackgroundSaver  # writes best.pt off the training thread
@@ -254,8 +342,54 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     """The data; the model (given its pretrained or resumed weights), sharded, compiled or DDP-wrapped as
     configured; its optimizer and loss scaler (with their resumed state)."""
     data_dir, meta = load_data(cfg, local_rank, world_size)
+    if ckpt is not None:
+        check_same_data(ckpt, meta, data_dir)
     weights_from = ckpt["weights_from"] if ckpt else cfg.init_from
     model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
+    try:
+        train_data, val_data, eval_batches, test_batches = load_batches(cfg, data_dir, meta, model_config)
+    except MemoryError:
+        raise ConfigError(f"the fixed evaluation batches ({cfg.eval_iters} x {cfg.batch_size} rows of "
+                          f"{model_config.block_size} tokens per split) do not fit in memory; lower --batch_size "
+                          "or --eval_iters") from None
+    task_examples = load_task(cfg.task_eval, cfg.task_eval_examples) if cfg.task_eval else []
+    # a tokenizer that cannot load (an unknown one, GPT-2's offline without a cache) fails now, not at a sample
+    tokenizer = get_tokenizer(meta) if cfg.sample_interval or cfg.task_eval else None
+
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
+    gpt = GPT(model_config).to(rt.device)
+    if pretrained_state is not None:  # LoRA adapters, not in the pretrained weights, keep their initial values
+        gpt.load_state_dict({**gpt.state_dict(), **pretrained_state})
+    if ckpt is not None and not ckpt.get("sharded"):
+        load_weights(gpt, ckpt["model"], ckpt["path"])
+    sharded = world_size > 1 and cfg.parallel == "fsdp"
+    if sharded:
+        shard(gpt, rt)
+    optimizer = gpt.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                        rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None)
+    scaler = rt.grad_scaler()
+    if ckpt is not None:
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        if ckpt.get("sharded"):  # read as the model now is: sharded or whole, on any number of processes
+            load_sharded_state(ckpt["sharded"], gpt, optimizer)
+        else:
+            load_optimizer_state(gpt, optimizer, ckpt["optimizer"])
+        # loading also set the saved settings: the state (moments, step counts) resumes, but the settings are
+        # the config's, so that a changed learning rate, weight decay or beta takes effect (OPTIMIZER_SETTINGS)
+        for group, settings in zip(optimizer.param_groups, configured):
+            group.update(settings)
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+    model = gpt if sharded else rt.compiled(gpt)  # FSDP's blocks are compiled one by one, in shard()
+    if world_size > 1 and not sharded:
+        model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None)
+    tokens_per_step = cfg.batch_size * model_config.block_size * cfg.gradient_accumulation_steps
+    return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches, task_examples,
+                 meta, tokenizer, weights_from, tokens_per_step, BackgroundSaver())
+
+
+def load_batches(cfg, data_dir, meta, model_config):
+    """(train data, val data, the fixed evaluation batches of train and val, the test split's or {})."""
     block_size, vocab = model_config.block_size, model_config.vocab_size
     if meta.get("format") == "sft":
         train_data = Examples(data_dir, "train", block_size, vocab, cfg.pack_examples)
@@ -269,37 +403,7 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     if has_split(data_dir, "test"):
         test_data = (Examples if meta.get("format") == "sft" else Windows)(data_dir, "test", block_size, vocab)
         test_batches = {"test": test_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
-    task_examples = load_task(cfg.task_eval, cfg.task_eval_examples) if cfg.task_eval else []
-    if task_examples:
-        get_tokenizer(meta)  # a tokenizer that cannot load fails now, not at the first task evaluation
-
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
-    gpt = GPT(model_config).to(rt.device)
-    if pretrained_state is not None:  # LoRA adapters, not in the pretrained weights, keep their initial values
-        gpt.load_state_dict({**gpt.state_dict(), **pretrained_state})
-    if ckpt is not None:
-        check_architecture(ckpt, model_config, Path(cfg.out_dir) / "last.pt")
-        if not ckpt.get("sharded"):
-            gpt.load_state_dict(ckpt["model"])
-    sharded = world_size > 1 and cfg.parallel == "fsdp"
-    if sharded:
-        shard(gpt, rt)
-    optimizer = gpt.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                        rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None)
-    scaler = rt.grad_scaler()
-    if ckpt is not None:
-        if ckpt.get("sharded"):  # read as the model now is: sharded or whole, on any number of processes
-            load_sharded_state(ckpt["sharded"], gpt, optimizer)
-        else:
-            load_optimizer_state(gpt, optimizer, ckpt["optimizer"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-    model = gpt if sharded else rt.compiled(gpt)  # FSDP's blocks are compiled one by one, in shard()
-    if world_size > 1 and not sharded:
-        model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None)
-    tokens_per_step = cfg.batch_size * block_size * cfg.gradient_accumulation_steps
-    return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches, task_examples,
-                 meta, weights_from, tokens_per_step, BackgroundSaver())
+    return train_data, val_data, eval_batches, test_batches
 
 
 def shard(gpt, rt):
@@ -514,7 +618,7 @@ def stop_reason(cfg, state):
 
 def evaluate_on_task(cfg, setup, log, rt, step, rank, world_size):
     """Score the multiple-choice task (eval.py's rule) with the current weights and log its accuracy."""
-    result = evaluate_task(setup.gpt, get_tokenizer(setup.meta), setup.task_examples, rt.device, rt.autocast(),
+    result = evaluate_task(setup.gpt, setup.tokenizer, setup.task_examples, rt.device, rt.autocast(),
                            rank, world_size)
     log.log({"step": step, "tokens": step * setup.tokens_per_step, "task_acc": result["acc"],
              "task_acc_norm": result["acc_norm"], "task_n": result["n"]},
@@ -539,7 +643,7 @@ def evaluate_on_test(cfg, setup, log, rt, step, rank, world_size):
 
 def write_sample(cfg, setup, log, rt, step):
     """Log a sample of text. Every process runs it: under FSDP each forward gathers parameters from all."""
-    tokenizer = get_tokenizer(setup.meta)
+    tokenizer = setup.tokenizer
     start = tokenizer.document_start()
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
     with rt.autocast():
@@ -619,12 +723,19 @@ def stop_requested(stop_signal, device, world_size):
 
 # ---- the loop ----
 
-def begin(cfg, setup, state, log, rt, rank, world_size, resumed, end_step):
-    """Before the first step: a new run evaluates the untrained model, a resumed one notes where it resumes.
-    Returns the reason a resumed run is already done by its stop rules, or None."""
-    if resumed:
+def begin(cfg, setup, state, log, rt, rank, world_size, changed, end_step):
+    """Before the first step: a new run (changed is None) evaluates the untrained model, a resumed one notes
+    where it resumes and what it changed. Returns the reason a resumed run is already done by its stop rules, or
+    None."""
+    if changed is not None:
         last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
-        log.log({"step": state.step, "event": "resumed"}, f"resumed from {last} at step {state.step}")
+        log.log({"step": state.step, "event": "resumed", "changed": changed},
+                f"resumed from {last} at step {state.step}")
+        if rank == 0 and changed:
+            notes = {**dict.fromkeys(OPTIMIZER_SETTINGS, " (set in the optimizer)"),
+                     **dict.fromkeys(EVAL_BATCH_KEYS, " (new val batches)")}
+            print("changed on resume: " + ", ".join(f"{key} {old} -> {new}{notes.get(key, '')}"
+                                                     for key, (old, new) in changed.items()))
         done = stop_reason(cfg, state)
         if rank == 0 and done:
             print(f"{last} is done: it {done}; to train on, resume with that rule off (set it to 0)")
@@ -659,12 +770,13 @@ def after_step(cfg, setup, state, log, rt, rank, world_size, end_step):
     return reason
 
 
-def train_loop(cfg, setup, state, log, rt, rank, world_size, resumed):
+def train_loop(cfg, setup, state, log, rt, rank, world_size, changed):
     """Optimizer steps from state.step to max_iters (or stop_iter), each followed by after_step's work; a stop
-    signal ends it at the next progress line, a stop rule (target, patience) at the evaluation that meets it."""
+    signal ends it at the next progress line, a stop rule (target, patience) at the evaluation that meets it.
+    `changed`: the keys a resume changed (resume_changes), None for a new run."""
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
     stop_signals = catch_stop_signals()
-    done = begin(cfg, setup, state, log, rt, rank, world_size, resumed, end_step)
+    done = begin(cfg, setup, state, log, rt, rank, world_size, changed, end_step)
     if done:
         end_step = state.step
     accum = cfg.gradient_accumulation_steps // world_size  # of each step's micro-batches, rank r draws the r-th share
@@ -743,16 +855,21 @@ def train(cfg):
         ckpt = checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
         if ckpt is None and rank == 0:
             runlog.check_fresh_folder(cfg.out_dir)
+        changed = resume_changes(cfg, ckpt) if ckpt else None
         setup = set_up(cfg, ckpt, rt, rank, local_rank, world_size)
         state = TrainingState.start(cfg, ckpt, rank, world_size)
-        log = runlog.RunLog(cfg.out_dir, rank == 0)
-        log.start(cfg, setup.meta, rt.device, rt.dtype, world_size, ckpt["step"] if ckpt else None, state.wandb_id)
-        if rank == 0:
-            runlog.describe(cfg, setup, rt, world_size)
-            if leaked := leaked_documents(setup.meta):
-                print(f"warning: {leaked:,} val/test {setup.meta['leakage']['unit']}s of {cfg.dataset} also occur "
-                      "verbatim in train (meta.json's leakage audit); held-out losses will flatter the model")
-        train_loop(cfg, setup, state, log, rt, rank, world_size, resumed=ckpt is not None)
+        log = runlog.RunLog(cfg.out_dir, rank == 0)  # the first write of the run: everything is checked by now
+        try:
+            log.start(cfg, setup.meta, rt.device, rt.dtype, world_size, ckpt["step"] if ckpt else None,
+                      state.wandb_id, changed)
+            if rank == 0:
+                runlog.describe(cfg, setup, rt, world_size)
+                if leaked := leaked_documents(setup.meta):
+                    print(f"warning: {leaked:,} val/test {setup.meta['leakage']['unit']}s of {cfg.dataset} also "
+                          "occur verbatim in train (meta.json's leakage audit); held-out losses will flatter the model")
+            train_loop(cfg, setup, state, log, rt, rank, world_size, changed)
+        except runlog.WriteError as e:
+            raise runlog.WriteError(end_on_write_failure(e, cfg, setup, state, log)) from None
     finally:
         if lock is not None:
             lock.release()
@@ -760,13 +877,33 @@ def train(cfg):
             dist.destroy_process_group()
 
 
+def end_on_write_failure(error, cfg, setup, state, log):
+    """The line a failed write (a full disk, a read-only folder, a file size limit) ends the run with, once
+    best.pt's writer has finished (removing its temporary file if it failed too) and run.json says why, if it
+    can still be written."""
+    with contextlib.suppress(runlog.WriteError):
+        setup.best_saver.wait()
+    try:
+        log.finish(state.step, state.step * setup.tokens_per_step, f"write failed: {error}")
+        recorded = "run.json records why"
+    except runlog.WriteError:
+        recorded = "run.json could not be written either, so it still says running"
+    last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
+    kept = (f"{last} is the last good checkpoint; make room and resume with --init_from=resume" if last.exists() else
+            "no checkpoint was saved; make room, remove log.jsonl and run.json and start again")
+    return f"{error}; the run stopped at step {state.step}, {recorded}; {kept}"
+
+
 def main(argv=None):
+    # over a file size limit (ulimit -f) a write then fails with EFBIG, which the run reports, instead of the
+    # signal killing the process mid-write
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         train(load_config(__file__, sys.argv[1:] if argv is None else argv, RuntimeConfig, GPTConfig))
     except (ConfigError, DataError, CheckpointError, runlog.RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Diverged as e:
+    except (Diverged, runlog.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -51,7 +51,7 @@ def test_readers_skip_torn_lines(tmp_path):
     path.write_bytes(b'{"step": 5, "tokens": 1, "train_loss": 4.0}\n{"step": 6, "tok{"step": 6, "event": "resumed"}\n'
                      + GOOD + b"[1, 2]\n" + b'{"step": 696, "tokens": 178176')
     assert [r["step"] for r in runlog.read_log(path)] == [5, 10, 10]
-    assert plot.read_curves(path) == {"train": [(1, 4.0), (2560, 3.5)], "val": [(2560, 3.6)]}
+    assert plot.read_curves(path) == {"train": [(1, 4.0), (2560, 3.5)], "val": [(2560, 3.6)], "task": []}
 
 
 def test_plot_script_draws_a_log_with_a_torn_last_line(tmp_path):

@@ -124,7 +124,7 @@ def test_fresh_run_refuses_to_overwrite_a_run(data_root, tmp_path):
 @pytest.mark.parametrize(("damage", "message"), [
     ("missing", "no checkpoint at"),
     ("truncate", "truncated or corrupt"),
-    ("architecture", "holds a model with n_layer=2 but the config asks for n_layer=3"),
+    ("architecture", "was trained with n_layer=2, which a resume cannot change (the config asks for n_layer=3)"),
 ])
 def test_bad_resume_is_one_clear_line(data_root, tmp_path, damage, message):
     out = tmp_path / "run"
