@@ -2,57 +2,85 @@
 (model.GPT.configure_optimizer)."""
 
 import torch
+from torch.optim.adamw import adamw
 
 
-def orthogonalize(update, steps=5):
+def orthogonalize(update, steps=5, dtype=torch.bfloat16):
     """Approximately the semi-orthogonal matrix nearest to `update` (U V^T of its SVD), by a quintic
-    Newton-Schulz iteration in bf16 whose coefficients (Keller Jordan's) drive every singular value
-    towards 1 in a few steps."""
+    Newton-Schulz iteration in `dtype` whose coefficients (Keller Jordan's) drive every singular value
+    towards 1 in a few steps. `update` is one matrix or a stack of same-shape matrices (..., rows, cols):
+    a stack is orthogonalised matrix by matrix, with one batched matmul per product for all of them, and
+    baddbmm folds the sums into the products (on CPU 1.3-1.8x faster than separate ops, at 128 wide)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = update.bfloat16()
-    transposed = x.size(0) > x.size(1)
+    x = update.to(dtype).reshape(-1, *update.shape[-2:])
+    transposed = x.size(1) > x.size(2)
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # every singular value <= 1, where the iteration converges
+        x = x.mT
+    x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)  # every singular value <= 1, where the iteration converges
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if transposed else x).to(update.dtype)
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b g + c g g) x
+    return (x.mT if transposed else x).reshape(update.shape).to(update.dtype)
+
+
+def default_ns_dtype(device):
+    """bf16 on CUDA (tensor cores); fp32 elsewhere: on this project's CPU machine (AMD EPYC, AVX2 without
+    avx512_bf16) Newton-Schulz on the char CPU recipe's matrices took 34-37x as long in bf16 as in fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024) for groups marked `muon`: Nesterov momentum, then the update orthogonalised
     and scaled by sqrt(max(1, rows / cols)); plain AdamW for the other groups. Weight decay is decoupled
-    (scaled by the lr) in both. One optimizer, so the loop and the checkpoints treat it like AdamW."""
+    (scaled by the lr) in both. One optimizer, so the loop and the checkpoints treat it like AdamW.
 
-    def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8):
+    The state is per parameter, as in torch's optimizers (checkpoints key it by parameter name): a Muon
+    matrix holds `momentum_buffer`; an AdamW tensor `step` (a Python int), `exp_avg` and `exp_avg_sq`. The
+    work is batched: same-shape matrices are orthogonalised together, in `ns_dtype` (None: default_ns_dtype
+    of their device), and each AdamW group is one call of torch's fused (CPU, CUDA) or foreach AdamW."""
+
+    def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8, ns_dtype=None):
         super().__init__(groups, {"lr": lr, "betas": betas, "momentum": momentum, "eps": eps, "muon": False,
                                   "weight_decay": 0.0})
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "Muon takes no closure"
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    (self._muon_step if group["muon"] else self._adamw_step)(p, group, self.state[p])
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon_step if group["muon"] else self._adamw_step)(params, group)
 
-    @staticmethod
-    def _muon_step(p, group, state):
-        momentum = state.setdefault("momentum_buffer", torch.zeros_like(p))
-        momentum.lerp_(p.grad, 1 - group["momentum"])
-        update = orthogonalize(p.grad.lerp(momentum, group["momentum"]))
-        p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+    def _muon_step(self, params, group):
+        grads = [p.grad for p in params]
+        momenta = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
+        updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov: the gradient looks ahead
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        by_shape = {}
+        for p, update in zip(params, updates):
+            by_shape.setdefault(p.shape, []).append((p, update))
+        for (rows, cols), pairs in by_shape.items():
+            same, same_updates = zip(*pairs)
+            ortho = orthogonalize(torch.stack(same_updates), dtype=self.ns_dtype or default_ns_dtype(same[0].device))
+            torch._foreach_add_(list(same), ortho.unbind(), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
-    @staticmethod
-    def _adamw_step(p, group, state):
-        if not state:
-            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    def _adamw_step(self, params, group):
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        # torch's AdamW does the same maths as the loop it replaced (decay by lr x weight_decay first; eps added
+        # to the root of the bias-corrected second moment), in one kernel for the group (tests/test_muon.py)
+        device = params[0].device
+        fused = device.type in ("cpu", "cuda")
+        # its kernels count steps in tensors (on the device, for fused), made here from the ints kept
+        steps = torch.tensor([float(s["step"]) for s in states], device=device if fused else "cpu").unbind()
         beta1, beta2 = group["betas"]
-        state["step"] += 1
-        step = state["step"]
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** step))
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+              list(steps), fused=fused, foreach=not fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        for state in states:
+            state["step"] += 1

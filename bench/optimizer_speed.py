@@ -1,0 +1,157 @@
+"""Muon's training step against AdamW's: `python bench/optimizer_speed.py [--key=value ...]`.
+
+For each shape, two copies of the same model (same seed), one with the AdamW and one with the Muon optimizer
+that `GPT.configure_optimizer` builds (AdamW fused on CPU and CUDA; Muon with train.py's default muon_lr).
+Each round times n whole training steps (`train.train_step`: forward, backward, clip, optimizer step) of one,
+then n of its optimizer steps alone (on the gradients the last step left), then the same for the other (n from
+`round_s`); the order flips every round (ABBA), so that other load on the machine hits both alike. Step times are
+medians; the step ratio is the median over rounds of each round's Muon median over its AdamW median, against
+the issue's acceptance of at most `max_ratio`. Each round also records the share of its time in which some
+task waited for a CPU (Linux PSI): a round with much of it was slowed by other work on the machine.
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# run as `python bench/optimizer_speed.py`, Python puts bench/ on the path, not the repo root with the project
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import devices
+import train
+from bench import common
+from configurator import ConfigError
+from model import GPTConfig
+
+# ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
+shapes = "char_cpu,gpt2"  # comma-separated: char_cpu, char, gpt2 (see SHAPES) or LxHxCxTxBxV sizes
+seed = 1337  # seeds the weights and the random batches
+warmup_steps = 2  # untimed whole steps of each optimizer first, per shape
+rounds = 4  # rounds per shape; each times both optimizers
+round_s = 2.0  # seconds of whole AdamW steps per round, which sets the steps per round (at least 1)
+max_ratio = 1.15  # the issue's acceptance: Muon's whole step at most this many times AdamW's
+# system: device and the rest from devices.RuntimeConfig; dtype and compile are declared here for their defaults
+dtype = "float32"  # float32 (no autocast; the precision the issue measured), bfloat16, float16, or auto
+compile = "false"  # torch.compile the model: false (the issue's figures), true, auto (on for CUDA)
+out = "bench/results/optimizer_speed.json"  # JSON report
+# ---- end of config ----
+
+# layers x heads x width x T x batch x vocab: config/shakespeare_char_cpu.py's and config/shakespeare_char.py's
+# model and batch (without dropout), and GPT-2 124M at a CPU's batch (RESULTS.md's train_speed shape)
+SHAPES = {"char_cpu": "4x4x128x64x12x65", "char": "6x6x384x256x64x65", "gpt2": "12x12x768x256x4x50304"}
+
+
+def parse_shapes(text):
+    """[(name, (layers, heads, width, T, batch, vocab))] from the `shapes` key."""
+    parsed = []
+    for name in (item for item in text.split(",") if item):
+        try:
+            sizes = tuple(int(n) for n in SHAPES.get(name, name).split("x"))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 6 or min(sizes) <= 0 or sizes[2] % sizes[1]:
+            raise ConfigError(f"shapes must be {', '.join(SHAPES)} or LxHxCxTxBxV sizes (width divisible by heads), "
+                              f"separated by commas; got {name!r}")
+        parsed.append((name, sizes))
+    if not parsed:
+        raise ConfigError("shapes must name at least one shape")
+    return parsed
+
+
+class Setting(common.TrainStep):
+    """One model with AdamW or Muon, with its whole-step and optimizer-step times."""
+
+    def __init__(self, config, seed, rt, optimizer):
+        super().__init__(config, seed, rt)
+        if optimizer == "muon":
+            self.optimizer = self.raw_model.configure_optimizer(train.weight_decay, train.learning_rate,
+                                                                (train.beta1, train.beta2), rt.device_type,
+                                                                muon_lr=train.muon_lr)
+        self.name = optimizer
+        self.step_seconds = []
+        self.optimizer_seconds = []
+
+    def optimizer_step(self):
+        start = time.perf_counter()
+        self.optimizer.step()
+        common.sync(self.rt.device)
+        return time.perf_counter() - start
+
+
+def cpu_stall_us():
+    """Microseconds for which some task has waited for a CPU (Linux PSI), or None: how much other load there was."""
+    try:
+        return int(Path("/proc/pressure/cpu").read_text().split()[4].partition("=")[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def time_shape(sizes, cfg, rt):
+    """Both optimizers at one shape: (settings, steps per round, each round's record)."""
+    layers, heads, width, block, batch, vocab = sizes
+    config = GPTConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=block, vocab_size=vocab, bias=False,
+                       dropout=0.0)
+    settings = [Setting(config, cfg.seed, rt, name) for name in ("adamw", "muon")]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(vocab, (batch, block + 1), generator=generator)
+    batches = [(tokens[:, :-1].contiguous().to(rt.device), tokens[:, 1:].contiguous().to(rt.device))]
+    for setting in settings:
+        for _ in range(cfg.warmup_steps):
+            setting.step(batches)
+    steps = max(1, round(cfg.round_s / settings[0].step(batches)))  # one more AdamW step sets the round's length
+    rounds = []
+    for round_index in range(cfg.rounds):
+        start, stall = time.perf_counter(), cpu_stall_us()
+        for setting in settings if round_index % 2 == 0 else settings[::-1]:
+            setting.step_seconds += [setting.step(batches) for _ in range(steps)]
+            setting.optimizer_seconds += [setting.optimizer_step() for _ in range(steps)]
+        adamw, muon = (1000 * statistics.median(s.step_seconds[-steps:]) for s in settings)
+        pressure = None if stall is None else (cpu_stall_us() - stall) / 1e6 / (time.perf_counter() - start)
+        rounds.append({"adamw_ms": adamw, "muon_ms": muon, "ratio": muon / adamw, "cpu_pressure": pressure})
+        print(f"  round {round_index + 1}/{cfg.rounds}: adamw {adamw:.1f} ms/step, muon {muon:.1f} ms/step, ratio "
+              f"{muon / adamw:.3f}" + ("" if pressure is None else f", CPU pressure {100 * pressure:.0f}%"), flush=True)
+    return settings, steps, rounds
+
+
+def figures(setting):
+    return {"ms_per_step_median": 1000 * statistics.median(setting.step_seconds),
+            "optimizer_ms_median": 1000 * statistics.median(setting.optimizer_seconds),
+            "ms_per_step_all": [round(1000 * s, 2) for s in setting.step_seconds],
+            "optimizer_ms_all": [round(1000 * s, 3) for s in setting.optimizer_seconds]}
+
+
+def benchmark(cfg):
+    common.check_positive(cfg, ("rounds", "round_s", "max_ratio"))
+    common.check_positive(cfg, ("warmup_steps",), allow_zero=True)
+    shape_list = parse_shapes(cfg.shapes)
+    rt = devices.runtime(cfg)
+    machine = common.machine_record(rt.device)
+    print(f"{machine['device']} ({rt.device}), torch {torch.__version__}, dtype {common.dtype_name(rt.dtype)}, "
+          f"{'compiled' if rt.compile else 'eager'}", flush=True)
+    results = []
+    for name, sizes in shape_list:
+        print(f"{name}: {'x'.join(map(str, sizes))} (layers x heads x width x T x batch x vocab)", flush=True)
+        (adamw, muon), steps, rounds = time_shape(sizes, cfg, rt)
+        result = {"shape": name, "sizes": list(sizes), "n_params": adamw.raw_model.num_params(),
+                  "tokens_per_step": sizes[3] * sizes[4], "steps_per_round": steps,
+                  "adamw": figures(adamw), "muon": figures(muon), "rounds": rounds}
+        # each round's two figures were taken side by side: their ratio is the one least moved by load that comes
+        # and goes between rounds
+        result["step_ratio"] = statistics.median(r["ratio"] for r in rounds)
+        result["optimizer_ratio"] = result["muon"]["optimizer_ms_median"] / result["adamw"]["optimizer_ms_median"]
+        result["meets_max_ratio"] = result["step_ratio"] <= cfg.max_ratio
+        results.append(result)
+        print(f"  whole step: adamw {result['adamw']['ms_per_step_median']:.1f} ms, muon "
+              f"{result['muon']['ms_per_step_median']:.1f} ms, ratio {result['step_ratio']:.3f} "
+              f"({'within' if result['meets_max_ratio'] else 'over'} {cfg.max_ratio}); optimizer step alone: adamw "
+              f"{result['adamw']['optimizer_ms_median']:.2f} ms, muon {result['muon']['optimizer_ms_median']:.2f} ms "
+              f"(medians of {cfg.rounds} x {steps} each)", flush=True)
+    common.write_report(cfg.out, {**machine, "config": vars(cfg), "dtype": common.dtype_name(rt.dtype),
+                                  "compile": rt.compile, "results": results})
+
+
+if __name__ == "__main__":
+    common.run_main(benchmark, __file__, devices.RuntimeConfig)

@@ -1,0 +1,176 @@
+"""Muon's batched update: the same numbers as the per-matrix, per-tensor update it replaced, per-parameter state
+that checkpoints round-trip into bitwise-identical steps, and bench/optimizer_speed.py's smoke run."""
+
+import copy
+import io
+import json
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+from bench import optimizer_speed
+from model import GPT, GPTConfig
+from muon import default_ns_dtype, orthogonalize
+
+CONFIG = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
+
+
+def model_and_optimizer():
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    return model, model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
+
+
+def set_grads(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+
+
+def step(optimizer, lr):
+    """As train.py's loop: each group's lr is the schedule's lr times its lr_scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    optimizer.step()
+
+
+def reference_orthogonalize(update, dtype):
+    """muon.orthogonalize as it was before batching (one matrix; bf16 was its only dtype)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.to(dtype)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if transposed else x).to(update.dtype)
+
+
+@torch.no_grad()
+def reference_step(optimizer, ns_dtype):
+    """Muon.step as it was before batching: a Python loop, one tensor at a time."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            if group["muon"]:
+                momentum = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                momentum.lerp_(p.grad, 1 - group["momentum"])
+                update = reference_orthogonalize(p.grad.lerp(momentum, group["momentum"]), ns_dtype)
+                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                continue
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            beta1, beta2 = group["betas"]
+            state["step"] += 1
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denominator = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+            p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** state["step"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 48, 16), (3, 16, 48), (2, 32, 32)], ids=["tall", "wide", "square"])
+def test_batched_newton_schulz_equals_one_matrix_at_a_time(shape, dtype):
+    stack = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    batched = orthogonalize(stack, dtype=dtype)
+    assert batched.shape == stack.shape and batched.dtype == torch.float32
+    for matrix, ortho in zip(stack, batched):
+        # bitwise here; the tolerance (fp32: ~1e-6 relative; bf16: an ulp) leaves other BLAS libraries room
+        torch.testing.assert_close(ortho, orthogonalize(matrix, dtype=dtype), rtol=0,
+                                   atol=1e-6 if dtype == torch.float32 else 2**-8)
+        if dtype == torch.float32:  # baddbmm's fused sums round differently from the old separate ops, barely
+            torch.testing.assert_close(ortho, reference_orthogonalize(matrix, dtype), rtol=0, atol=2e-6)
+
+
+def test_newton_schulz_runs_in_bf16_on_cuda_and_fp32_elsewhere():
+    assert default_ns_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert default_ns_dtype(torch.device("cpu")) == default_ns_dtype(torch.device("mps")) == torch.float32
+
+
+def test_each_group_gets_the_same_update_as_the_per_tensor_loop():
+    model, optimizer = model_and_optimizer()
+    reference, reference_optimizer = copy.deepcopy((model, optimizer))
+    for i in range(5):  # bias corrections and momenta change over the first steps
+        for m, opt in ((model, optimizer), (reference, reference_optimizer)):
+            set_grads(m, seed=i)
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (i + 1) * group.get("lr_scale", 1.0)
+        optimizer.step()
+        reference_step(reference_optimizer, torch.float32)
+    muon_params = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert optimizer.param_groups[0]["muon"] and len(muon_params) == 4 * CONFIG.n_layer
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        # Newton-Schulz: batched against single matmuls; AdamW: torch's fused kernel against the formula above
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6 if id(p) in muon_params else 1e-7, msg=name)
+        state, reference_state = optimizer.state[p], reference_optimizer.state[q]
+        assert state.keys() == reference_state.keys(), name
+        assert repr(state.get("step")) == repr(reference_state.get("step")), name  # the same value and type
+        for key in state.keys() - {"step"}:
+            torch.testing.assert_close(state[key], reference_state[key], rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
+
+
+def round_trip_by_name(model, optimizer, new_model, new_optimizer):
+    """As checkpoint.py saves and loads: the full state dict keyed by parameter name, through torch.save."""
+    options = StateDictOptions(full_state_dict=True)
+    buffer = io.BytesIO()
+    torch.save(get_optimizer_state_dict(model, optimizer, options=options), buffer)
+    buffer.seek(0)
+    set_optimizer_state_dict(new_model, new_optimizer, torch.load(buffer, weights_only=True), options=options)
+
+
+def round_trip_plain(model, optimizer, new_model, new_optimizer):
+    new_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+
+@pytest.mark.parametrize("round_trip", [round_trip_by_name, round_trip_plain], ids=["by_name", "state_dict"])
+def test_state_round_trips_into_bitwise_identical_steps(round_trip):
+    model, optimizer = model_and_optimizer()
+    for i in range(3):
+        set_grads(model, seed=i)
+        step(optimizer, 1e-3)
+    for p in optimizer.param_groups[0]["params"]:
+        assert optimizer.state[p].keys() == {"momentum_buffer"}
+    for p in (p for group in optimizer.param_groups[1:] for p in group["params"]):
+        assert optimizer.state[p].keys() == {"step", "exp_avg", "exp_avg_sq"} and optimizer.state[p]["step"] == 3
+        assert type(optimizer.state[p]["step"]) is int  # as before batching: old checkpoints load unchanged
+    resumed, resumed_optimizer = model_and_optimizer()
+    resumed.load_state_dict(model.state_dict())
+    round_trip(model, optimizer, resumed, resumed_optimizer)
+    for i in range(3, 6):
+        for m, opt in ((model, optimizer), (resumed, resumed_optimizer)):
+            set_grads(m, seed=i)
+            step(opt, 1e-3)
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_optimizer_speed_bench_smoke(tmp_path):
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "bench/optimizer_speed.py", "--shapes=2x2x32x16x2x65", "--rounds=2",
+                             "--round_s=0.001", "--warmup_steps=1", "--device=cpu", f"--out={out}"],
+                            check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python bench/optimizer_speed.py ") and report["dtype"] == "float32"
+    (shape,) = report["results"]
+    assert shape["sizes"] == [2, 2, 32, 16, 2, 65] and shape["tokens_per_step"] == 32
+    for name in ("adamw", "muon"):
+        assert len(shape[name]["ms_per_step_all"]) == len(shape[name]["optimizer_ms_all"]) == 2
+        assert shape[name]["ms_per_step_median"] > 0 and shape[name]["optimizer_ms_median"] > 0
+    ratios = [r["muon_ms"] / r["adamw_ms"] for r in shape["rounds"]]
+    assert len(ratios) == 2 and shape["step_ratio"] == pytest.approx(sum(ratios) / 2)  # the median of two
+    assert shape["meets_max_ratio"] == (shape["step_ratio"] <= 1.15)
+
+
+def test_the_bench_char_shape_is_the_cpu_recipes():
+    recipe = runpy.run_path(str(ROOT / "config" / "shakespeare_char_cpu.py"))
+    sizes = [recipe[key] for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size")] + [65]
+    assert optimizer_speed.SHAPES["char_cpu"] == "x".join(map(str, sizes))
