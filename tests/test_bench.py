@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PLAY, ROOT
+from conftest import PLAY, ROOT, tiny_args
 
 import prepare
 
@@ -114,3 +114,21 @@ def test_step_memory_measures_each_way_in_its_own_process(tmp_path):
     for way in ("loss_only", "logits_held"):
         assert report[way]["way"] == way and report[way]["peak_mib"] > report[way]["before_mib"] > 0
     assert report["saved_mib"] == report["logits_held"]["step_mib"] - report["loss_only"]["step_mib"]
+
+
+def test_time_to_loss_trains_recipes_in_turns_to_the_target(data_root, tmp_path):
+    recipes = []
+    for name, lr in (("slow", 1e-4), ("fast", 3e-3)):
+        recipe = tmp_path / f"{name}.py"
+        recipe.write_text(f"learning_rate = {lr}\nmax_iters = 40\nlr_decay_iters = 40\nwarmup_iters = 5\n")
+        recipes.append(str(recipe))
+    recipe_keys = ("--out_dir", "--max_iters", "--lr_decay_iters", "--warmup_iters")
+    shared = " ".join(a for a in tiny_args(data_root, "unused", eval_interval=10, sample_interval=0)
+                      if not a.startswith(recipe_keys))
+    report = report_of("bench/time_to_loss.py", [f"--recipes={','.join(recipes)}", "--target_val_loss=3.95",
+                                                  "--turn_steps=10", f"--shared_args={shared}",
+                                                  f"--out_root={tmp_path / 'runs'}"], tmp_path)
+    slow, fast = report["results"]
+    assert fast["reached"] and fast["steps"] % 10 == 0 and 0 < fast["train_seconds"] and fast["tokens"] > 0
+    assert not slow["reached"] and slow["steps"] == 40 and slow["end_reason"] == "finished"
+    assert fast["steps_ratio"] == fast["steps"] / 40 and slow["train_seconds_ratio"] == 1.0
