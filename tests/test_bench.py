@@ -14,14 +14,14 @@ SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py
            "bench/step_memory.py"]
 
 
-def run_bench(script, args, env=None):
+def run_bench(script, args, env=None, timeout=120):
     return subprocess.run([sys.executable, script, *args], check=False, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=env)
+                          timeout=timeout, env=env)
 
 
-def report_of(script, args, tmp_path, env=None):
+def report_of(script, args, tmp_path, env=None, timeout=120):
     out = tmp_path / "report.json"
-    result = run_bench(script, [*args, f"--out={out}"], env)
+    result = run_bench(script, [*args, f"--out={out}"], env, timeout)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["command"].startswith(f"python {script} ")
@@ -120,15 +120,16 @@ def test_time_to_loss_trains_recipes_in_turns_to_the_target(data_root, tmp_path)
     recipes = []
     for name, lr in (("slow", 1e-4), ("fast", 3e-3)):
         recipe = tmp_path / f"{name}.py"
-        recipe.write_text(f"learning_rate = {lr}\nmax_iters = 40\nlr_decay_iters = 40\nwarmup_iters = 5\n")
+        recipe.write_text(f"learning_rate = {lr}\nmax_iters = 20\nlr_decay_iters = 20\nwarmup_iters = 5\n")
         recipes.append(str(recipe))
     recipe_keys = ("--out_dir", "--max_iters", "--lr_decay_iters", "--warmup_iters")
     shared = " ".join(a for a in tiny_args(data_root, "unused", eval_interval=10, sample_interval=0)
                       if not a.startswith(recipe_keys))
     report = report_of("bench/time_to_loss.py", [f"--recipes={','.join(recipes)}", "--target_val_loss=3.95",
                                                   "--turn_steps=10", f"--shared_args={shared}",
-                                                  f"--out_root={tmp_path / 'runs'}"], tmp_path)
+                                                  f"--out_root={tmp_path / 'runs'}"], tmp_path,
+                       timeout=600)  # each turn is a train.py process: several on a loaded 2-core machine
     slow, fast = report["results"]
     assert fast["reached"] and fast["steps"] % 10 == 0 and 0 < fast["train_seconds"] and fast["tokens"] > 0
-    assert not slow["reached"] and slow["steps"] == 40 and slow["end_reason"] == "finished"
-    assert fast["steps_ratio"] == fast["steps"] / 40 and slow["train_seconds_ratio"] == 1.0
+    assert not slow["reached"] and slow["steps"] == 20 and slow["end_reason"] == "finished"
+    assert fast["steps_ratio"] == fast["steps"] / 20 and slow["train_seconds_ratio"] == 1.0
