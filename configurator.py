@@ -130,6 +130,16 @@ def usage(script_path, keys):
     return "\n".join(lines)
 
 
+def run_main(function, script_path, argv, *shared, errors=()):
+    """A script's main: `function` called with its config (load_config's, argv None meaning the command line)
+    and its result returned; ConfigError and the `errors` given end in one line `error: ...` and exit status 2."""
+    try:
+        return function(load_config(script_path, sys.argv[1:] if argv is None else argv, *shared))
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def load_config(script_path, argv, *shared):
     """Resolved config for a script: defaults <- config files (in order) <- --key=value, as a namespace.
 

@@ -15,7 +15,6 @@ import hashlib
 import http.client
 import json
 import os
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 import data
 from checkpoint import CheckpointError, saved_checkpoint
-from configurator import ConfigError, load_config
+from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
 from sample import load_model
 
@@ -226,11 +225,7 @@ def evaluate(cfg):
 
 
 def main(argv=None):
-    try:
-        evaluate(load_config(__file__, sys.argv[1:] if argv is None else argv, DeviceConfig))
-    except (ConfigError, CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(evaluate, __file__, argv, DeviceConfig, errors=(CheckpointError, data.DataError))
 
 
 if __name__ == "__main__":

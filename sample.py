@@ -3,14 +3,13 @@
 The tokenizer is rebuilt from the meta stored in the checkpoint, so no data folder is needed.
 """
 
-import sys
 from pathlib import Path
 
 import torch
 
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, saved_checkpoint
-from configurator import ConfigError, load_config
+from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
 from model import GPT, WeightsError
 
@@ -107,11 +106,7 @@ def sample(cfg):
 
 
 def main(argv=None):
-    try:
-        sample(load_config(__file__, sys.argv[1:] if argv is None else argv, DeviceConfig))
-    except (ConfigError, CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(sample, __file__, argv, DeviceConfig, errors=(CheckpointError, data.DataError))
 
 
 if __name__ == "__main__":

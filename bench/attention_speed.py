@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
 from bench import common
-from configurator import ConfigError
+from configurator import ConfigError, run_main
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 shapes = "12x4x64x32,16x4x128x32,4x12x256x64,1x12x1024x64"  # batch x heads x T x head size, comma-separated
@@ -81,4 +81,4 @@ def benchmark(cfg):
 
 
 if __name__ == "__main__":
-    common.run_main(benchmark, __file__, devices.DeviceKey)
+    run_main(benchmark, __file__, None, devices.DeviceKey)

@@ -16,21 +16,10 @@ import torch
 
 import devices
 import train
-from configurator import ConfigError, load_config
+from configurator import ConfigError
 from model import GPT, GPTConfig
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
-
-
-def run_main(benchmark, script, *shared, errors=(ConfigError,)):
-    """Run a bench script's `benchmark` on its config (its own keys, then those of the `shared` dataclasses,
-    e.g. devices.RuntimeConfig; defaults, config files, then --key=value) and return its result; a bad setting
-    is a one-line error and exit status 2."""
-    try:
-        return benchmark(load_config(script, sys.argv[1:], *shared))
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def check_positive(cfg, keys, allow_zero=False):

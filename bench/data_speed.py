@@ -23,7 +23,7 @@ import data
 import devices
 import train
 from bench import common
-from configurator import ConfigError
+from configurator import ConfigError, run_main
 
 PREPARE = Path(__file__).resolve().parents[1] / "prepare.py"
 
@@ -144,4 +144,4 @@ def benchmark(cfg):
 
 
 if __name__ == "__main__":
-    common.run_main(benchmark, __file__, devices.RuntimeConfig, errors=(ConfigError, data.DataError))
+    run_main(benchmark, __file__, None, devices.RuntimeConfig, errors=(data.DataError,))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
 from bench import common
-from configurator import ConfigError
+from configurator import ConfigError, run_main
 from model import GPT, sample_next
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -138,7 +138,7 @@ def benchmark(cfg):
 
 
 def main():
-    if not common.run_main(benchmark, __file__, devices.DeviceConfig):
+    if not run_main(benchmark, __file__, None, devices.DeviceConfig):
         print("ERROR: the KV cache and recomputation chose different tokens (see first_mismatch in the report); "
               "in float32 that is a bug in the cache, under bf16/fp16 it can also be a rounding tie",
               file=sys.stderr)

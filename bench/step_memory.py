@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 import devices
 from bench import common
-from configurator import ConfigError
+from configurator import ConfigError, run_main
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # model: GPT-2's vocabulary, whose logits dominate a small model's activations
@@ -115,4 +115,4 @@ def benchmark(cfg):
 
 
 if __name__ == "__main__":
-    common.run_main(benchmark, __file__, devices.RuntimeConfig)
+    run_main(benchmark, __file__, None, devices.RuntimeConfig)

@@ -22,7 +22,7 @@ import torch
 
 import plot
 from bench import common
-from configurator import ConfigError
+from configurator import ConfigError, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,4 +96,4 @@ def benchmark(cfg):
 
 
 if __name__ == "__main__":
-    common.run_main(benchmark, __file__)
+    run_main(benchmark, __file__, None)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
 from bench import common
-from configurator import ConfigError
+from configurator import ConfigError, run_main
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # model: the GPT-2 124M shape
@@ -262,4 +262,4 @@ def benchmark(cfg):
 
 
 if __name__ == "__main__":
-    common.run_main(benchmark, __file__, devices.RuntimeConfig)
+    run_main(benchmark, __file__, None, devices.RuntimeConfig)

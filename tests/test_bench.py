@@ -123,10 +123,10 @@ def test_time_to_loss_trains_recipes_in_turns_to_the_target(data_root, tmp_path)
         recipe.write_text(f"learning_rate = {lr}\nmax_iters = 20\nlr_decay_iters = 20\nwarmup_iters = 5\n")
         recipes.append(str(recipe))
     recipe_keys = ("--out_dir", "--max_iters", "--lr_decay_iters", "--warmup_iters")
-    shared = " ".join(a for a in tiny_args(data_root, "unused", eval_interval=10, sample_interval=0)
+    common_args = " ".join(a for a in tiny_args(data_root, "unused", eval_interval=10, sample_interval=0)
                       if not a.startswith(recipe_keys))
     report = report_of("bench/time_to_loss.py", [f"--recipes={','.join(recipes)}", "--target_val_loss=3.95",
-                                                  "--turn_steps=10", f"--shared_args={shared}",
+                                                  "--turn_steps=10", f"--shared_args={common_args}",
                                                   f"--out_root={tmp_path / 'runs'}"], tmp_path,
                        timeout=600)  # each turn is a train.py process: several on a loaded 2-core machine
     slow, fast = report["results"]
