@@ -49,6 +49,10 @@ class GPTConfig:
     mlp: MLPs = "gelu"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
     qk_norm: Option[bool] = False  # RMS-normalise each head's queries and keys before attention
     tie_embeddings: Option[bool] = True  # the LM head shares the token embedding's matrix (GPT-2)
+    zero_init_proj: Option[bool] = False  # residual branches' output projections start at 0: each block the identity
+    logit_softcap: Option[float] = 0.0  # > 0: logits = cap * tanh(logits / cap), kept within (-cap, cap); 0 is off
+    value_embeddings: Option[int] = 0  # token tables; table i feeds the attention values of layers i and n_layer-1-i
+    unet_skips: Option[bool] = False  # U-net skips: each first-half block's output added back before its mirror block
     # fine-tuning
     lora_rank: int = 0  # > 0: the targeted projections get trained low-rank adapters and every other weight is frozen
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
@@ -72,10 +76,17 @@ def option_choices():
 
 
 def check_options(values):
-    """ValueError for the first field in `values` (name -> value) whose value its Literal type does not allow."""
+    """ValueError for the first field in `values` (name -> value) whose value its Literal type or range does not
+    allow."""
     for option, allowed in option_choices().items():
         if option in values and values[option] not in allowed:
             raise ValueError(f"{option} must be one of {', '.join(allowed)}, got {values[option]!r}")
+    if values.get("logit_softcap", 0.0) < 0:
+        raise ValueError(f"logit_softcap must be 0 (off) or more, got {values['logit_softcap']}")
+    tables, limit = values.get("value_embeddings", 0), values.get("n_layer", 0) // 2
+    if not 0 <= tables <= limit:
+        raise ValueError(f"value_embeddings must be between 0 and n_layer // 2 = {limit} (each table feeds one of "
+                         f"the first and one of the last layers), got {tables}")
 
 
 class KVCache:
@@ -134,6 +145,17 @@ def norm(config):
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
+def value_table(config, layer):
+    """The value-embedding table mixed into `layer`'s attention values: table i feeds layer i and its mirror
+    n_layer - 1 - i, as in modded-nanogpt (tokens' identities straight into the first and last layers); None
+    for the layers between."""
+    if layer < config.value_embeddings:
+        return layer
+    if layer >= config.n_layer - config.value_embeddings:
+        return config.n_layer - 1 - layer
+    return None
+
+
 def rotary_tables(config):
     """cos and sin of every position's rotation angles, (block_size, head_dim / 2), with RoFormer's base 10000."""
     head_dim = config.n_embd // config.n_head
@@ -162,10 +184,16 @@ class CausalSelfAttention(nn.Module):
         head_dim = config.n_embd // config.n_head
         self.q_norm = nn.RMSNorm(head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim) if config.qk_norm else nn.Identity()
+        if value_table(config, layer) is not None:
+            # v = lambda_a v + lambda_b ve, half each as in modded-nanogpt: the mix starts as the two parts'
+            # average, no larger than either, and both get gradients from the first step
+            self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x, kv_cache=None, rotary=None):
+    def forward(self, x, kv_cache=None, rotary=None, value_embedding=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if value_embedding is not None:  # (B, T, C): this layer's value-embedding rows of the tokens
+            v = self.value_lambdas[0] * v + self.value_lambdas[1] * value_embedding.to(v.dtype)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:  # (cos, sin) of these T positions
@@ -220,8 +248,8 @@ class Block(nn.Module):
         self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, rotary=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, rotary)
+    def forward(self, x, kv_cache=None, rotary=None, value_embedding=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rotary, value_embedding)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -236,7 +264,14 @@ class GPT(nn.Module):
             "drop": nn.Dropout(config.dropout),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             "ln_f": norm(config),
+            **({"ve": nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
+                                    for _ in range(config.value_embeddings))} if config.value_embeddings else {}),
         })
+        if config.unet_skips:
+            # skip_weights[i] scales block i's output where its mirror block takes it back. 1 (modded-nanogpt's
+            # start) opens every skip from the first step, so the first half gets the second half's gradients
+            # straight away; each weight is learned, down to 0 where a skip does not help.
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         if not learned_positions:  # rotary tables: not in the state dict, recomputed from the config
             cos, sin = rotary_tables(config)
             self.register_buffer("rotary_cos", cos, persistent=False)
@@ -246,9 +281,12 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight  # one matrix embeds and un-embeds
         self.apply(self._init_weights)
         # GPT-2: each residual branch's output projection is scaled so the residual stream's variance
-        # does not grow with depth (two branches per layer).
+        # does not grow with depth (two branches per layer). zero_init_proj starts them at zero instead: every
+        # block is then the identity, and the first steps train the embeddings and head on a clean stream.
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init_proj:
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.lora_rank > 0:  # only the adapters train
             for name, p in self.named_parameters():
@@ -268,9 +306,15 @@ class GPT(nn.Module):
         alive through the next micro-batch's forward."""
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
-            return self.lm_head(x if kv_cache is None else x[:, [-1]]), None
-        logits = self.lm_head(x)
+            return self.logits(x if kv_cache is None else x[:, [-1]]), None
+        logits = self.logits(x)
         return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+
+    def logits(self, x):
+        """The LM head on final hidden states; with logit_softcap, squashed by tanh into (-cap, cap)."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def hidden_states(self, idx, kv_cache=None):
         """The final normalised residual stream, (B, T, n_embd): what the LM head reads."""
@@ -284,66 +328,100 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
         else:
             rotary = self.rotary_cos[start:start + T], self.rotary_sin[start:start + T]
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, kv_cache, rotary)
+        x = self.blocks(self.transformer.drop(x), idx, kv_cache, rotary)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)
 
+    def blocks(self, x, idx, kv_cache, rotary):
+        """The residual stream through every block, with the value embeddings and U-net skips the options add."""
+        cfg = self.config
+        values = [table(idx) for table in self.transformer.ve] if cfg.value_embeddings else []
+        half = cfg.n_layer // 2 if cfg.unet_skips else 0
+        kept = []  # the first half's outputs, taken back last first (an odd middle block takes none)
+        for layer, block in enumerate(self.transformer.h):
+            if layer >= cfg.n_layer - half:
+                x = x + self.skip_weights[len(kept) - 1] * kept.pop()
+            table = value_table(cfg, layer)
+            x = block(x, kv_cache, rotary, None if table is None else values[table])
+            if layer < half:
+                kept.append(x)
+        return x
+
     # ---- counting ----
 
     def num_params(self, embeddings=True, trainable_only=False):
-        """Unique parameters (the tied head counted once); without embeddings drops the token and position
+        """Unique parameters (the tied head counted once); without embeddings drops the token, position and value
         tables; trainable_only counts those that get gradients (with LoRA, the adapters)."""
         if trainable_only:
             return sum(p.numel() for p in self.parameters() if p.requires_grad)
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.transformer.wte.weight.numel() + self.position_table_size()
+            n -= self.transformer.wte.weight.numel() + self.lookup_tables_size()
         return n
 
-    def position_table_size(self):
-        return self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+    def lookup_tables_size(self):
+        """Elements of the position and value-embedding tables: only ever read by index, never in a matmul."""
+        return sum(p.numel() for name, p in self.transformer.named_parameters() if name.startswith(("wpe.", "ve.")))
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·Q·T.
 
-        N counts every weight that takes part in a matmul: all parameters but the lookup tables (positions;
-        tokens too when the head has its own matrix, else the token table counts once, as the head). The
-        second term is attention's score and value matmuls.
+        N counts every weight that takes part in a matmul: all parameters but the lookup tables (positions,
+        value embeddings; tokens too when the head has its own matrix, else the token table counts once, as the
+        head). The second term is attention's score and value matmuls.
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        lookups = self.position_table_size() + (0 if cfg.tie_embeddings else self.transformer.wte.weight.numel())
+        lookups = self.lookup_tables_size() + (0 if cfg.tie_embeddings else self.transformer.wte.weight.numel())
         n_matmul = self.num_params() - lookups
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
 
     # ---- optimizer ----
 
     def optimizer_groups(self, weight_decay):
-        """AdamW groups: every tensor of 2 or more dimensions decays (the Linear weight matrices and the
-        token and position embedding tables); biases and LayerNorm weights (1-D) never decay."""
+        """The decay rule, as [decay, no decay] groups of the trainable tensors: every tensor of 2 or more
+        dimensions decays (the Linear weight matrices and the token, position and value embedding tables);
+        biases, norm weights and the learned scalars of the options (1-D) never decay."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, muon_lr=None):
-        """AdamW over optimizer_groups; with muon_lr, Muon for the blocks' weight matrices instead (their
-        group's `lr_scale` = muon_lr / learning_rate: the loop sets every group's lr as schedule x lr_scale)."""
+    def lr_groups(self, weight_decay, learning_rate, muon_lr=None, embedding_lr=None, head_lr=None):
+        """optimizer_groups' decay group split by role, in this order, each empty one dropped: the blocks' weight
+        matrices (only with muon_lr: Muon's, marked `muon`), the embedding tables (embedding_lr), the untied head
+        (head_lr), the other matrices, then the no-decay group. Each carries `lr_scale`, its peak lr over
+        learning_rate (1 where none is given): the loop sets every group's lr as schedule x lr_scale."""
+        if head_lr and self.config.tie_embeddings:
+            raise ValueError("head_lr needs tie_embeddings=False: a tied head is the token embedding, which trains "
+                             "at embedding_lr")
+        decay, no_decay = self.optimizer_groups(weight_decay)
+        block_matrices = {p for name, p in self.named_parameters() if p.dim() == 2 and ".h." in name}
+        embeddings = {m.weight for m in self.modules() if isinstance(m, nn.Embedding)}
+        roles = [  # (settings, members); an lr of None or 0 is learning_rate's
+            ({"muon": True, "lr_scale": (muon_lr or learning_rate) / learning_rate}, block_matrices if muon_lr else ()),
+            ({"lr_scale": (embedding_lr or learning_rate) / learning_rate}, embeddings),
+            ({"lr_scale": (head_lr or learning_rate) / learning_rate},
+             () if self.config.tie_embeddings else {self.lm_head.weight}),
+        ]
+        groups, rest = [], decay["params"]
+        for settings, members in roles:
+            groups.append({"params": [p for p in rest if p in members], "weight_decay": weight_decay, **settings})
+            rest = [p for p in rest if p not in members]
+        groups += [{"params": rest, "weight_decay": weight_decay, "lr_scale": 1.0}, {**no_decay, "lr_scale": 1.0}]
+        return [group for group in groups if group["params"]]
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, muon_lr=None, embedding_lr=None,
+                            head_lr=None):
+        """AdamW over lr_groups; with muon_lr, Muon (AdamW for every group but the blocks' matrices)."""
+        groups = self.lr_groups(weight_decay, learning_rate, muon_lr, embedding_lr, head_lr)
         if muon_lr:
-            groups = self.optimizer_groups(weight_decay)
-            hidden = {p for name, p in self.named_parameters() if p.requires_grad and p.dim() == 2 and ".h." in name}
-            muon = {"params": [p for p in groups[0]["params"] if p in hidden], "weight_decay": weight_decay,
-                    "muon": True, "lr_scale": muon_lr / learning_rate}
-            groups[0]["params"] = [p for p in groups[0]["params"] if p not in hidden]
-            return Muon([muon, *groups], lr=learning_rate, betas=betas)
+            return Muon(groups, lr=learning_rate, betas=betas)
         # the fused kernel (CUDA; CPU since torch 2.4) updates all tensors in one pass instead of a dozen ops
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(self.optimizer_groups(weight_decay), lr=learning_rate, betas=betas,
-                                 **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     # ---- generation ----
 
