@@ -6,10 +6,13 @@ Each round times n whole training steps (`train.train_step`: forward, backward, 
 then n of its optimizer steps alone (on the gradients the last step left), then the same for the other (n from
 `round_s`); the order flips every round (ABBA), so that other load on the machine hits both alike. Step times are
 medians; the step ratio is the median over rounds of each round's Muon median over its AdamW median, against
-the issue's acceptance of at most `max_ratio`. Each round also records the share of its time in which some
-task waited for a CPU (Linux PSI): a round with much of it was slowed by other work on the machine.
+the issue's acceptance of at most `max_ratio`. Newton-Schulz costs the same whatever the batch, so the report
+also works out, from the medians, the micro-batches per step from which Muon's step is within `max_ratio`
+(what gradient accumulation does to the ratio, derived, not timed). Each round also records the share of its
+time in which some task waited for a CPU (Linux PSI): a round with much of it was slowed by other work.
 """
 
+import math
 import statistics
 import sys
 import time
@@ -116,6 +119,16 @@ def time_shape(sizes, cfg, rt):
     return settings, steps, rounds
 
 
+def micro_batches_within(adamw, muon, max_ratio):
+    """Micro-batches per step from which Muon's step is within max_ratio of AdamW's: with F the forward and
+    backward of one (AdamW's step less its optimizer step) and O each optimizer step, the least n with
+    (n F + O_muon) / (n F + O_adamw) <= max_ratio."""
+    optimizer_ms = {s.name: 1000 * statistics.median(s.optimizer_seconds) for s in (adamw, muon)}
+    micro_batch_ms = 1000 * statistics.median(adamw.step_seconds) - optimizer_ms["adamw"]
+    excess = optimizer_ms["muon"] - max_ratio * optimizer_ms["adamw"]
+    return max(1, math.ceil(excess / ((max_ratio - 1) * micro_batch_ms)))
+
+
 def figures(setting):
     return {"ms_per_step_median": 1000 * statistics.median(setting.step_seconds),
             "optimizer_ms_median": 1000 * statistics.median(setting.optimizer_seconds),
@@ -143,12 +156,14 @@ def benchmark(cfg):
         result["step_ratio"] = statistics.median(r["ratio"] for r in rounds)
         result["optimizer_ratio"] = result["muon"]["optimizer_ms_median"] / result["adamw"]["optimizer_ms_median"]
         result["meets_max_ratio"] = result["step_ratio"] <= cfg.max_ratio
+        result["micro_batches_within_max_ratio"] = micro_batches_within(adamw, muon, cfg.max_ratio)
         results.append(result)
         print(f"  whole step: adamw {result['adamw']['ms_per_step_median']:.1f} ms, muon "
               f"{result['muon']['ms_per_step_median']:.1f} ms, ratio {result['step_ratio']:.3f} "
               f"({'within' if result['meets_max_ratio'] else 'over'} {cfg.max_ratio}); optimizer step alone: adamw "
               f"{result['adamw']['optimizer_ms_median']:.2f} ms, muon {result['muon']['optimizer_ms_median']:.2f} ms "
-              f"(medians of {cfg.rounds} x {steps} each)", flush=True)
+              f"(medians of {cfg.rounds} x {steps} each); within {cfg.max_ratio} from "
+              f"{result['micro_batches_within_max_ratio']} micro-batches per step", flush=True)
     common.write_report(cfg.out, {**machine, "config": vars(cfg), "dtype": common.dtype_name(rt.dtype),
                                   "compile": rt.compile, "results": results})
 
