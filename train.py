@@ -77,29 +77,38 @@ seed = 1337  # seeds weights, dropout and the order of training batches
 batch_size = 16  # sequences per micro-batch, per process
 block_size = 128  # context length in tokens
 gradient_accumulation_steps = 1  # micro-batches per optimizer step over all processes (divided by world size)
-# model (the architecture options, GPT-2's by default, are model.GPTConfig's: listed last in --help)
+# model (the architecture options are model.GPTConfig's, listed last in --help with GPT-2's values as defaults;
+# these three are set here: with Muon they reach the default run's val loss in under half the time, RESULTS.md)
+pos_embedding = "rope"  # learned (a position table, GPT-2) or rope (rotary embeddings)
+mlp = "relu2"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
+qk_norm = True  # RMS-normalise each head's queries and keys before attention
 n_layer = 4  # transformer blocks
 n_head = 4  # attention heads per block
 n_embd = 128  # width of the residual stream
 dropout = 0.0  # dropout on attention, residual branches and embeddings
 bias = False  # biases in Linear layers and LayerNorms
 vocab_size = 0  # model vocabulary; 0 takes the dataset's, a larger value pads it (e.g. 50304 for GPT-2 BPE)
-# optimizer: AdamW with warmup and cosine decay
-learning_rate = 1e-3  # peak learning rate, reached after warmup
-min_lr = 1e-4  # floor the cosine decays to
-max_iters = 1500  # optimizer steps in the run
-warmup_iters = 100  # steps of linear warmup from 0
-lr_decay_iters = 0  # step where the cosine reaches min_lr; 0 means max_iters
+# optimizer: Muon and AdamW, with warmup and decay
+learning_rate = 3e-3  # peak learning rate, reached after warmup
+min_lr = 1e-4  # floor the decay ends at
+max_iters = 1100  # optimizer steps in the run
+warmup_iters = 50  # steps of linear warmup from 0
+lr_decay_iters = 0  # step where the decay reaches min_lr; 0 means max_iters
+lr_schedule = "cosine"  # after warmup: cosine (decays all the way) or wsd (constant, then a linear cooldown)
+cooldown_frac = 0.4  # wsd: share of the steps between warmup and lr_decay_iters that the linear cooldown takes
+embedding_lr = 0.0  # peak lr of the token, position and value embeddings; 0 means learning_rate
+head_lr = 0.0  # peak lr of an untied LM head (tie_embeddings=False); 0 means learning_rate
 weight_decay = 0.1  # applied to 2-D weights and embeddings only
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99  # AdamW beta2
-optimizer = "adamw"  # adamw, or muon: Muon for the blocks' weight matrices, AdamW for embeddings, head and 1-D weights
+optimizer = "muon"  # muon: Muon for the blocks' weight matrices, AdamW for embeddings, head and 1-D weights; or adamw
 muon_lr = 0.02  # with optimizer=muon: the peak learning rate of the Muon matrices (same warmup and decay)
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables clipping (the norm is still logged)
 # evaluation, logging, checkpoints
 eval_interval = 250  # steps between evaluations on the fixed held-out batches (best.pt, weights only, follows val)
 eval_iters = 20  # batches per split in each evaluation
-allow_new_eval_batches = False  # resume with another batch_size or eval_iters (best.pt was chosen on other batches)
+val_tokens = 0  # > 0: val is the val split's first val_tokens tokens in contiguous windows (the speedrun measure)
+allow_new_eval_batches = False  # resume with other batch_size, eval_iters or val_tokens (so other val batches)
 log_interval = 10  # steps between train lines in the console and log.jsonl
 ckpt_interval = 250  # steps between saves of last.pt (it is also saved when the run ends or stops)
 sample_interval = 500  # steps between text samples written to the log; 0 turns them off
@@ -132,14 +141,24 @@ wandb_run_name = ""  # wandb run name; empty lets wandb choose
 
 # ---- schedule ----
 
-def lr_at(it, learning_rate, warmup_iters, decay_iters, min_lr):
-    """Learning rate for the update that follows `it` completed updates: linear warmup, cosine to min_lr."""
+def lr_at(it, learning_rate, warmup_iters, decay_iters, min_lr, schedule="cosine", cooldown_frac=0.4):
+    """Learning rate for the update that follows `it` completed updates: linear warmup, then to min_lr at
+    decay_iters either by a cosine or (wsd, warmup-stable-decay) by holding the peak and falling linearly over the
+    last cooldown_frac of the steps after warmup."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / warmup_iters
     if it >= decay_iters:
         return min_lr
     progress = (it - warmup_iters) / (decay_iters - warmup_iters)
+    if schedule == "wsd":
+        return min_lr + min(1.0, (1.0 - progress) / cooldown_frac) * (learning_rate - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def schedule_lr(cfg, it):
+    """lr_at with the config's schedule keys."""
+    return lr_at(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr,
+                 cfg.lr_schedule, cfg.cooldown_frac)
 
 
 # ---- checks, the architecture, the data ----
@@ -152,6 +171,9 @@ def check_config(cfg, world_size):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     check_schedule(cfg)
+    if cfg.val_tokens < 0 or cfg.val_tokens % (cfg.batch_size * cfg.block_size):
+        raise ConfigError(f"val_tokens {cfg.val_tokens} must be 0 or a multiple of batch_size x block_size "
+                          f"({cfg.batch_size * cfg.block_size}), so that every val batch is whole")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}")
     if cfg.gradient_accumulation_steps % world_size:
@@ -202,16 +224,21 @@ def check_config(cfg, world_size):
 
 
 def check_schedule(cfg):
-    """The optimizer's keys in range, and a schedule whose phases come in order: warmup, cosine decay, end."""
+    """The optimizer's keys in range, and a schedule whose phases come in order: warmup, decay, end."""
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
-    for key in ("weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters"):
+    if cfg.lr_schedule not in ("cosine", "wsd"):
+        raise ConfigError(f"lr_schedule must be cosine or wsd, got {cfg.lr_schedule!r}")
+    if not 0.0 < cfg.cooldown_frac <= 1.0:
+        raise ConfigError(f"cooldown_frac must be in (0, 1] (the share of the decay span that wsd's cooldown takes), "
+                          f"got {cfg.cooldown_frac}")
+    for key in ("weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters", "embedding_lr", "head_lr"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.min_lr <= cfg.learning_rate:
-        raise ConfigError(f"min_lr must be between 0 and learning_rate {cfg.learning_rate} (the floor the cosine "
-                          f"decays to), got {cfg.min_lr}")
+        raise ConfigError(f"min_lr must be between 0 and learning_rate {cfg.learning_rate} (the floor the decay "
+                          f"ends at), got {cfg.min_lr}")
     if cfg.warmup_iters > cfg.max_iters:
         raise ConfigError(f"warmup_iters {cfg.warmup_iters} is more than max_iters {cfg.max_iters}: the run would end "
                           "still warming up; lower --warmup_iters")
@@ -224,17 +251,17 @@ def check_schedule(cfg):
 # On resume each config key is compared with the checkpoint's config; every key is in exactly one class
 # (tests/test_robustness.py checks it), and every change is said at start and kept in run.json's changed_on_resume.
 FIXED_ON_RESUME = (  # refused: the saved weights and optimizer state are of this shape, vocabulary and optimizer
-    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "pos_embedding", "norm", "mlp", "qk_norm",
-    "tie_embeddings", "lora_rank", "lora_alpha", "lora_targets", "optimizer")
+    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *architecture_options(), "lora_rank",
+    "lora_alpha", "lora_targets", "optimizer")
 OPTIMIZER_SETTINGS = (  # set in the resumed optimizer's param groups (its moments are kept), as a new run would
-    "learning_rate", "weight_decay", "beta1", "beta2", "muon_lr")
+    "learning_rate", "weight_decay", "beta1", "beta2", "muon_lr", "embedding_lr", "head_lr")
 EVAL_BATCH_KEYS = (  # they make the fixed val batches that choose best.pt: refused without allow_new_eval_batches
-    "batch_size", "eval_iters")
+    "batch_size", "eval_iters", "val_tokens")
 CHANGEABLE = (  # read afresh as the run goes on: the schedule, regularisation, intervals, stop rules, records,
     # devices, and where the run and its data are (the data's identity is checked against the checkpoint's meta)
     "out_dir", "data_root", "dataset", "seed", "gradient_accumulation_steps", "dropout", "min_lr", "max_iters",
-    "warmup_iters", "lr_decay_iters", "grad_clip", "eval_interval", "log_interval", "ckpt_interval",
-    "sample_interval", "sample_tokens", "stop_iter", "target_val_loss", "early_stop_patience",
+    "warmup_iters", "lr_decay_iters", "lr_schedule", "cooldown_frac", "grad_clip", "eval_interval", "log_interval",
+    "ckpt_interval", "sample_interval", "sample_tokens", "stop_iter", "target_val_loss", "early_stop_patience",
     "early_stop_min_delta", "task_eval", "task_eval_interval", "task_eval_examples", "parallel",
     "checkpoint_format", "keep_last_k", "max_skipped_steps", "loss_spike_factor", "lora_dropout", "pack_examples",
     "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile")
@@ -365,8 +392,12 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     sharded = world_size > 1 and cfg.parallel == "fsdp"
     if sharded:
         shard(gpt, rt)
-    optimizer = gpt.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                        rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None)
+    try:
+        optimizer = gpt.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                            rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None,
+                                            cfg.embedding_lr or None, cfg.head_lr or None)
+    except ValueError as e:  # a head_lr for a tied head
+        raise ConfigError(str(e)) from None
     scaler = rt.grad_scaler()
     if ckpt is not None:
         configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
@@ -392,13 +423,16 @@ def load_batches(cfg, data_dir, meta, model_config):
     """(train data, val data, the fixed evaluation batches of train and val, the test split's or {})."""
     block_size, vocab = model_config.block_size, model_config.vocab_size
     if meta.get("format") == "sft":
+        if cfg.val_tokens:
+            raise ConfigError("val_tokens measures a token stream, but this dataset holds SFT examples; leave it 0")
         train_data = Examples(data_dir, "train", block_size, vocab, cfg.pack_examples)
         val_data = Examples(data_dir, "val", block_size, vocab)
     else:
         train_data = Windows(data_dir, "train", block_size, vocab)
         val_data = Windows(data_dir, "val", block_size, vocab)
     eval_batches = {"train": train_data.fixed_batches(cfg.eval_iters, cfg.batch_size),
-                    "val": val_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
+                    "val": (val_data.leading_batches(cfg.val_tokens, cfg.batch_size) if cfg.val_tokens
+                            else val_data.fixed_batches(cfg.eval_iters, cfg.batch_size))}
     test_batches = {}
     if has_split(data_dir, "test"):
         test_data = (Examples if meta.get("format") == "sft" else Windows)(data_dir, "test", block_size, vocab)
@@ -585,8 +619,8 @@ def evaluate(cfg, setup, state, log, rt, rank, world_size):
     losses = estimate_loss(setup.model, setup.eval_batches, rt.device, rt.autocast(), rank, world_size)
     (train_loss, _), (val, val_se) = losses["train"], losses["val"]
     tokens = state.step * setup.tokens_per_step
-    log.log({"step": state.step, "tokens": tokens, "train_loss": train_loss, "val_loss": val, "val_loss_se": val_se,
-             "val_ppl": math.exp(min(val, 50.0))},
+    log.log({"step": state.step, "tokens": tokens, "train_seconds": state.train_seconds, "train_loss": train_loss,
+             "val_loss": val, "val_loss_se": val_se, "val_ppl": math.exp(min(val, 50.0))},
             f"step {state.step}: eval train {train_loss:.4f}, val {val:.4f} ± {val_se:.4f}")
     if state.step > 0:  # the untrained model is neither a candidate nor a reference
         improved = val < state.best_val_loss - cfg.early_stop_min_delta
@@ -790,7 +824,7 @@ def train_loop(cfg, setup, state, log, rt, rank, world_size, changed):
     window = time.perf_counter(), state.step  # the wall clock and step at the last progress line
     while state.step < end_step:
         t0 = time.perf_counter()
-        lr = lr_at(state.step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr)
+        lr = schedule_lr(cfg, state.step)
         batches = upcoming.result()
         state.data_position += cfg.gradient_accumulation_steps
         upcoming = loader.submit(step_batches, cfg, setup.train_data, state.data_position + rank * accum, accum,

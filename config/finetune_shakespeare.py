@@ -19,3 +19,4 @@ learning_rate = 3e-5  # a constant, small learning rate: the weights are already
 min_lr = 3e-5
 warmup_iters = 0
 weight_decay = 0.1
+optimizer = "adamw"  # Muon (train.py's default) is untested for fine-tuning here

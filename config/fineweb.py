@@ -21,6 +21,12 @@ vocab_size = 50304
 dropout = 0.0
 bias = True
 
+# GPT-2's architecture and AdamW: train.py's defaults are the modern options and Muon
+pos_embedding = "learned"
+mlp = "gelu"
+qk_norm = False
+optimizer = "adamw"
+
 # AdamW as in GPT-3 small: peak 6e-4, warmup, cosine to 10%
 learning_rate = 6e-4
 min_lr = 6e-5

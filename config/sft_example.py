@@ -20,6 +20,7 @@ max_iters = 200
 lr_decay_iters = 200
 warmup_iters = 20
 weight_decay = 0.0
+optimizer = "adamw"  # Muon (train.py's default) is untested for fine-tuning here
 
 eval_interval = 50
 eval_iters = 8  # 8 x 8 held-out examples, one per row: the completion-only loss

@@ -16,6 +16,12 @@ n_head = 6
 n_embd = 384
 dropout = 0.2
 
+# GPT-2's architecture and AdamW: train.py's defaults are the modern options and Muon
+pos_embedding = "learned"
+mlp = "gelu"
+qk_norm = False
+optimizer = "adamw"
+
 learning_rate = 1e-3  # small networks can take a higher learning rate
 max_iters = 5000
 lr_decay_iters = 5000

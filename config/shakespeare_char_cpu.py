@@ -16,6 +16,12 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 
+# GPT-2's architecture and AdamW: train.py's defaults are the modern options and Muon
+pos_embedding = "learned"
+mlp = "gelu"
+qk_norm = False
+optimizer = "adamw"
+
 learning_rate = 1e-3
 max_iters = 2000
 lr_decay_iters = 2000

@@ -21,13 +21,17 @@ def data_root(tmp_path_factory):
     return root
 
 
-def tiny_args(data_root, out_dir, **overrides):
-    """A model small enough that a few dozen steps take seconds on two cores."""
+GPT2_ADAMW = {"pos_embedding": "learned", "mlp": "gelu", "qk_norm": False, "optimizer": "adamw", "learning_rate": 1e-3}
+
+
+def tiny_args(data_root, out_dir, recipe=GPT2_ADAMW, **overrides):
+    """A model small enough that a few dozen steps take seconds on two cores; GPT-2's architecture and AdamW
+    (train.py's defaults are the modern options and Muon) unless `recipe` says otherwise ({}: the defaults)."""
     args = {"dataset": "shakespeare_char", "data_root": data_root, "out_dir": out_dir, "n_layer": 2,
             "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8, "max_iters": 40, "lr_decay_iters": 40,
             "warmup_iters": 5, "eval_interval": 20, "eval_iters": 4, "log_interval": 5, "ckpt_interval": 20,
             "sample_interval": 20, "sample_tokens": 20, "dropout": 0.1, "dtype": "float32", "compile": "false",
-            "device": "cpu"}
+            "device": "cpu", **recipe}
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 

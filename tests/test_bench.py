@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import PLAY, ROOT, tiny_args
@@ -117,19 +118,19 @@ def test_step_memory_measures_each_way_in_its_own_process(tmp_path):
 
 
 def test_time_to_loss_trains_recipes_in_turns_to_the_target(data_root, tmp_path):
-    recipes = []
-    for name, lr in (("slow", 1e-4), ("fast", 3e-3)):
-        recipe = tmp_path / f"{name}.py"
-        recipe.write_text(f"learning_rate = {lr}\nmax_iters = 20\nlr_decay_iters = 20\nwarmup_iters = 5\n")
-        recipes.append(str(recipe))
-    recipe_keys = ("--out_dir", "--max_iters", "--lr_decay_iters", "--warmup_iters")
+    recipe = tmp_path / "slow.py"
+    recipe.write_text("learning_rate = 1e-4\nmax_iters = 20\nlr_decay_iters = 20\nwarmup_iters = 5\n")
+    recipes = [str(recipe), f"{recipe} --learning_rate=3e-3"]  # the second, the same config with its own argument
+    recipe_keys = ("--out_dir", "--max_iters", "--lr_decay_iters", "--warmup_iters", "--learning_rate")
     common_args = " ".join(a for a in tiny_args(data_root, "unused", eval_interval=10, sample_interval=0)
-                      if not a.startswith(recipe_keys))
+                           if not a.startswith(recipe_keys))
     report = report_of("bench/time_to_loss.py", [f"--recipes={','.join(recipes)}", "--target_val_loss=3.95",
                                                   "--turn_steps=10", f"--shared_args={common_args}",
-                                                  f"--out_root={tmp_path / 'runs'}"], tmp_path,
+                                                  "--val_at_steps=10,20", f"--out_root={tmp_path / 'runs'}"], tmp_path,
                        timeout=600)  # each turn is a train.py process: several on a loaded 2-core machine
     slow, fast = report["results"]
+    assert Path(fast["out_dir"]).name == "slow+learning_rate=3e-3"
     assert fast["reached"] and fast["steps"] % 10 == 0 and 0 < fast["train_seconds"] and fast["tokens"] > 0
     assert not slow["reached"] and slow["steps"] == 20 and slow["end_reason"] == "finished"
+    assert slow["val_at"]["20"] == slow["best_val_loss"] and fast["val_at"]["10"] <= 3.95
     assert fast["steps_ratio"] == fast["steps"] / 20 and slow["train_seconds_ratio"] == 1.0

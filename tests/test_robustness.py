@@ -101,15 +101,17 @@ def test_a_resumed_run_whose_log_ended_in_a_torn_line_finishes_and_plots(data_ro
 
 def test_optimizer_settings_changed_on_resume_take_effect_and_are_recorded(data_root, paused_run, tmp_path, capsys):
     out = copy_of(paused_run, tmp_path)
-    train.main(short_args(data_root, out, init_from="resume", beta2=0.95, weight_decay=0.2))
+    train.main(short_args(data_root, out, init_from="resume", beta2=0.95, weight_decay=0.2, embedding_lr=3e-3))
     said = capsys.readouterr().out
     assert "beta2 0.99 -> 0.95 (set in the optimizer)" in said and "weight_decay 0.1 -> 0.2" in said
     changed = run_record(out)["changed_on_resume"]
     assert changed["beta2"] == [0.99, 0.95] and changed["weight_decay"] == [0.1, 0.2]
+    assert changed["embedding_lr"] == [0.0, 3e-3]
     assert changed["stop_iter"] == [10, 0] and changed["out_dir"] == [str(paused_run), str(out)]
     groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert [tuple(g["betas"]) for g in groups] == [(0.9, 0.95)] * 2
-    assert [g["weight_decay"] for g in groups] == [0.2, 0.0]  # the matrices decay, the 1-D weights never
+    assert [tuple(g["betas"]) for g in groups] == [(0.9, 0.95)] * 3
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.2, 0.0]  # embeddings and matrices decay, 1-D weights never
+    assert [g["lr_scale"] for g in groups] == [pytest.approx(3.0), 1.0, 1.0]  # embedding_lr / learning_rate
     resumed = [r for r in read_log(out) if r.get("event") == "resumed"]
     assert resumed[0]["changed"] == changed
 

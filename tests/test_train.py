@@ -22,6 +22,42 @@ def test_lr_schedule_values():
     assert all(lr(i) >= lr(i + 1) for i in range(10, 200))
 
 
+def test_wsd_schedule_holds_the_peak_then_cools_down_linearly():
+    def lr(it):
+        return train.lr_at(it, learning_rate=1.0, warmup_iters=10, decay_iters=110, min_lr=0.1, schedule="wsd",
+                           cooldown_frac=0.4)
+
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # the same warmup as the cosine
+    assert all(lr(i) == pytest.approx(1.0) for i in range(10, 71))  # stable: the first 60% of the 100 decay steps
+    assert lr(90) == pytest.approx(0.55)  # halfway through the 40-step cooldown
+    assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+    assert all(lr(i) >= lr(i + 1) for i in range(10, 200))
+
+
+def test_leading_batches_tile_the_first_tokens(data_root):
+    windows = data.Windows(data_root / "shakespeare_char", "val", 16, 65)
+    batches = windows.leading_batches(3 * 4 * 16, 4)
+    assert len(batches) == 3 and all(x.shape == (4, 16) for x, _ in batches)
+    tokens = data.load_shard(data.shard_paths(data_root / "shakespeare_char", "val")[0])
+    x = torch.cat([x for x, _ in batches]).flatten()
+    y = torch.cat([y for _, y in batches]).flatten()
+    assert torch.equal(x, torch.from_numpy(tokens[:192].astype("int64")))  # back to back, in order
+    assert torch.equal(y, torch.from_numpy(tokens[1:193].astype("int64")))  # each target the next token
+    with pytest.raises(data.DataError, match="lower --val_tokens"):
+        windows.leading_batches(len(tokens) // 64 * 64 + 64, 4)
+
+
+def test_val_tokens_sets_the_val_batches(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_script("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10, eval_interval=10,
+                                     val_tokens=8 * 32 * 3, sample_interval=0))
+    evals = [r for r in read_log(out) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 10] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(data_root, tmp_path / "bad", val_tokens=100))
+    assert "val_tokens 100 must be 0 or a multiple of batch_size x block_size (256)" in capsys.readouterr().err
+
+
 def test_batches_are_deterministic_and_eval_batches_fixed(data_root):
     windows = data.Windows(data_root / "shakespeare_char", "val", 32, 65)
     x1, y1 = windows.random_batch(seed=1, index=7, batch_size=4)
@@ -38,7 +74,7 @@ def test_help_lists_every_key_with_default_and_meaning():
     out = run_script("train.py", ["--help"]).stdout
     for key in ("batch_size", "learning_rate", "stop_iter", "dtype"):
         assert f"--{key}=" in out
-    assert "--learning_rate=1e-3" in out and "peak learning rate" in out
+    assert "--learning_rate=3e-3" in out and "peak learning rate" in out
 
 
 @pytest.mark.parametrize(("args", "message"), [
