@@ -266,12 +266,15 @@ CHANGEABLE = (  # read afresh as the run goes on: the schedule, regularisation, 
     "checkpoint_format", "keep_last_k", "max_skipped_steps", "loss_spike_factor", "lora_dropout", "pack_examples",
     "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile")
 RESUME_CONTROLS = ("init_from", "allow_new_eval_batches")  # how this start goes, not what the run is: not compared
+# what a checkpoint older than these keys ran with: its model had GPT-2's options, its val the random windows
+BEFORE_THE_KEY = {**architecture_options(), "val_tokens": 0}
 
 
 def resume_changes(cfg, ckpt):
     """{key: [checkpoint's value, config's value]} for each key this resume changes; ConfigError for a change
-    the checkpoint cannot follow. A key the checkpoint's config lacks (older than the key) is not compared."""
-    saved = ckpt["config"]
+    the checkpoint cannot follow. A key the checkpoint's config lacks (older than the key) is compared with
+    BEFORE_THE_KEY's value where it fixes the model or the val batches, and otherwise not at all."""
+    saved = {**BEFORE_THE_KEY, **ckpt["config"]}
     changed = {key: [saved[key], value] for key, value in vars(cfg).items()
                if key in saved and key not in RESUME_CONTROLS and saved[key] != value}
     fixed = [key for key in changed if key in FIXED_ON_RESUME]
@@ -377,8 +380,8 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
         train_data, val_data, eval_batches, test_batches = load_batches(cfg, data_dir, meta, model_config)
     except MemoryError:
         raise ConfigError(f"the fixed evaluation batches ({cfg.eval_iters} x {cfg.batch_size} rows of "
-                          f"{model_config.block_size} tokens per split) do not fit in memory; lower --batch_size "
-                          "or --eval_iters") from None
+                          f"{model_config.block_size} tokens per split, or val_tokens {cfg.val_tokens}) do not fit in "
+                          "memory; lower --batch_size, --eval_iters or --val_tokens") from None
     task_examples = load_task(cfg.task_eval, cfg.task_eval_examples) if cfg.task_eval else []
     # a tokenizer that cannot load (an unknown one, GPT-2's offline without a cache) fails now, not at a sample
     tokenizer = get_tokenizer(meta) if cfg.sample_interval or cfg.task_eval else None

@@ -28,7 +28,7 @@ from configurator import ConfigError, run_main
 PREPARE = Path(__file__).resolve().parents[1] / "prepare.py"
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
-# 1. loader against step: the dataset and train.py's default model
+# 1. loader against step: the dataset and train.py's default model size (GPT-2's architecture, AdamW)
 data_root = "data"  # folder that holds the prepared datasets
 dataset = "python_stdlib"  # data_root/<dataset>, written by prepare.py (the default is prepared on first use)
 seed = 1337  # seeds the weights and the batch draws

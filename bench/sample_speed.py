@@ -48,7 +48,7 @@ def generate_by_recomputing(model, idx, max_new_tokens):
     """Greedy decoding without a cache: every new token costs a forward pass over the whole (cropped) context."""
     block_size = model.config.block_size
     for _ in range(max_new_tokens):
-        logits = model.lm_head(model.hidden_states(idx[:, -block_size:])[:, -1])  # the last position's only
+        logits = model.logits(model.hidden_states(idx[:, -block_size:])[:, -1])  # the last position's only
         idx = torch.cat((idx, sample_next(logits.float(), temperature=0)), dim=1)
     return idx
 

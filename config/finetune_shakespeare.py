@@ -20,3 +20,8 @@ min_lr = 3e-5
 warmup_iters = 0
 weight_decay = 0.1
 optimizer = "adamw"  # Muon (train.py's default) is untested for fine-tuning here
+
+# GPT-2's architecture, as the weights are (train.py's defaults are the modern options and Muon)
+pos_embedding = "learned"
+mlp = "gelu"
+qk_norm = False

@@ -22,6 +22,11 @@ warmup_iters = 20
 weight_decay = 0.0
 optimizer = "adamw"  # Muon (train.py's default) is untested for fine-tuning here
 
+# GPT-2's architecture, as the weights are (train.py's defaults are the modern options and Muon)
+pos_embedding = "learned"
+mlp = "gelu"
+qk_norm = False
+
 eval_interval = 50
 eval_iters = 8  # 8 x 8 held-out examples, one per row: the completion-only loss
 log_interval = 10

@@ -1,5 +1,7 @@
 """The speedrun recipes as their config files stand, scaled down to seconds on a CPU: each trains and resumes
-bitwise, with every option the file sets (only sizes, lengths and devices are overridden here)."""
+bitwise with every option the file sets. Overridden: sizes, lengths, devices, and for the FineWeb recipe the
+vocabulary, accumulation, val tokens and target for the char data, and its AdamW lrs, set for 124M and 0.5M
+tokens a step, scaled down with the model."""
 
 import runpy
 

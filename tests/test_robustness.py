@@ -160,6 +160,18 @@ def test_a_change_the_checkpoint_cannot_follow_is_refused_naming_both_values(dat
     assert on_disk(out) == before
 
 
+def test_a_checkpoint_older_than_an_option_counts_as_without_it(data_root, paused_run, tmp_path, capsys):
+    out = copy_of(paused_run, tmp_path)
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    for key in ("value_embeddings", "val_tokens"):
+        del checkpoint["config"][key]
+    torch.save(checkpoint, out / "last.pt")
+    err = refused(train.main, short_args(data_root, out, init_from="resume", value_embeddings=1), capsys)
+    assert "was trained with value_embeddings=0" in err
+    err = refused(train.main, short_args(data_root, out, init_from="resume", val_tokens=8 * 32), capsys)
+    assert "val_tokens 0 -> 256 would change the fixed val batches" in err
+
+
 # ---- 3. changed data ----
 
 def prepared_elsewhere(tmp_path, name, text):
