@@ -390,9 +390,10 @@ class Windows:
     def leading_batches(self, n_tokens, batch_size):
         """Evaluation batches that tile the split's first n_tokens tokens (a multiple of batch_size x block_size)
         with back-to-back windows, each target the next token: how the GPT speedruns measure FineWeb val loss."""
-        if n_tokens + 1 > int(self.starts_per_shard[0]) + self.block_size:
+        first_shard = int(self.starts_per_shard[0]) + self.block_size  # its tokens (a window needs one more)
+        if n_tokens + 1 > first_shard:
             raise DataError(f"val_tokens {n_tokens:,} needs {n_tokens + 1:,} tokens in the first val shard, which "
-                            f"holds {int(self.starts_per_shard[0]) + self.block_size:,}; lower --val_tokens")
+                            f"holds {first_shard:,}; lower --val_tokens")
         starts = np.arange(0, n_tokens, self.block_size)
         return [self.batch(chunk) for chunk in np.split(starts, len(starts) // batch_size)]
 

@@ -120,12 +120,11 @@ def time_shape(sizes, cfg, rt):
 
 
 def micro_batches_within(adamw, muon, max_ratio):
-    """Micro-batches per step from which Muon's step is within max_ratio of AdamW's: with F the forward and
-    backward of one (AdamW's step less its optimizer step) and O each optimizer step, the least n with
-    (n F + O_muon) / (n F + O_adamw) <= max_ratio."""
-    optimizer_ms = {s.name: 1000 * statistics.median(s.optimizer_seconds) for s in (adamw, muon)}
-    micro_batch_ms = 1000 * statistics.median(adamw.step_seconds) - optimizer_ms["adamw"]
-    excess = optimizer_ms["muon"] - max_ratio * optimizer_ms["adamw"]
+    """Micro-batches per step from which Muon's step is within max_ratio of AdamW's, from their `figures`: with
+    F the forward and backward of one (AdamW's step less its optimizer step) and O each optimizer step, the
+    least n with (n F + O_muon) / (n F + O_adamw) <= max_ratio."""
+    micro_batch_ms = adamw["ms_per_step_median"] - adamw["optimizer_ms_median"]
+    excess = muon["optimizer_ms_median"] - max_ratio * adamw["optimizer_ms_median"]
     return max(1, math.ceil(excess / ((max_ratio - 1) * micro_batch_ms)))
 
 
@@ -156,7 +155,8 @@ def benchmark(cfg):
         result["step_ratio"] = statistics.median(r["ratio"] for r in rounds)
         result["optimizer_ratio"] = result["muon"]["optimizer_ms_median"] / result["adamw"]["optimizer_ms_median"]
         result["meets_max_ratio"] = result["step_ratio"] <= cfg.max_ratio
-        result["micro_batches_within_max_ratio"] = micro_batches_within(adamw, muon, cfg.max_ratio)
+        result["micro_batches_within_max_ratio"] = micro_batches_within(result["adamw"], result["muon"],
+                                                                            cfg.max_ratio)
         results.append(result)
         print(f"  whole step: adamw {result['adamw']['ms_per_step_median']:.1f} ms, muon "
               f"{result['muon']['ms_per_step_median']:.1f} ms, ratio {result['step_ratio']:.3f} "

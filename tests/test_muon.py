@@ -7,7 +7,6 @@ import json
 import runpy
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -215,11 +214,11 @@ def test_the_bench_char_shape_is_the_cpu_recipes():
 
 
 def test_micro_batches_within_the_ratio_follow_from_the_step_parts():
-    def setting(name, step_s, optimizer_s):
-        return SimpleNamespace(name=name, step_seconds=[step_s], optimizer_seconds=[optimizer_s])
+    def figures(step_ms, optimizer_ms):
+        return {"ms_per_step_median": step_ms, "optimizer_ms_median": optimizer_ms}
 
-    # AdamW: 0.100 s per step of which 0.001 optimizer, so 0.099 s per micro-batch; Muon's optimizer 0.030 s
-    adamw, muon = setting("adamw", 0.100, 0.001), setting("muon", 0.129, 0.030)
+    # AdamW: 100 ms per step of which 1 optimizer, so 99 ms per micro-batch; Muon's optimizer 30 ms
+    adamw, muon = figures(100.0, 1.0), figures(129.0, 30.0)
     n = optimizer_speed.micro_batches_within(adamw, muon, 1.15)
-    assert (n * 0.099 + 0.030) / (n * 0.099 + 0.001) <= 1.15 < ((n - 1) * 0.099 + 0.030) / ((n - 1) * 0.099 + 0.001)
-    assert optimizer_speed.micro_batches_within(adamw, setting("muon", 0.101, 0.002), 1.15) == 1
+    assert (n * 99 + 30) / (n * 99 + 1) <= 1.15 < ((n - 1) * 99 + 30) / ((n - 1) * 99 + 1)
+    assert optimizer_speed.micro_batches_within(adamw, figures(101.0, 2.0), 1.15) == 1
