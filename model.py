@@ -414,11 +414,13 @@ class GPT(nn.Module):
         return [group for group in groups if group["params"]]
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, muon_lr=None, embedding_lr=None,
-                            head_lr=None):
-        """AdamW over lr_groups; with muon_lr, Muon (AdamW for every group but the blocks' matrices)."""
+                            head_lr=None, muon_split="whole"):
+        """AdamW over lr_groups; with muon_lr, Muon (AdamW for every group but the blocks' matrices), which
+        orthogonalises whole matrices or (muon_split="head") strips one head wide."""
         groups = self.lr_groups(weight_decay, learning_rate, muon_lr, embedding_lr, head_lr)
         if muon_lr:
-            return Muon(groups, lr=learning_rate, betas=betas)
+            block = self.config.n_embd // self.config.n_head if muon_split == "head" else 0
+            return Muon(groups, lr=learning_rate, betas=betas, block=block)
         # the fused kernel (CUDA; CPU since torch 2.4) updates all tensors in one pass instead of a dozen ops
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))

@@ -18,10 +18,10 @@ def orthogonalize(update, steps=5, dtype=torch.bfloat16, gram=None):
     transposed = x.size(1) > x.size(2)
     if transposed:
         x = x.mT
-    x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)  # every singular value <= 1, where the iteration converges
+    scale = 1 / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)  # every singular value of scale X <= 1: it converges
     if gram is None:
         gram = use_gram_form(*x.shape[1:], steps)
-    x = (gram_newton_schulz if gram else newton_schulz)(x, steps)
+    x = gram_newton_schulz(x, steps, scale) if gram else newton_schulz(x * scale, steps)
     return (x.mT if transposed else x).reshape(update.shape).to(update.dtype)
 
 
@@ -34,10 +34,11 @@ def newton_schulz(x, steps):
     return x
 
 
-def gram_newton_schulz(x, steps):
-    """newton_schulz on rows x rows matrices (gram_segment), restarted from X every GRAM_RESTART steps."""
+def gram_newton_schulz(x, steps, scale):
+    """newton_schulz of scale X on rows x rows matrices (gram_segment), restarted from X every GRAM_RESTART
+    steps. The scale goes to the small matrices, not to X (a pass and a copy fewer)."""
     for segment in gram_segments(steps):
-        x = gram_segment(x, segment)
+        x, scale = gram_segment(x, segment, scale), 1.0
     return x
 
 
@@ -53,18 +54,18 @@ def gram_segments(steps):
     return [min(GRAM_RESTART, steps - start) for start in range(0, steps, GRAM_RESTART)]
 
 
-def gram_segment(x, steps):
-    """`steps` (>= 1) of newton_schulz on rows x rows matrices only: every iterate is X_k = P_k X_0, P_k a
-    polynomial in G_0 = X_0 X_0^T, so with Q = a I + b G_k + c G_k^2, P_{k+1} = Q P_k and G_{k+1} = Q G_k Q
-    (all commute); X = P X_0 at the end."""
-    gram, poly = torch.bmm(x, x.mT), None
+def gram_segment(x, steps, scale=1.0):
+    """`steps` (>= 1) of newton_schulz from X_0 = scale X on rows x rows matrices only: every iterate is
+    X_k = P_k X_0, P_k a polynomial in G_0 = X_0 X_0^T, so with Q = a I + b G_k + c G_k^2, P_{k+1} = Q P_k and
+    G_{k+1} = Q G_k Q (all commute); (scale P) X at the end."""
+    gram, poly = torch.bmm(x, x.mT) * scale**2, None
     for step in range(steps):
         q = torch.baddbmm(gram, gram, gram, beta=B, alpha=C)
         q.diagonal(dim1=1, dim2=2).add_(A)
         poly = q if poly is None else torch.bmm(q, poly)
         if step < steps - 1:
             gram = torch.bmm(torch.bmm(q, gram), q)
-    return torch.bmm(poly, x)
+    return torch.bmm(poly * scale, x)
 
 
 def newton_schulz_flops(rows, cols, steps, gram):
@@ -88,19 +89,48 @@ def default_ns_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def in_strips(shape, block):
+    """Whether Muon orthogonalises a rows x cols matrix in strips `block` wide across its longer side (cols on
+    ties): where block > 0 divides that side into two or more."""
+    side = max(shape)
+    return 0 < block < side and side % block == 0
+
+
+def to_strips(matrix, block):
+    """The pieces of a rows x cols matrix that Muon orthogonalises one by one, as a stack of views of it: the
+    whole matrix (turned wide), or its strips (in_strips). One head wide, GPT's attention input matrix is cut
+    into each head's query, key and value rows, its output projection into each head's columns, its MLP into
+    groups of units."""
+    rows, cols = matrix.shape
+    if not in_strips(matrix.shape, block):
+        return (matrix.mT if rows > cols else matrix).unsqueeze(0)
+    if rows > cols:
+        return matrix.reshape(rows // block, block, cols)
+    return matrix.reshape(rows, cols // block, block).permute(1, 2, 0)
+
+
+def strip_scale(strips, cols):
+    """Makes an orthogonalised piece's RMS 1 / sqrt(cols): Muon's sqrt(max(1, rows / cols)) for a whole matrix,
+    and the same update size for strips, so that muon_lr carries over between the two."""
+    return (max(strips.shape[1:]) / cols) ** 0.5
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024) for groups marked `muon`: Nesterov momentum, then the update orthogonalised
-    and scaled by sqrt(max(1, rows / cols)); plain AdamW for the other groups. Weight decay is decoupled
+    and scaled by sqrt(max(1, rows / cols)), or with `block` > 0 orthogonalised strip by strip (to_strips; a
+    strip one head wide does a fraction of a whole matrix's work) and scaled alike (strip_scale); plain AdamW
+    for the other groups. Weight decay is decoupled
     (scaled by the lr) in both. One optimizer, so the loop and the checkpoints treat it like AdamW.
 
     The state is per parameter, as in torch's optimizers (checkpoints key it by parameter name): a Muon
     matrix holds `momentum_buffer`; an AdamW tensor `step` (a Python int), `exp_avg` and `exp_avg_sq`. The
-    work is batched: same-shape matrices are orthogonalised together, in `ns_dtype` (None: default_ns_dtype
-    of their device), and each AdamW group is one call of torch's fused (CPU, CUDA) or foreach AdamW."""
+    work is batched: same-shape pieces (whole matrices or strips) are orthogonalised together, in `ns_dtype`
+    (None: default_ns_dtype of their device), and each AdamW group is one call of torch's fused (CPU, CUDA) or
+    foreach AdamW."""
 
-    def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8, ns_dtype=None):
+    def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8, ns_dtype=None, block=0):
         super().__init__(groups, {"lr": lr, "betas": betas, "momentum": momentum, "eps": eps, "muon": False,
-                                  "weight_decay": 0.0})
+                                  "weight_decay": 0.0, "block": block})
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
@@ -118,13 +148,17 @@ class Muon(torch.optim.Optimizer):
         updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov: the gradient looks ahead
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        # every piece of one shape, from whichever matrices, is orthogonalised in one batched call
+        pieces = [to_strips(update, group["block"]) for update in updates]
         by_shape = {}
-        for p, update in zip(params, updates):
-            by_shape.setdefault(p.shape, []).append((p, update))
-        for (rows, cols), pairs in by_shape.items():
-            same, same_updates = zip(*pairs)
-            ortho = orthogonalize(torch.stack(same_updates), dtype=self.ns_dtype or default_ns_dtype(same[0].device))
-            torch._foreach_add_(list(same), ortho.unbind(), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+        for index, piece in enumerate(pieces):
+            by_shape.setdefault(piece.shape[1:], []).append(index)
+        for indices in by_shape.values():
+            dtype = self.ns_dtype or default_ns_dtype(params[indices[0]].device)
+            ortho = orthogonalize(torch.cat([pieces[i] for i in indices]), dtype=dtype)
+            for i, piece in zip(indices, ortho.split([pieces[i].size(0) for i in indices])):
+                p = params[i]  # its own pieces are views of it: the update lands in place, with no reassembly
+                to_strips(p, group["block"]).add_(piece, alpha=-group["lr"] * strip_scale(piece, p.size(1)))
 
     def _adamw_step(self, params, group):
         states = [self.state[p] for p in params]

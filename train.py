@@ -103,6 +103,7 @@ beta1 = 0.9  # AdamW beta1
 beta2 = 0.99  # AdamW beta2
 optimizer = "muon"  # muon: Muon for the blocks' weight matrices, AdamW for embeddings, head and 1-D weights; or adamw
 muon_lr = 0.02  # with optimizer=muon: the peak learning rate of the Muon matrices (same warmup and decay)
+muon_split = "head"  # with optimizer=muon: orthogonalise strips one head wide (less work on a CPU), or whole matrices
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables clipping (the norm is still logged)
 # evaluation, logging, checkpoints
 eval_interval = 250  # steps between evaluations on the fixed held-out batches (best.pt, weights only, follows val)
@@ -184,6 +185,8 @@ def check_config(cfg, world_size):
                           "--device=cuda (each process takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick GPUs")
     if cfg.optimizer not in ("adamw", "muon"):
         raise ConfigError(f"optimizer must be adamw or muon, got {cfg.optimizer!r}")
+    if cfg.muon_split not in ("whole", "head"):
+        raise ConfigError(f"muon_split must be whole or head, got {cfg.muon_split!r}")
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp" and world_size > 1:
         raise ConfigError("Muon orthogonalises whole matrices, which FSDP splits across processes; use "
                           "--parallel=ddp with --optimizer=muon")
@@ -254,7 +257,7 @@ FIXED_ON_RESUME = (  # refused: the saved weights and optimizer state are of thi
     "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *architecture_options(), "lora_rank",
     "lora_alpha", "lora_targets", "optimizer")
 OPTIMIZER_SETTINGS = (  # set in the resumed optimizer's param groups (its moments are kept), as a new run would
-    "learning_rate", "weight_decay", "beta1", "beta2", "muon_lr", "embedding_lr", "head_lr")
+    "learning_rate", "weight_decay", "beta1", "beta2", "muon_lr", "muon_split", "embedding_lr", "head_lr")
 EVAL_BATCH_KEYS = (  # they make the fixed val batches that choose best.pt: refused without allow_new_eval_batches
     "batch_size", "eval_iters", "val_tokens")
 CHANGEABLE = (  # read afresh as the run goes on: the schedule, regularisation, intervals, stop rules, records,
@@ -398,7 +401,7 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     try:
         optimizer = gpt.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                             rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None,
-                                            cfg.embedding_lr or None, cfg.head_lr or None)
+                                            cfg.embedding_lr or None, cfg.head_lr or None, cfg.muon_split)
     except ValueError as e:  # a head_lr for a tied head
         raise ConfigError(str(e)) from None
     scaler = rt.grad_scaler()

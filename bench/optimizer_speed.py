@@ -1,7 +1,8 @@
 """Muon's training step against AdamW's: `python bench/optimizer_speed.py [--key=value ...]`.
 
 For each shape, two copies of the same model (same seed), one with the AdamW and one with the Muon optimizer
-that `GPT.configure_optimizer` builds (AdamW fused on CPU and CUDA; Muon with train.py's default muon_lr).
+that `GPT.configure_optimizer` builds (AdamW fused on CPU and CUDA; Muon with train.py's default muon_lr, and
+`muon_split`: whole matrices, or strips one head wide as the CPU recipes orthogonalise).
 Each round times n whole training steps (`train.train_step`: forward, backward, clip, optimizer step) of one,
 then n of its optimizer steps alone (on the gradients the last step left), then the same for the other (n from
 `round_s`); the order flips every round (ABBA), so that other load on the machine hits both alike. Step times are
@@ -36,6 +37,7 @@ warmup_steps = 2  # untimed whole steps of each optimizer first, per shape
 rounds = 4  # rounds per shape; each times both optimizers
 round_s = 2.0  # seconds of whole AdamW steps per round, which sets the steps per round (at least 1)
 max_ratio = 1.15  # the issue's acceptance: Muon's whole step at most this many times AdamW's
+muon_split = "head"  # how Muon orthogonalises (train.py's muon_split): head, strips one head wide; whole matrices
 # system: device and the rest from devices.RuntimeConfig; dtype and compile are declared here for their defaults
 dtype = "float32"  # float32 (no autocast; the precision the issue measured), bfloat16, float16, or auto
 compile = "false"  # torch.compile the model: false (the issue's figures), true, auto (on for CUDA)
@@ -67,12 +69,12 @@ def parse_shapes(text):
 class Setting(common.TrainStep):
     """One model with AdamW or Muon, with its whole-step and optimizer-step times."""
 
-    def __init__(self, config, seed, rt, optimizer):
+    def __init__(self, config, seed, rt, optimizer, muon_split):
         super().__init__(config, seed, rt)
         if optimizer == "muon":
             self.optimizer = self.raw_model.configure_optimizer(train.weight_decay, train.learning_rate,
                                                                 (train.beta1, train.beta2), rt.device_type,
-                                                                muon_lr=train.muon_lr)
+                                                                muon_lr=train.muon_lr, muon_split=muon_split)
         self.name = optimizer
         self.step_seconds = []
         self.optimizer_seconds = []
@@ -97,7 +99,7 @@ def time_shape(sizes, cfg, rt):
     layers, heads, width, block, batch, vocab = sizes
     config = GPTConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=block, vocab_size=vocab, bias=False,
                        dropout=0.0)
-    settings = [Setting(config, cfg.seed, rt, name) for name in ("adamw", "muon")]
+    settings = [Setting(config, cfg.seed, rt, name, cfg.muon_split) for name in ("adamw", "muon")]
     generator = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(vocab, (batch, block + 1), generator=generator)
     batches = [(tokens[:, :-1].contiguous().to(rt.device), tokens[:, 1:].contiguous().to(rt.device))]
@@ -138,11 +140,13 @@ def figures(setting):
 def benchmark(cfg):
     common.check_positive(cfg, ("rounds", "round_s", "max_ratio"))
     common.check_positive(cfg, ("warmup_steps",), allow_zero=True)
+    if cfg.muon_split not in ("whole", "head"):
+        raise ConfigError(f"muon_split must be whole or head, got {cfg.muon_split!r}")
     shape_list = parse_shapes(cfg.shapes)
     rt = devices.runtime(cfg)
     machine = common.machine_record(rt.device)
     print(f"{machine['device']} ({rt.device}), torch {torch.__version__}, dtype {common.dtype_name(rt.dtype)}, "
-          f"{'compiled' if rt.compile else 'eager'}", flush=True)
+          f"{'compiled' if rt.compile else 'eager'}, muon_split={cfg.muon_split}", flush=True)
     results = []
     for name, sizes in shape_list:
         print(f"{name}: {'x'.join(map(str, sizes))} (layers x heads x width x T x batch x vocab)", flush=True)

@@ -38,6 +38,7 @@ unet_skips = True
 # cooldown over the last 40% of the steps
 optimizer = "muon"
 muon_lr = 0.05
+muon_split = "whole"  # whole matrices, as the records orthogonalise: on GPUs at 524,288 tokens a step it is cheap
 learning_rate = 0.04
 embedding_lr = 0.6
 head_lr = 0.008

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
+import train
 from bench import optimizer_speed
 from model import GPT, GPTConfig
 from muon import default_ns_dtype, newton_schulz_flops, orthogonalize, use_gram_form
@@ -20,10 +21,10 @@ from muon import default_ns_dtype, newton_schulz_flops, orthogonalize, use_gram_
 CONFIG = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
 
 
-def model_and_optimizer():
+def model_and_optimizer(muon_split="whole"):
     torch.manual_seed(0)
     model = GPT(CONFIG)
-    return model, model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
+    return model, model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02, muon_split=muon_split)
 
 
 def set_grads(model, seed):
@@ -53,9 +54,22 @@ def reference_orthogonalize(update, dtype):
     return (x.T if transposed else x).to(update.dtype)
 
 
+def reference_strips(update, dtype, block):
+    """Each strip `block` wide across the longer side (columns on ties) orthogonalised alone by slicing, scaled so
+    that a semi-orthogonal strip's RMS is 1 / sqrt(cols), as a whole matrix's is after Muon's sqrt(max(1, r/c))."""
+    rows, cols = update.shape
+    ortho = torch.empty_like(update)
+    for start in range(0, max(rows, cols), block):
+        strip_slice = slice(start, start + block)
+        piece = (strip_slice, slice(None)) if rows > cols else (slice(None), strip_slice)
+        strip = reference_orthogonalize(update[piece], dtype)
+        ortho[piece] = strip * (max(strip.shape) / cols) ** 0.5
+    return ortho
+
+
 @torch.no_grad()
-def reference_step(optimizer, ns_dtype):
-    """Muon.step as it was before batching: a Python loop, one tensor at a time."""
+def reference_step(optimizer, ns_dtype, block=0):
+    """Muon.step as it was before batching: a Python loop, one tensor (or with block, one strip) at a time."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]
@@ -63,8 +77,8 @@ def reference_step(optimizer, ns_dtype):
             if group["muon"]:
                 momentum = state.setdefault("momentum_buffer", torch.zeros_like(p))
                 momentum.lerp_(p.grad, 1 - group["momentum"])
-                update = reference_orthogonalize(p.grad.lerp(momentum, group["momentum"]), ns_dtype)
-                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                update = p.grad.lerp(momentum, group["momentum"])  # one strip: the whole matrix
+                p.add_(reference_strips(update, ns_dtype, block or max(p.shape)), alpha=-group["lr"])
                 continue
             if not state:
                 state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
@@ -132,8 +146,10 @@ def test_newton_schulz_runs_in_bf16_on_cuda_and_fp32_elsewhere():
     assert default_ns_dtype(torch.device("cpu")) == default_ns_dtype(torch.device("mps")) == torch.float32
 
 
-def test_each_group_gets_the_same_update_as_the_per_tensor_loop():
-    model, optimizer = model_and_optimizer()
+@pytest.mark.parametrize("muon_split", ["whole", "head"])
+def test_each_group_gets_the_same_update_as_the_per_tensor_loop(muon_split):
+    model, optimizer = model_and_optimizer(muon_split)
+    block = CONFIG.n_embd // CONFIG.n_head if muon_split == "head" else 0
     reference, reference_optimizer = copy.deepcopy((model, optimizer))
     for i in range(5):  # bias corrections and momenta change over the first steps
         for m, opt in ((model, optimizer), (reference, reference_optimizer)):
@@ -141,7 +157,7 @@ def test_each_group_gets_the_same_update_as_the_per_tensor_loop():
             for group in opt.param_groups:
                 group["lr"] = 1e-3 * (i + 1) * group.get("lr_scale", 1.0)
         optimizer.step()
-        reference_step(reference_optimizer, torch.float32)
+        reference_step(reference_optimizer, torch.float32, block)
     muon_params = {id(p) for p in optimizer.param_groups[0]["params"]}
     assert optimizer.param_groups[0]["muon"] and len(muon_params) == 4 * CONFIG.n_layer
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
@@ -197,6 +213,7 @@ def test_optimizer_speed_bench_smoke(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["command"].startswith("python bench/optimizer_speed.py ") and report["dtype"] == "float32"
+    assert report["config"]["muon_split"] == "head"
     (shape,) = report["results"]
     assert shape["sizes"] == [2, 2, 32, 16, 2, 65] and shape["tokens_per_step"] == 32
     for name in ("adamw", "muon"):
@@ -205,6 +222,11 @@ def test_optimizer_speed_bench_smoke(tmp_path):
     ratios = [r["muon_ms"] / r["adamw_ms"] for r in shape["rounds"]]
     assert len(ratios) == 2 and shape["step_ratio"] == pytest.approx(sum(ratios) / 2)  # the median of two
     assert shape["meets_max_ratio"] == (shape["step_ratio"] <= 1.15) and shape["micro_batches_within_max_ratio"] >= 1
+
+
+def test_the_bench_times_muon_as_the_cpu_recipes_run_it():
+    recipe = runpy.run_path(str(ROOT / "config" / "speedrun_char_cpu.py"))
+    assert optimizer_speed.muon_split == train.muon_split == recipe["muon_split"] == "head"
 
 
 def test_the_bench_char_shape_is_the_cpu_recipes():

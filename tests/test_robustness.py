@@ -116,15 +116,17 @@ def test_optimizer_settings_changed_on_resume_take_effect_and_are_recorded(data_
     assert resumed[0]["changed"] == changed
 
 
-def test_muon_learning_rates_on_resume_are_the_configured_ones(data_root, tmp_path):
+def test_muon_settings_on_resume_are_the_configured_ones(data_root, tmp_path):
     out = tmp_path / "run"
-    train.main(short_args(data_root, out, optimizer="muon", stop_iter=10))
+    train.main(short_args(data_root, out, optimizer="muon", muon_split="head", stop_iter=10))
     train.main(short_args(data_root, out, optimizer="muon", init_from="resume", learning_rate=2e-3, min_lr=2e-4,
-                          muon_lr=0.03))
+                          muon_lr=0.03, muon_split="whole"))
     groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     muon = [g for g in groups if g["muon"]]
     assert len(muon) == 1 and muon[0]["lr_scale"] == pytest.approx(0.03 / 2e-3)  # not 0.02 / 1e-3 as saved
-    assert set(run_record(out)["changed_on_resume"]) == {"learning_rate", "min_lr", "muon_lr", "stop_iter"}
+    assert muon[0]["block"] == 0  # whole matrices, not the saved strips one head (16) wide
+    assert set(run_record(out)["changed_on_resume"]) == {"learning_rate", "min_lr", "muon_lr", "muon_split",
+                                                         "stop_iter"}
 
 
 def test_new_eval_batches_are_refused_unless_allowed_and_other_changes_are_listed(data_root, paused_run, tmp_path,
@@ -386,6 +388,7 @@ def test_an_absurd_batch_size_is_one_line(data_root, tmp_path, capsys):
     ({"warmup_iters": 10, "lr_decay_iters": 5}, "lr_decay_iters 5 ends the decay before warmup_iters 10"),
     ({"min_lr": 1e-2}, "min_lr must be between 0 and learning_rate"),
     ({"muon_lr": 0.0}, "muon_lr must be positive"),
+    ({"muon_split": "rows"}, "muon_split must be whole or head"),
     ({"loss_spike_factor": 0.5}, "loss_spike_factor must be above 1"),
 ])
 def test_out_of_range_settings_are_refused_before_anything_is_written(data_root, tmp_path, capsys, setting, message):
