@@ -91,7 +91,8 @@ def default_ns_dtype(device):
 
 def in_strips(shape, block):
     """Whether Muon orthogonalises a rows x cols matrix in strips `block` wide across its longer side (cols on
-    ties): where block > 0 divides that side into two or more."""
+    ties): where block > 0 divides that side into two or more. Other matrices go whole (e.g. a SwiGLU MLP whose
+    hidden size the head size does not divide); a LoRA factor is cut like any matrix."""
     side = max(shape)
     return 0 < block < side and side % block == 0
 
@@ -104,9 +105,9 @@ def to_strips(matrix, block):
     rows, cols = matrix.shape
     if not in_strips(matrix.shape, block):
         return (matrix.mT if rows > cols else matrix).unsqueeze(0)
-    if rows > cols:
-        return matrix.reshape(rows // block, block, cols)
-    return matrix.reshape(rows, cols // block, block).permute(1, 2, 0)
+    if rows > cols:  # view, not reshape: the update is added through these pieces, so they must not be copies
+        return matrix.view(rows // block, block, cols)
+    return matrix.view(rows, cols // block, block).permute(1, 2, 0)
 
 
 def strip_scale(strips, cols):

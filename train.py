@@ -188,8 +188,8 @@ def check_config(cfg, world_size):
     if cfg.muon_split not in ("whole", "head"):
         raise ConfigError(f"muon_split must be whole or head, got {cfg.muon_split!r}")
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp" and world_size > 1:
-        raise ConfigError("Muon orthogonalises whole matrices, which FSDP splits across processes; use "
-                          "--parallel=ddp with --optimizer=muon")
+        raise ConfigError("Muon orthogonalises whole matrices or strips across a whole side, which FSDP splits "
+                          "across processes; use --parallel=ddp with --optimizer=muon")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
     for key in ("target_val_loss", "early_stop_patience", "early_stop_min_delta", "task_eval_interval",
@@ -269,14 +269,15 @@ CHANGEABLE = (  # read afresh as the run goes on: the schedule, regularisation, 
     "checkpoint_format", "keep_last_k", "max_skipped_steps", "loss_spike_factor", "lora_dropout", "pack_examples",
     "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile")
 RESUME_CONTROLS = ("init_from", "allow_new_eval_batches")  # how this start goes, not what the run is: not compared
-# what a checkpoint older than these keys ran with: its model had GPT-2's options, its val the random windows
-BEFORE_THE_KEY = {**architecture_options(), "val_tokens": 0}
+# what a checkpoint older than these keys ran with: its model had GPT-2's options, its val the random windows,
+# its Muon whole matrices
+BEFORE_THE_KEY = {**architecture_options(), "val_tokens": 0, "muon_split": "whole"}
 
 
 def resume_changes(cfg, ckpt):
     """{key: [checkpoint's value, config's value]} for each key this resume changes; ConfigError for a change
     the checkpoint cannot follow. A key the checkpoint's config lacks (older than the key) is compared with
-    BEFORE_THE_KEY's value where it fixes the model or the val batches, and otherwise not at all."""
+    BEFORE_THE_KEY's value where it has one, and otherwise not at all."""
     saved = {**BEFORE_THE_KEY, **ckpt["config"]}
     changed = {key: [saved[key], value] for key, value in vars(cfg).items()
                if key in saved and key not in RESUME_CONTROLS and saved[key] != value}

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 import train
 from bench import optimizer_speed
 from model import GPT, GPTConfig
-from muon import default_ns_dtype, newton_schulz_flops, orthogonalize, use_gram_form
+from muon import default_ns_dtype, newton_schulz_flops, orthogonalize, to_strips, use_gram_form
 
 CONFIG = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
 
@@ -170,6 +170,40 @@ def test_each_group_gets_the_same_update_as_the_per_tensor_loop(muon_split):
             torch.testing.assert_close(state[key], reference_state[key], rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
 
 
+@pytest.mark.parametrize(("shape", "block", "pieces"), [
+    ((96, 32), 16, (6, 16, 32)),  # tall: row strips (per head: q, k and v of each)
+    ((32, 128), 16, (8, 16, 32)),  # wide: column strips, turned wide
+    ((32, 32), 16, (2, 16, 32)),  # square: column strips (per head of the output projection)
+    ((8, 128), 16, (8, 16, 8)),  # a LoRA factor is cut like any matrix
+    ((32, 96), 64, (1, 32, 96)),  # a side the block does not divide: whole
+    ((96, 32), 96, (1, 32, 96)),  # a block as wide as the side: whole, turned wide
+    ((32, 128), 0, (1, 32, 128)),  # no block: whole
+])
+def test_strips_are_views_that_tile_the_matrix(shape, block, pieces):
+    matrix = torch.zeros(shape)
+    strips = to_strips(matrix, block)
+    assert strips.shape == pieces and strips.data_ptr() == matrix.data_ptr()
+    strips.add_(torch.arange(strips.numel(), dtype=torch.float32).view(pieces))  # lands in the matrix, once each
+    assert sorted(matrix.flatten().tolist()) == list(range(matrix.numel()))
+
+
+def test_strips_update_at_the_rms_of_whole_matrices():
+    """Whole or in strips, a step moves each Muon matrix by about lr / sqrt(cols) per entry (Muon's
+    sqrt(max(1, rows / cols)) convention), so muon_lr means the same in both; and the two steps differ."""
+    moved = {}
+    for split in ("whole", "head"):
+        model, optimizer = model_and_optimizer(split)
+        before = [p.clone() for p in optimizer.param_groups[0]["params"]]
+        set_grads(model, seed=0)
+        step(optimizer, 1e-3)  # Muon's lr: 0.02 (muon_lr), which also scales the weight decay of 0.1
+        moved[split] = [p - b * (1 - 0.02 * 0.1) for p, b in zip(optimizer.param_groups[0]["params"], before)]
+    for whole, strips in zip(moved["whole"], moved["head"]):
+        expected = 0.02 / whole.size(1) ** 0.5
+        for update in (whole, strips):  # Newton-Schulz leaves singular values in about [0.7, 1.2]
+            assert 0.7 * expected < update.pow(2).mean().sqrt() < 1.2 * expected
+        assert not torch.allclose(whole, strips, atol=expected / 10)
+
+
 def round_trip_by_name(model, optimizer, new_model, new_optimizer):
     """As checkpoint.py saves and loads: the full state dict keyed by parameter name, through torch.save."""
     options = StateDictOptions(full_state_dict=True)
@@ -183,9 +217,10 @@ def round_trip_plain(model, optimizer, new_model, new_optimizer):
     new_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
 
 
+@pytest.mark.parametrize("muon_split", ["whole", "head"])
 @pytest.mark.parametrize("round_trip", [round_trip_by_name, round_trip_plain], ids=["by_name", "state_dict"])
-def test_state_round_trips_into_bitwise_identical_steps(round_trip):
-    model, optimizer = model_and_optimizer()
+def test_state_round_trips_into_bitwise_identical_steps(round_trip, muon_split):
+    model, optimizer = model_and_optimizer(muon_split)
     for i in range(3):
         set_grads(model, seed=i)
         step(optimizer, 1e-3)
@@ -194,7 +229,7 @@ def test_state_round_trips_into_bitwise_identical_steps(round_trip):
     for p in (p for group in optimizer.param_groups[1:] for p in group["params"]):
         assert optimizer.state[p].keys() == {"step", "exp_avg", "exp_avg_sq"} and optimizer.state[p]["step"] == 3
         assert type(optimizer.state[p]["step"]) is int  # as before batching: old checkpoints load unchanged
-    resumed, resumed_optimizer = model_and_optimizer()
+    resumed, resumed_optimizer = model_and_optimizer(muon_split)
     resumed.load_state_dict(model.state_dict())
     round_trip(model, optimizer, resumed, resumed_optimizer)
     for i in range(3, 6):

@@ -129,6 +129,20 @@ def test_muon_settings_on_resume_are_the_configured_ones(data_root, tmp_path):
                                                          "stop_iter"}
 
 
+def test_a_muon_checkpoint_older_than_muon_split_resumes_as_a_said_change_from_whole(data_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(short_args(data_root, out, optimizer="muon", muon_split="whole", stop_iter=10))
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    del checkpoint["config"]["muon_split"]  # as saved before the key existed, by a Muon of whole matrices
+    for group in checkpoint["optimizer"]["param_groups"]:
+        del group["block"]
+    torch.save(checkpoint, out / "last.pt")
+    train.main(short_args(data_root, out, optimizer="muon", muon_split="head", init_from="resume"))
+    assert run_record(out)["changed_on_resume"]["muon_split"] == ["whole", "head"]
+    groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["block"] for g in groups if g["muon"]] == [16]
+
+
 def test_new_eval_batches_are_refused_unless_allowed_and_other_changes_are_listed(data_root, paused_run, tmp_path,
                                                                                   capsys):
     out = copy_of(paused_run, tmp_path)
