@@ -116,6 +116,29 @@ def strip_scale(strips, cols):
     return (max(strips.shape[1:]) / cols) ** 0.5
 
 
+# At most this many elements per batched Newton-Schulz call (16 MB in fp32). On CPU, larger temporaries are mapped
+# afresh at every step: at 124M, strips one head wide in one batch of 85M elements took 1.19 s to orthogonalise,
+# in batches of 12-25 MB 0.77-0.78 s.
+BATCH_ELEMENTS = 1 << 22
+
+
+def batches(pieces):
+    """Indices into `pieces` (stacks of matrices), grouped by matrix shape and cut into batches of at most
+    BATCH_ELEMENTS elements (at least one stack each)."""
+    by_shape = {}
+    for index, piece in enumerate(pieces):
+        by_shape.setdefault(piece.shape[1:], []).append(index)
+    for indices in by_shape.values():
+        batch, size = [], 0
+        for index in indices:
+            if batch and size + pieces[index].numel() > BATCH_ELEMENTS:
+                yield batch
+                batch, size = [], 0
+            batch.append(index)
+            size += pieces[index].numel()
+        yield batch
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024) for groups marked `muon`: Nesterov momentum, then the update orthogonalised
     and scaled by sqrt(max(1, rows / cols)), or with `block` > 0 orthogonalised strip by strip (to_strips; a
@@ -144,17 +167,17 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, params, group):
         grads = [p.grad for p in params]
-        momenta = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        momenta = [self.state[p]["momentum_buffer"] for p in params]
         torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
         updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov: the gradient looks ahead
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        # every piece of one shape, from whichever matrices, is orthogonalised in one batched call
+        # pieces of one shape, from whichever matrices, are orthogonalised together, in batches of BATCH_ELEMENTS
         pieces = [to_strips(update, group["block"]) for update in updates]
-        by_shape = {}
-        for index, piece in enumerate(pieces):
-            by_shape.setdefault(piece.shape[1:], []).append(index)
-        for indices in by_shape.values():
+        for indices in batches(pieces):
             dtype = self.ns_dtype or default_ns_dtype(params[indices[0]].device)
             ortho = orthogonalize(torch.cat([pieces[i] for i in indices]), dtype=dtype)
             for i, piece in zip(indices, ortho.split([pieces[i].size(0) for i in indices])):

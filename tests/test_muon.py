@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 import train
 from bench import optimizer_speed
 from model import GPT, GPTConfig
-from muon import default_ns_dtype, newton_schulz_flops, orthogonalize, to_strips, use_gram_form
+from muon import BATCH_ELEMENTS, batches, default_ns_dtype, newton_schulz_flops, orthogonalize, to_strips, use_gram_form
 
 CONFIG = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
 
@@ -185,6 +185,13 @@ def test_strips_are_views_that_tile_the_matrix(shape, block, pieces):
     assert strips.shape == pieces and strips.data_ptr() == matrix.data_ptr()
     strips.add_(torch.arange(strips.numel(), dtype=torch.float32).view(pieces))  # lands in the matrix, once each
     assert sorted(matrix.flatten().tolist()) == list(range(matrix.numel()))
+
+
+def test_batches_hold_one_shape_and_at_most_batch_elements():
+    big = torch.zeros(1).expand(BATCH_ELEMENTS // 3 // 64, 8, 8)  # a third of a batch, without the memory
+    small = torch.zeros(1, 8, 16)
+    pieces = [big, small, big, big, small, big]
+    assert list(batches(pieces)) == [[0, 2, 3], [5], [1, 4]]
 
 
 def test_strips_update_at_the_rms_of_whole_matrices():
