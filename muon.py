@@ -20,7 +20,7 @@ def orthogonalize(update, steps=5, dtype=torch.bfloat16, gram=None):
         x = x.mT
     scale = 1 / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)  # every singular value of scale X <= 1: it converges
     if gram is None:
-        gram = use_gram_form(*x.shape[1:], steps)
+        gram = use_gram_form(*x.shape[1:], steps, dtype)
     x = gram_newton_schulz(x, steps, scale) if gram else newton_schulz(x * scale, steps)
     return (x.mT if transposed else x).reshape(update.shape).to(update.dtype)
 
@@ -35,23 +35,22 @@ def newton_schulz(x, steps):
 
 
 def gram_newton_schulz(x, steps, scale):
-    """newton_schulz of scale X on rows x rows matrices (gram_segment), restarted from X every GRAM_RESTART
-    steps. The scale goes to the small matrices, not to X (a pass and a copy fewer)."""
-    for segment in gram_segments(steps):
+    """newton_schulz of scale X on rows x rows matrices (gram_segment), restarted from X as gram_segments
+    says. The scale goes to the small matrices, not to X (a pass and a copy fewer)."""
+    for segment in gram_segments(steps, x.dtype):
         x, scale = gram_segment(x, segment, scale), 1.0
     return x
 
 
-# Restarting (G = X X^T afresh) keeps G positive semi-definite and P small. Against the float64 iteration, on
-# gradients of a fresh 128-wide model and on rank-8 or condition-1e6 128 x 384-512 matrices, 5 steps without a
-# restart were off by up to 1.2e-4 in fp32 (plain: 3.2e-6) and diverged in bf16 (up to 46; plain: 0.065), while
-# 3 + 2 steps were off by at most 3.6e-6 and 0.046, better than 2 + 3 or 4 + 1 steps, which cost the same.
-GRAM_RESTART = 3
-
-
-def gram_segments(steps):
-    """The steps of each segment between restarts: 5 steps are [3, 2]."""
-    return [min(GRAM_RESTART, steps - start) for start in range(0, steps, GRAM_RESTART)]
+def gram_segments(steps, dtype):
+    """The steps of each segment between restarts (G = X X^T afresh, which keeps G positive semi-definite and P
+    small): in 16-bit floats [3, 2] for 5 steps; in fp32 and fp64 one segment. Against the float64 iteration, on
+    rank-2 to rank-8 and condition-1e6 matrices 32-128 x 96-512: without a restart bf16 diverged (up to 2.5e7;
+    plain: 0.21), 3 + 2 steps stayed within 0.17 (better than 2 + 3 or 4 + 1, which cost the same); fp32 drifted
+    by at most 2.8e-4 (3 + 2: 6e-6), far inside the iteration's own spread of singular values (0.7 to 1.2), and
+    a restart's two products of X's size made Muon's step at the char CPU shape 16% dearer."""
+    every = 3 if dtype.itemsize < 4 else steps
+    return [min(every, steps - start) for start in range(0, steps, every)]
 
 
 def gram_segment(x, steps, scale=1.0):
@@ -68,19 +67,20 @@ def gram_segment(x, steps, scale=1.0):
     return torch.bmm(poly * scale, x)
 
 
-def newton_schulz_flops(rows, cols, steps, gram):
+def newton_schulz_flops(rows, cols, steps, gram, dtype):
     """Multiply-adds of one iteration on a rows x cols matrix (rows <= cols). Plain: X X^T, G G and (.) X each
     step. Gram, per segment: X X^T and P X at its ends, G G each step, Q G Q on all but its last, Q P on all but
     its first."""
     if not gram:
         return steps * (2 * rows * rows * cols + rows**3)
-    return sum(2 * rows * rows * cols + (4 * segment - 3) * rows**3 for segment in gram_segments(steps))
+    return sum(2 * rows * rows * cols + (4 * segment - 3) * rows**3 for segment in gram_segments(steps, dtype))
 
 
-def use_gram_form(rows, cols, steps):
+def use_gram_form(rows, cols, steps, dtype):
     """The gram form where it does fewer multiply-adds: for 2+ steps, where cols > 1.5 rows (e.g. GPT's
     attention and MLP input and output matrices, not its square ones), in any dtype and on any device."""
-    return newton_schulz_flops(rows, cols, steps, gram=True) < newton_schulz_flops(rows, cols, steps, gram=False)
+    return (newton_schulz_flops(rows, cols, steps, True, dtype)
+            < newton_schulz_flops(rows, cols, steps, False, dtype))
 
 
 def default_ns_dtype(device):
