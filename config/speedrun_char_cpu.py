@@ -1,6 +1,6 @@
 # The fastest way found on a 2-core CPU to val <= 1.88 on shakespeare_char (the same data and fixed val batches
 # as config/shakespeare_char_cpu.py, the nanoGPT-comparable baseline): the modern architecture options and Muon,
-# on a shorter schedule: val 1.865 at step 450, in 0.32 of the baseline's training seconds (bench/time_to_loss.py,
+# on a shorter schedule: val 1.864 at step 450, in 0.27 of the baseline's training seconds (bench/time_to_loss.py,
 # bench/RESULTS.md).
 # First: python prepare.py shakespeare_char   (or add --input PATH to a local copy of tinyshakespeare)
 out_dir = "out-speedrun-char-cpu"
