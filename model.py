@@ -416,7 +416,8 @@ class GPT(nn.Module):
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, muon_lr=None, embedding_lr=None,
                             head_lr=None, muon_split="whole"):
         """AdamW over lr_groups; with muon_lr, Muon (AdamW for every group but the blocks' matrices), which
-        orthogonalises whole matrices or (muon_split="head") strips one head wide."""
+        orthogonalises whole matrices (Muon as published, the default here) or, with muon_split="head" (train.py's
+        default), strips one head wide."""
         groups = self.lr_groups(weight_decay, learning_rate, muon_lr, embedding_lr, head_lr)
         if muon_lr:
             block = self.config.n_embd // self.config.n_head if muon_split == "head" else 0

@@ -19,6 +19,8 @@ def orthogonalize(update, steps=5, dtype=torch.bfloat16, gram=None):
     if transposed:
         x = x.mT
     scale = 1 / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)  # every singular value of scale X <= 1: it converges
+    if x.dtype.itemsize < 4:  # 16-bit: X X^T of X unscaled could leave fp16's range
+        x, scale = x * scale, 1.0
     if gram is None:
         gram = use_gram_form(*x.shape[1:], steps, dtype)
     x = gram_newton_schulz(x, steps, scale) if gram else newton_schulz(x * scale, steps)
@@ -49,7 +51,7 @@ def gram_segments(steps, dtype):
     plain: 0.21), 3 + 2 steps stayed within 0.17 (better than 2 + 3 or 4 + 1, which cost the same); fp32 drifted
     by at most 2.8e-4 (3 + 2: 6e-6), far inside the iteration's own spread of singular values (0.7 to 1.2), and
     a restart's two products of X's size made Muon's step at the char CPU shape 16% dearer."""
-    every = 3 if dtype.itemsize < 4 else steps
+    every = 3 if dtype.itemsize < 4 else max(steps, 1)
     return [min(every, steps - start) for start in range(0, steps, every)]
 
 
@@ -69,8 +71,8 @@ def gram_segment(x, steps, scale=1.0):
 
 def newton_schulz_flops(rows, cols, steps, gram, dtype):
     """Multiply-adds of one iteration on a rows x cols matrix (rows <= cols). Plain: X X^T, G G and (.) X each
-    step. Gram, per segment: X X^T and P X at its ends, G G each step, Q G Q on all but its last, Q P on all but
-    its first."""
+    step. Gram, per segment (gram_segments: they depend on the dtype): X X^T and P X at its ends, G G each step,
+    Q G Q on all but its last, Q P on all but its first."""
     if not gram:
         return steps * (2 * rows * rows * cols + rows**3)
     return sum(2 * rows * rows * cols + (4 * segment - 3) * rows**3 for segment in gram_segments(steps, dtype))
@@ -148,7 +150,8 @@ class Muon(torch.optim.Optimizer):
 
     The state is per parameter, as in torch's optimizers (checkpoints key it by parameter name): a Muon
     matrix holds `momentum_buffer`; an AdamW tensor `step` (a Python int), `exp_avg` and `exp_avg_sq`. The
-    work is batched: same-shape pieces (whole matrices or strips) are orthogonalised together, in `ns_dtype`
+    work is batched: same-shape pieces (whole matrices or strips) are orthogonalised together (batches of at
+    most BATCH_ELEMENTS), in `ns_dtype`
     (None: default_ns_dtype of their device), and each AdamW group is one call of torch's fused (CPU, CUDA) or
     foreach AdamW."""
 

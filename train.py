@@ -277,10 +277,12 @@ BEFORE_THE_KEY = {**architecture_options(), "val_tokens": 0, "muon_split": "whol
 def resume_changes(cfg, ckpt):
     """{key: [checkpoint's value, config's value]} for each key this resume changes; ConfigError for a change
     the checkpoint cannot follow. A key the checkpoint's config lacks (older than the key) is compared with
-    BEFORE_THE_KEY's value where it has one, and otherwise not at all."""
+    BEFORE_THE_KEY's value where it has one, and otherwise not at all; Muon's settings are not compared for an
+    AdamW run."""
     saved = {**BEFORE_THE_KEY, **ckpt["config"]}
+    unused = ("muon_lr", "muon_split") if cfg.optimizer != "muon" else ()  # settings of an optimizer not in use
     changed = {key: [saved[key], value] for key, value in vars(cfg).items()
-               if key in saved and key not in RESUME_CONTROLS and saved[key] != value}
+               if key in saved and key not in RESUME_CONTROLS + unused and saved[key] != value}
     fixed = [key for key in changed if key in FIXED_ON_RESUME]
     if fixed:
         raise ConfigError(f"{ckpt['path']} was trained with {', '.join(f'{k}={changed[k][0]}' for k in fixed)}, which "

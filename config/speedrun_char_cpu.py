@@ -25,7 +25,7 @@ qk_norm = True
 
 optimizer = "muon"
 muon_lr = 0.02
-muon_split = "head"  # strips one head wide: the same val at step 450 as whole matrices, at 0.88 of the time
+muon_split = "head"  # strips one head wide: 1.88 at the same step as whole matrices, at 0.88 of the time
 learning_rate = 3e-3
 max_iters = 1000
 lr_decay_iters = 1000

@@ -143,6 +143,15 @@ def test_a_muon_checkpoint_older_than_muon_split_resumes_as_a_said_change_from_w
     assert [g["block"] for g in groups if g["muon"]] == [16]
 
 
+def test_muon_settings_are_not_changes_for_an_adamw_run(data_root, paused_run, tmp_path):
+    out = copy_of(paused_run, tmp_path)
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    del checkpoint["config"]["muon_split"]  # older than the key, which BEFORE_THE_KEY reads as whole
+    torch.save(checkpoint, out / "last.pt")
+    train.main(short_args(data_root, out, init_from="resume", muon_split="head", muon_lr=0.05))
+    assert not {"muon_split", "muon_lr"} & set(run_record(out)["changed_on_resume"])
+
+
 def test_new_eval_batches_are_refused_unless_allowed_and_other_changes_are_listed(data_root, paused_run, tmp_path,
                                                                                   capsys):
     out = copy_of(paused_run, tmp_path)
