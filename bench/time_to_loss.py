@@ -11,6 +11,7 @@ val loss at `val_at_steps`, the median ms per step, and each figure's ratio to t
 """
 
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -28,7 +29,7 @@ from configurator import ConfigError, run_main
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
-recipes = "config/shakespeare_char_cpu.py,config/speedrun_char_cpu.py"  # each a config file and/or --key=value
+recipes = "config/shakespeare_char_cpu.py,config/speedrun_char_cpu.py"  # comma-separated: config and/or --key=value
 target_val_loss = 1.88  # the validation loss every recipe trains to (on the same data and fixed val batches)
 stop_at_target = True  # stop each recipe at the target; False trains every schedule to its end (an ablation)
 val_at_steps = ""  # comma-separated steps whose val loss the report lists, e.g. 1000,2000 (evaluated steps only)
@@ -37,6 +38,12 @@ shared_args = ""  # --key=value arguments given to every recipe, e.g. "--data_ro
 out_root = "bench/results/time_to_loss"  # the recipes' run folders go here (out_root/<config name>); must be new
 out = "bench/results/time_to_loss.json"  # JSON report
 # ---- end of config ----
+
+
+def split_recipes(text):
+    """The recipes in `recipes`: split at each comma that starts one (a config file or a --key), so that a value
+    may hold commas (--lora_targets=attn,mlp)."""
+    return [recipe.strip() for recipe in re.split(r",(?=\s*(?:--|[^\s,]+\.py(?:[\s,]|$)))", text) if recipe.strip()]
 
 
 def recipe_parts(recipe):
@@ -79,7 +86,7 @@ def summary(recipe, out_dir, record, target, val_steps):
 
 
 def benchmark(cfg):
-    names = [r for r in cfg.recipes.split(",") if r]
+    names = split_recipes(cfg.recipes)
     if len(names) < 2 or cfg.target_val_loss <= 0 or cfg.turn_steps <= 0:
         raise ConfigError("give two or more --recipes, a positive --target_val_loss and positive --turn_steps")
     try:

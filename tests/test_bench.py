@@ -9,6 +9,7 @@ import pytest
 from conftest import PLAY, ROOT, tiny_args
 
 import prepare
+from bench import time_to_loss
 
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--device=cpu"]
 SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py", "bench/attention_speed.py",
@@ -115,6 +116,12 @@ def test_step_memory_measures_each_way_in_its_own_process(tmp_path):
     for way in ("loss_only", "logits_held"):
         assert report[way]["way"] == way and report[way]["peak_mib"] > report[way]["before_mib"] > 0
     assert report["saved_mib"] == report["logits_held"]["step_mib"] - report["loss_only"]["step_mib"]
+
+
+def test_time_to_loss_splits_recipes_where_a_recipe_starts():
+    text = "config/a.py,config/b.py --lora_targets=attn,mlp --seed=2, --mlp=relu2,config/c.py"
+    assert time_to_loss.split_recipes(text) == ["config/a.py", "config/b.py --lora_targets=attn,mlp --seed=2",
+                                                "--mlp=relu2", "config/c.py"]
 
 
 def test_time_to_loss_trains_recipes_in_turns_to_the_target(data_root, tmp_path):
