@@ -145,15 +145,14 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024) for groups marked `muon`: Nesterov momentum, then the update orthogonalised
     and scaled by sqrt(max(1, rows / cols)), or with `block` > 0 orthogonalised strip by strip (to_strips; a
     strip one head wide does a fraction of a whole matrix's work) and scaled alike (strip_scale); plain AdamW
-    for the other groups. Weight decay is decoupled
-    (scaled by the lr) in both. One optimizer, so the loop and the checkpoints treat it like AdamW.
+    for the other groups. Weight decay is decoupled (scaled by the lr) in both. One optimizer, so the loop
+    and the checkpoints treat it like AdamW.
 
     The state is per parameter, as in torch's optimizers (checkpoints key it by parameter name): a Muon
     matrix holds `momentum_buffer`; an AdamW tensor `step` (a Python int), `exp_avg` and `exp_avg_sq`. The
-    work is batched: same-shape pieces (whole matrices or strips) are orthogonalised together (batches of at
-    most BATCH_ELEMENTS), in `ns_dtype`
-    (None: default_ns_dtype of their device), and each AdamW group is one call of torch's fused (CPU, CUDA) or
-    foreach AdamW."""
+    work is batched: same-shape pieces (whole matrices or strips) are orthogonalised together (in batches of
+    at most BATCH_ELEMENTS), in `ns_dtype` (None: default_ns_dtype of their device), and each AdamW group is
+    one call of torch's fused (CPU, CUDA) or foreach AdamW."""
 
     def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8, ns_dtype=None, block=0):
         super().__init__(groups, {"lr": lr, "betas": betas, "momentum": momentum, "eps": eps, "muon": False,
