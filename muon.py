@@ -19,11 +19,11 @@ def orthogonalize(update, steps=5, dtype=torch.bfloat16, gram=None):
     if transposed:
         x = x.mT
     scale = 1 / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)  # every singular value of scale X <= 1: it converges
-    if x.dtype.itemsize < 4:  # 16-bit: X X^T of X unscaled could leave fp16's range
-        x, scale = x * scale, 1.0
     if gram is None:
         gram = use_gram_form(*x.shape[1:], steps, dtype)
-    x = gram_newton_schulz(x, steps, scale) if gram else newton_schulz(x * scale, steps)
+    if not gram or x.dtype.itemsize < 4:  # the Gram form takes the scale on its small matrices, but in 16 bits
+        x, scale = x * scale, 1.0  # X X^T of X unscaled could leave fp16's range
+    x = gram_newton_schulz(x, steps, scale) if gram else newton_schulz(x, steps)
     return (x.mT if transposed else x).reshape(update.shape).to(update.dtype)
 
 
