@@ -1,12 +1,16 @@
 """Which device and precision a run uses (the runtime every script shares), and the GPU peaks that MFU is
 measured against."""
 
+import contextlib
 import ctypes
+import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from configurator import ConfigError
 
@@ -31,7 +35,9 @@ class DeviceConfig(DeviceKey):
 class RuntimeConfig(DeviceConfig):
     """The device keys of scripts that train a model (train.py and the training benchmarks)."""
 
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA), true, false
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA where Triton is installed), true, false
+    deterministic: bool = False  # the same bits every run on a GPU too (bitwise resume there), at some speed
+    peak_tflops: float = 0.0  # one GPU's dense peak TFLOP/s at the run's dtype, for MFU; 0 takes devices.py's table
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class Runtime:
     dtype: torch.dtype
     dtype_reason: str
     compile: bool = False
+    compile_reason: str = ""  # why compile is off where auto would have it on
+    deterministic: bool = False
+    peak_flops: float | None = None  # one device's dense peak at dtype, for MFU; None: no MFU
+    peak_reason: str = ""  # where the peak comes from, or why there is none
 
     @property
     def device_type(self):
@@ -60,8 +70,16 @@ class Runtime:
 
     def describe(self):
         threads = f", {torch.get_num_threads()} threads" if self.device_type == "cpu" else ""
-        return (f"{self.device}, {str(self.dtype).removeprefix('torch.')} ({self.dtype_reason}), "
-                f"compile {'on' if self.compile else 'off'}{threads}")
+        compiled = "compile on" if self.compile else "compile off"
+        if self.compile_reason:
+            compiled += f" ({self.compile_reason})"
+        mfu = ""
+        if self.peak_flops:
+            mfu = f"; MFU against {self.peak_flops / 1e12:g} TFLOP/s ({self.peak_reason})"
+        elif self.peak_reason:
+            mfu = f"; no MFU: {self.peak_reason}"
+        return (f"{self.device}, {str(self.dtype).removeprefix('torch.')} ({self.dtype_reason}), {compiled}"
+                f"{', deterministic' if self.deterministic else ''}{threads}{mfu}")
 
 
 def runtime(cfg, local_rank=0, processes=1, keep_freed=True):
@@ -70,16 +88,57 @@ def runtime(cfg, local_rank=0, processes=1, keep_freed=True):
     that cannot be had."""
     device = pick_device(cfg.device, local_rank)
     dtype, reason = pick_dtype(getattr(cfg, "dtype", "float32"), device.split(":")[0])
-    compile_model = use_compile(getattr(cfg, "compile", "false"), device)
+    compile_model, compile_reason = use_compile(getattr(cfg, "compile", "false"), device)
     tune_for(device, keep_freed, processes)
-    return Runtime(device, dtype, reason, compile_model)
+    deterministic = getattr(cfg, "deterministic", False)
+    if deterministic:
+        make_deterministic()
+    peak, peak_reason = device_peak(device, dtype, getattr(cfg, "peak_tflops", 0.0))
+    return Runtime(device, dtype, reason, compile_model, compile_reason, deterministic, peak, peak_reason)
+
+
+def make_deterministic():
+    """Kernels that give the same bits in every run, so that a paused and resumed run equals an uninterrupted
+    one on a GPU as on a CPU: cuBLAS with a fixed workspace, torch's deterministic algorithms (among them flash
+    attention's backward and the embedding gradients' index_put without atomic adds), and Inductor choosing its
+    kernels without timing them (autotuning may pick other kernels in another process). Before anything
+    compiles or touches cuBLAS; warn_only: an op with no deterministic kernel warns, naming itself. cuDNN's
+    attention is left out (flash attention's backward is deterministic when asked)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention's backward has no deterministic mode (torch warns)
+    inductor_config = importlib.import_module("torch._inductor.config")
+    with contextlib.suppress(AttributeError):  # (Inductor's switch is newer than torch 2.6)
+        inductor_config.deterministic = True
 
 
 def use_compile(requested, device):
-    """Compile only where it pays by default: on CUDA (on CPU inductor gained nothing here, bench/RESULTS.md)."""
+    """(whether to compile, why not where auto would): only where it pays by default, on CUDA (on CPU inductor
+    gained nothing here, bench/RESULTS.md), and only where Inductor's GPU compiler, Triton, is installed: torch's
+    wheels for Windows come without it, and the first step would fail there after minutes of tracing."""
     if requested not in ("auto", "true", "false"):
         raise ConfigError(f"compile must be auto, true or false, got {requested!r}")
-    return requested == "true" or (requested == "auto" and device.startswith("cuda"))
+    cuda = device.startswith("cuda")
+    if cuda and requested != "false" and not has_triton():
+        if requested == "true":
+            raise ConfigError("compile=true on a GPU needs Triton, which is not installed (on Windows: pip install "
+                              "triton-windows); install it, or pass --compile=false")
+        return False, "Triton is not installed (on Windows: pip install triton-windows)"
+    return requested == "true" or (requested == "auto" and cuda), ""
+
+
+def has_triton():
+    return importlib.util.find_spec("triton") is not None
+
+
+def process_group_backend(device_type):
+    """(backend, note): NCCL between GPUs where torch has it, else gloo (torch's Windows and macOS builds have no
+    NCCL; gloo moves GPU tensors through host memory, slower but working); gloo between CPU processes."""
+    if device_type == "cuda" and dist.is_nccl_available():
+        return "nccl", ""
+    if device_type == "cuda":
+        return "gloo", "this torch has no NCCL (Windows, macOS), so processes talk over gloo, through host memory"
+    return "gloo", ""
 
 
 def cpu_has_bf16():
@@ -180,7 +239,8 @@ GPU_PEAK_FLOPS = [
     ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12}),
     ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12}),
     ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12}),  # SXM
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12}),
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12}),  # SXM
     ("B200", {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12}),
     ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12}),
     ("A10G", {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12}),
@@ -191,6 +251,13 @@ GPU_PEAK_FLOPS = [
     ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12}),
     ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12}),
     ("V100", {"fp16": 125e12}),
+    # AMD Instinct (ROCm builds of torch report them through torch.cuda)
+    ("MI325X", {"bf16": 1307e12, "fp16": 1307e12, "tf32": 654e12}),
+    ("MI300X", {"bf16": 1307e12, "fp16": 1307e12, "tf32": 654e12}),
+    ("MI300A", {"bf16": 981e12, "fp16": 981e12, "tf32": 490e12}),
+    ("MI250X", {"bf16": 383e12, "fp16": 383e12}),
+    ("MI250", {"bf16": 362e12, "fp16": 362e12}),
+    ("MI210", {"bf16": 181e12, "fp16": 181e12}),
 ]
 
 
@@ -198,3 +265,20 @@ def peak_flops(device_name, dtype):
     """The dense peak of a GPU (by its name) for an autocast dtype; None where unknown (then no MFU)."""
     kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32"}[dtype]
     return next((peaks.get(kind) for key, peaks in GPU_PEAK_FLOPS if key in device_name), None)
+
+
+def device_peak(device, dtype, peak_tflops=0.0):
+    """(one device's dense peak FLOP/s at dtype for MFU, or None; where it comes from, or why there is none)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    if peak_tflops < 0:
+        raise ConfigError(f"peak_tflops must be 0 (look the GPU up) or a positive TFLOP/s, got {peak_tflops}")
+    if peak_tflops:
+        return peak_tflops * 1e12, "--peak_tflops"
+    if not device.startswith("cuda"):
+        return None, ""  # no CPU or Apple peaks are known; nothing to say on every CPU run
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops(name, dtype)
+    if peak is None:
+        return None, (f"{name} is not in devices.py's peak table for {dtype_name}; pass --peak_tflops=<its dense "
+                      f"{dtype_name} TFLOP/s> (or add it to GPU_PEAK_FLOPS)")
+    return peak, f"{name}'s {dtype_name} datasheet peak"

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, TypeVar, get_args, get_origin, get_type_h
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hf
 from hf import WeightsError  # noqa: F401 -- callers catch model.WeightsError
@@ -103,6 +104,12 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def generation_attention():
+    """The attention kernels for generation: all but cuDNN's, which builds a plan for every new key length (each
+    generated token is one) and made KV-cache sampling on an H200 slower than recomputing (bench/RESULTS.md)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class LoRALinear(nn.Linear):
@@ -195,7 +202,9 @@ class CausalSelfAttention(nn.Module):
         if value_embedding is not None:  # (B, T, C): this layer's value-embedding rows of the tokens
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * value_embedding.to(v.dtype)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        q, k = self.q_norm(q), self.k_norm(k)
+        if isinstance(self.q_norm, nn.RMSNorm):
+            # in fp32 like its weight: under autocast a bf16 input with an fp32 weight misses the fused kernel
+            q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rotary is not None:  # (cos, sin) of these T positions
             q, k = rotate(q, *rotary), rotate(k, *rotary)
         # Causal masking is only needed when queries see keys at their own positions; a single new token
@@ -443,7 +452,8 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator)
+            with generation_attention():
+                return self._generate(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator)
         finally:
             self.train(was_training)
 

@@ -118,22 +118,23 @@ def strip_scale(strips, cols):
     return (max(strips.shape[1:]) / cols) ** 0.5
 
 
-# At most this many elements per batched Newton-Schulz call (16 MB in fp32). On CPU, larger temporaries are mapped
-# afresh at every step: at 124M, strips one head wide in one batch of 85M elements took 1.19 s to orthogonalise,
-# in batches of 12-25 MB 0.77-0.78 s.
+# On CPU, at most this many elements per batched Newton-Schulz call (16 MB in fp32): larger temporaries are mapped
+# afresh at every step there (at 124M, strips one head wide in one batch of 85M elements took 1.19 s to
+# orthogonalise, in batches of 12-25 MB 0.77-0.78 s). A GPU takes each shape's pieces in one call: a cap there only
+# adds launches.
 BATCH_ELEMENTS = 1 << 22
 
 
-def batches(pieces):
+def batches(pieces, limit=BATCH_ELEMENTS):
     """Indices into `pieces` (stacks of matrices), grouped by matrix shape and cut into batches of at most
-    BATCH_ELEMENTS elements (at least one stack each)."""
+    `limit` elements (at least one stack each; None: no limit)."""
     by_shape = {}
     for index, piece in enumerate(pieces):
         by_shape.setdefault(piece.shape[1:], []).append(index)
     for indices in by_shape.values():
         batch, size = [], 0
         for index in indices:
-            if batch and size + pieces[index].numel() > BATCH_ELEMENTS:
+            if batch and limit is not None and size + pieces[index].numel() > limit:
                 yield batch
                 batch, size = [], 0
             batch.append(index)
@@ -179,7 +180,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         # pieces of one shape, from whichever matrices, are orthogonalised together, in batches of BATCH_ELEMENTS
         pieces = [to_strips(update, group["block"]) for update in updates]
-        for indices in batches(pieces):
+        for indices in batches(pieces, BATCH_ELEMENTS if params[0].device.type == "cpu" else None):
             dtype = self.ns_dtype or default_ns_dtype(params[indices[0]].device)
             ortho = orthogonalize(torch.cat([pieces[i] for i in indices]), dtype=dtype)
             for i, piece in zip(indices, ortho.split([pieces[i].size(0) for i in indices])):

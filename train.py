@@ -62,7 +62,7 @@ from data import (
     prepare_default,
     read_meta,
 )
-from devices import RuntimeConfig, peak_flops, runtime
+from devices import RuntimeConfig, process_group_backend, runtime
 from eval import evaluate_task, load_task
 from hf import HUB_REPOS
 from model import GPT, GPTConfig, WeightsError, architecture_options, check_options
@@ -267,7 +267,8 @@ CHANGEABLE = (  # read afresh as the run goes on: the schedule, regularisation, 
     "ckpt_interval", "sample_interval", "sample_tokens", "stop_iter", "target_val_loss", "early_stop_patience",
     "early_stop_min_delta", "task_eval", "task_eval_interval", "task_eval_examples", "parallel",
     "checkpoint_format", "keep_last_k", "max_skipped_steps", "loss_spike_factor", "lora_dropout", "pack_examples",
-    "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile")
+    "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile", "deterministic",
+    "peak_tflops")
 RESUME_CONTROLS = ("init_from", "allow_new_eval_batches")  # how this start goes, not what the run is: not compared
 # what a checkpoint older than these keys ran with: its model had GPT-2's options, its val the random windows,
 # its Muon whole matrices
@@ -384,7 +385,10 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
     try:
         train_data, val_data, eval_batches, test_batches = load_batches(cfg, data_dir, meta, model_config)
-    except MemoryError:
+        # on the device once, so that each evaluation reads them there, with no copies from pageable memory
+        eval_batches, test_batches = ({split: [(x.to(rt.device), y.to(rt.device)) for x, y in batches]
+                                       for split, batches in held.items()} for held in (eval_batches, test_batches))
+    except (MemoryError, torch.OutOfMemoryError):
         raise ConfigError(f"the fixed evaluation batches ({cfg.eval_iters} x {cfg.batch_size} rows of "
                           f"{model_config.block_size} tokens per split, or val_tokens {cfg.val_tokens}) do not fit in "
                           "memory; lower --batch_size, --eval_iters or --val_tokens") from None
@@ -422,7 +426,8 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
             scaler.load_state_dict(ckpt["scaler"])
     model = gpt if sharded else rt.compiled(gpt)  # FSDP's blocks are compiled one by one, in shard()
     if world_size > 1 and not sharded:
-        model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None)
+        # the rotary tables are buffers that never change: not re-sent at every forward
+        model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None, broadcast_buffers=False)
     tokens_per_step = cfg.batch_size * model_config.block_size * cfg.gradient_accumulation_steps
     return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches, task_examples,
                  meta, tokenizer, weights_from, tokens_per_step, BackgroundSaver())
@@ -517,7 +522,9 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
         loss_sum /= dist.get_world_size()  # (a sum: gloo has no average)
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if grad_clip:  # (with no clipping the norm is still logged, and no gradient is rescaled by 1.0)
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
     if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards
         grad_norm = grad_norm.full_tensor()
     loss_value, norm = torch.stack([loss_sum / len(batches), grad_norm.float()]).tolist()
@@ -689,7 +696,8 @@ def write_sample(cfg, setup, log, rt, step):
     tokenizer = setup.tokenizer
     start = tokenizer.document_start()
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    with rt.autocast():
+    # eager: compiled blocks (FSDP compiles each) would recompile for every cache position and layer
+    with rt.autocast(), torch.compiler.set_stance("force_eager"):
         ids = setup.gpt.generate(torch.tensor([start], device=rt.device), cfg.sample_tokens, temperature=0.8,
                                  top_k=200, vocab_limit=setup.meta["vocab_size"], generator=generator)
     text = tokenizer.decode(ids[0, len(start):].tolist())
@@ -827,8 +835,7 @@ def train_loop(cfg, setup, state, log, rt, rank, world_size, changed):
     upcoming = loader.submit(step_batches, cfg, setup.train_data, state.data_position + rank * accum, accum,
                              rt.device_type)
     guard, step_times, compiling = DivergenceGuard(), [], rt.compile
-    gpu_peak = peak_flops(torch.cuda.get_device_name(rt.device), rt.dtype) if rt.device_type == "cuda" else None
-    peak = gpu_peak and gpu_peak * world_size  # all processes' FLOP/s, for MFU; None off CUDA or for an unknown GPU
+    peak = rt.peak_flops and rt.peak_flops * world_size  # all processes' FLOP/s, for MFU; None where unknown
     end_reason = done or ("finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}")
     window = time.perf_counter(), state.step  # the wall clock and step at the last progress line
     while state.step < end_step:
@@ -887,10 +894,13 @@ def train(cfg):
         world_size = int(os.environ["WORLD_SIZE"])
     check_config(cfg, world_size)
     rt = runtime(cfg, local_rank, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if rt.device_type == "cuda":  # also for --device=cuda:N alone: its RNG state is the one saved and restored
+        torch.cuda.set_device(rt.device)
     if distributed:
-        if rt.device_type == "cuda":
-            torch.cuda.set_device(rt.device)
-        dist.init_process_group(backend="nccl" if rt.device_type == "cuda" else "gloo")
+        backend, note = process_group_backend(rt.device_type)
+        if note and rank == 0:
+            print(f"note: {note}")
+        dist.init_process_group(backend=backend)
     lock = None
     try:
         if rank == 0:  # one run per folder, taken before anything reads or writes it

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import devices
 from bench import common
 from configurator import ConfigError, run_main
-from model import GPT, sample_next
+from model import GPT, generation_attention, sample_next
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # model: the GPT-2 124M shape, random weights
@@ -47,9 +47,10 @@ ISSUE_SPEEDUP = 5.0
 def generate_by_recomputing(model, idx, max_new_tokens):
     """Greedy decoding without a cache: every new token costs a forward pass over the whole (cropped) context."""
     block_size = model.config.block_size
-    for _ in range(max_new_tokens):
-        logits = model.logits(model.hidden_states(idx[:, -block_size:])[:, -1])  # the last position's only
-        idx = torch.cat((idx, sample_next(logits.float(), temperature=0)), dim=1)
+    with generation_attention():  # the kernels generate uses, so that the two differ only by the cache
+        for _ in range(max_new_tokens):
+            logits = model.logits(model.hidden_states(idx[:, -block_size:])[:, -1])  # the last position's only
+            idx = torch.cat((idx, sample_next(logits.float(), temperature=0)), dim=1)
     return idx
 
 

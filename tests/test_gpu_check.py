@@ -1,0 +1,53 @@
+"""bench/gpu_check.py, the prepared GPU check: its CPU dry run (tiny shapes) runs every section and reports every
+figure, so the script is known to work before GPU time is spent on it."""
+
+import json
+import sys
+import time
+
+from conftest import PLAY, run_script
+
+from bench import gpu_check
+
+
+def test_the_dry_run_runs_every_section_and_reports_their_figures(tmp_path):
+    report_path = tmp_path / "report.json"
+    run_script("bench/gpu_check.py", ["--device=cpu", "--tiny=True", f"--text={PLAY}",
+                                      f"--data_root={tmp_path / 'data'}", f"--work_dir={tmp_path / 'work'}",
+                                      f"--out={report_path}"], timeout=900)
+    sections = json.loads(report_path.read_text())["sections"]
+    assert list(sections) == list(gpu_check.SECTIONS)
+    assert [name for name, result in sections.items() if "error" in result] == []
+    gpt2 = sections["gpt2"]
+    for name in ("adamw", "muon_whole", "muon_head"):
+        assert {"ms_per_step", "tokens_per_sec", "mfu", "first_step_s", "peak_memory_mib"} <= set(gpt2[name])
+    assert gpt2["muon_whole_over_adamw"] > 0 and gpt2["muon_head_over_adamw"] > 0
+    assert sections["matmul"]["tflops"] > 0
+    resume = sections["resume"]
+    assert resume["resumed_equals_uninterrupted"] and resume["two_uninterrupted_equal"]
+    fsdp = sections["fsdp"]
+    assert fsdp["loaded_equals_saved"] and fsdp["next_step_equal"] and fsdp["max_loss_diff"] < 1e-3
+    assert sections["tests"]["status"] == 0 and "skipped" in sections["tests"]["summary"]  # no GPU here
+    assert all(case["kv_cache_tokens_per_sec"] > 0 for case in sections["sampling"]["cases"])
+    assert all(0.5 < case["singular_min"] <= case["singular_max"] < 1.3 for case in sections["muon"]["cases"])
+    speedrun = sections["speedrun"]
+    assert speedrun["ms_per_step"] > 0 and speedrun["projected_8gpu_minutes"] > 0
+    assert "PROJECTION" in speedrun["projection"]
+    assert sections["char"]["status"] == 0 and sections["char"]["last_eval"]["val_loss"] > 0
+    assert [case["batch_size"] for case in sections["memory"]["cases"]] == [1, 2]
+
+
+def test_a_process_past_its_time_is_cut_off_with_its_children(tmp_path):
+    """A hung section (or the train.py it started, which holds the output file open) ends at its time limit."""
+    started = time.perf_counter()
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+            "time.sleep(60)"
+    status, seconds = gpu_check.run_process([sys.executable, "-c", child], 2, tmp_path / "log")
+    assert status is None and seconds < 30 and time.perf_counter() - started < 30
+
+
+def test_an_unknown_section_is_one_line(tmp_path):
+    result = run_script("bench/gpu_check.py", ["--sections=gpt2,nope", f"--work_dir={tmp_path}"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: sections must name some of {', '.join(gpu_check.SECTIONS)}, got 'gpt2,nope'"]
