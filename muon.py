@@ -1,7 +1,11 @@
 """Muon: an optimizer for hidden weight matrices, with AdamW for every other parameter
 (model.GPT.configure_optimizer)."""
 
+import math
+
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.adamw import adamw
 
 A, B, C = 3.4445, -4.7750, 2.0315  # Keller Jordan's quintic Newton-Schulz coefficients
@@ -142,6 +146,44 @@ def batches(pieces, limit=BATCH_ELEMENTS):
         yield batch
 
 
+def orthogonalize_shared(stack, dtype):
+    """orthogonalize of a stack of matrices, the work shared by the processes of a run: each orthogonalises its
+    share of the matrices and all gather the results (modded-nanogpt's scheme). Every process holds the same
+    stack (DDP's all-reduced gradients, FSDP's gathered matrices), so all end with the same result."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return orthogonalize(stack, dtype=dtype)
+    count = stack.size(0)
+    share = math.ceil(count / world)
+    if share * world > count:  # zero matrices make the shares equal; they orthogonalise to zero
+        stack = torch.cat([stack, stack.new_zeros(share * world - count, *stack.shape[1:])])
+    rank = dist.get_rank()
+    mine = orthogonalize(stack[rank * share:(rank + 1) * share], dtype=dtype).contiguous()
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return torch.cat(gathered)[:count]
+
+
+def local(tensor):
+    """This process's part of a tensor: its shard under FSDP, else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def whole(update, param):
+    """The whole matrix of which `update` is param's shard (gathered from every process under FSDP)."""
+    if not isinstance(param, DTensor):
+        return update
+    return DTensor.from_local(update, param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride()).full_tensor()
+
+
+def shard_of(matrix, param):
+    """param's shard of a whole matrix that every process holds (a local slice: no communication)."""
+    replicated = DTensor.from_local(matrix, param.device_mesh, [Replicate()] * param.device_mesh.ndim,
+                                    run_check=False)
+    return replicated.redistribute(param.device_mesh, param.placements).to_local()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024) for groups marked `muon`: Nesterov momentum, then the update orthogonalised
     and scaled by sqrt(max(1, rows / cols)), or with `block` > 0 orthogonalised strip by strip (to_strips; a
@@ -153,7 +195,9 @@ class Muon(torch.optim.Optimizer):
     matrix holds `momentum_buffer`; an AdamW tensor `step` (a Python int), `exp_avg` and `exp_avg_sq`. The
     work is batched: same-shape pieces (whole matrices or strips) are orthogonalised together (in batches of
     at most BATCH_ELEMENTS), in `ns_dtype` (None: default_ns_dtype of their device), and each AdamW group is
-    one call of torch's fused (CPU, CUDA) or foreach AdamW."""
+    one call of torch's fused (CPU, CUDA) or foreach AdamW. Under torchrun the processes share the
+    orthogonalisation (orthogonalize_shared); under FSDP each sharded matrix is gathered whole for it and each
+    process keeps its shard of the update."""
 
     def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8, ns_dtype=None, block=0):
         super().__init__(groups, {"lr": lr, "betas": betas, "momentum": momentum, "eps": eps, "muon": False,
@@ -169,23 +213,30 @@ class Muon(torch.optim.Optimizer):
                 (self._muon_step if group["muon"] else self._adamw_step)(params, group)
 
     def _muon_step(self, params, group):
-        grads = [p.grad for p in params]
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        momenta = [self.state[p]["momentum_buffer"] for p in params]
+        # elementwise work on each process's part (its FSDP shard, or the whole tensor)
+        grads, momenta = [local(p.grad) for p in params], [local(self.state[p]["momentum_buffer"]) for p in params]
         torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
         updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov: the gradient looks ahead
         if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        # pieces of one shape, from whichever matrices, are orthogonalised together, in batches of BATCH_ELEMENTS
-        pieces = [to_strips(update, group["block"]) for update in updates]
+            torch._foreach_mul_([local(p) for p in params], 1 - group["lr"] * group["weight_decay"])
+        updates = [whole(update, p) for update, p in zip(updates, params)]
+        # pieces of one shape, from whichever matrices, are orthogonalised together (on CPU in batches of
+        # BATCH_ELEMENTS)
+        block = group["block"]
+        pieces = [to_strips(update, block) for update in updates]
         for indices in batches(pieces, BATCH_ELEMENTS if params[0].device.type == "cpu" else None):
             dtype = self.ns_dtype or default_ns_dtype(params[indices[0]].device)
-            ortho = orthogonalize(torch.cat([pieces[i] for i in indices]), dtype=dtype)
+            ortho = orthogonalize_shared(torch.cat([pieces[i] for i in indices]), dtype)
             for i, piece in zip(indices, ortho.split([pieces[i].size(0) for i in indices])):
-                p = params[i]  # its own pieces are views of it: the update lands in place, with no reassembly
-                to_strips(p, group["block"]).add_(piece, alpha=-group["lr"] * strip_scale(piece, p.size(1)))
+                p, alpha = params[i], -group["lr"] * strip_scale(piece, params[i].size(1))
+                if isinstance(p, DTensor):  # the gathered update becomes the whole orthogonalised one, then sliced
+                    to_strips(updates[i], block).copy_(piece)
+                    local(p).add_(shard_of(updates[i], p), alpha=alpha)
+                else:  # its own pieces are views of it: the update lands in place, with no reassembly
+                    to_strips(p, block).add_(piece, alpha=alpha)
 
     def _adamw_step(self, params, group):
         states = [self.state[p] for p in params]

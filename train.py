@@ -187,9 +187,6 @@ def check_config(cfg, world_size):
         raise ConfigError(f"optimizer must be adamw or muon, got {cfg.optimizer!r}")
     if cfg.muon_split not in ("whole", "head"):
         raise ConfigError(f"muon_split must be whole or head, got {cfg.muon_split!r}")
-    if cfg.optimizer == "muon" and cfg.parallel == "fsdp" and world_size > 1:
-        raise ConfigError("Muon orthogonalises whole matrices or strips across a whole side, which FSDP splits "
-                          "across processes; use --parallel=ddp with --optimizer=muon")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
     for key in ("target_val_loss", "early_stop_patience", "early_stop_min_delta", "task_eval_interval",
