@@ -11,15 +11,22 @@ the issue's acceptance of at most `max_ratio`. Newton-Schulz costs the same what
 also works out, from the medians, the micro-batches per step from which Muon's step is within `max_ratio`
 (what gradient accumulation does to the ratio, derived, not timed). Each round also records the share of its
 time in which some task waited for a CPU (Linux PSI): a round with much of it was slowed by other work.
+
+Under torchrun (`torchrun --standalone --nproc_per_node=2 bench/optimizer_speed.py`) every process times the same
+models on the same batches, and Muon's processes share its orthogonalisation as in a training run
+(muon.orthogonalize_shared); rank 0 reports. Its `optimizer_ms_median` against a one-process run's is the time
+that sharing saves (or costs) per step.
 """
 
 import math
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 # run as `python bench/optimizer_speed.py`, Python puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -107,6 +114,10 @@ def time_shape(sizes, cfg, rt):
         for _ in range(cfg.warmup_steps):
             setting.step(batches)
     steps = max(1, round(cfg.round_s / settings[0].step(batches)))  # one more AdamW step sets the round's length
+    if dist.is_initialized():  # rank 0's count for all: Muon's steps are collectives, as many in every process
+        steps = torch.tensor(steps)
+        dist.broadcast(steps, 0)
+        steps = int(steps)
     rounds = []
     for round_index in range(cfg.rounds):
         start, stall = time.perf_counter(), cpu_stall_us()
@@ -143,10 +154,16 @@ def benchmark(cfg):
     if cfg.muon_split not in ("whole", "head"):
         raise ConfigError(f"muon_split must be whole or head, got {cfg.muon_split!r}")
     shape_list = parse_shapes(cfg.shapes)
-    rt = devices.runtime(cfg)
+    processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    rt = devices.runtime(cfg, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if processes > 1:
+        dist.init_process_group(devices.process_group_backend(rt.device_type)[0])
+    if rank:  # the other processes time alongside rank 0, which prints and writes the report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the rest of this process
     machine = common.machine_record(rt.device)
     print(f"{machine['device']} ({rt.device}), torch {torch.__version__}, dtype {common.dtype_name(rt.dtype)}, "
-          f"{'compiled' if rt.compile else 'eager'}, muon_split={cfg.muon_split}", flush=True)
+          f"{'compiled' if rt.compile else 'eager'}, muon_split={cfg.muon_split}, {processes} process(es)"
+          f"{f', {torch.get_num_threads()} threads each' if rt.device_type == 'cpu' else ''}", flush=True)
     results = []
     for name, sizes in shape_list:
         print(f"{name}: {'x'.join(map(str, sizes))} (layers x heads x width x T x batch x vocab)", flush=True)
@@ -168,8 +185,11 @@ def benchmark(cfg):
               f"{result['adamw']['optimizer_ms_median']:.2f} ms, muon {result['muon']['optimizer_ms_median']:.2f} ms "
               f"(medians of {cfg.rounds} x {steps} each); within {cfg.max_ratio} from "
               f"{result['micro_batches_within_max_ratio']} micro-batches per step", flush=True)
-    common.write_report(cfg.out, {**machine, "config": vars(cfg), "dtype": common.dtype_name(rt.dtype),
-                                  "compile": rt.compile, "results": results})
+    if rank == 0:
+        common.write_report(cfg.out, {**machine, "config": vars(cfg), "dtype": common.dtype_name(rt.dtype),
+                                      "compile": rt.compile, "processes": processes, "results": results})
+    if processes > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -290,6 +290,18 @@ def test_optimizer_speed_bench_smoke(tmp_path):
     assert shape["meets_max_ratio"] == (shape["step_ratio"] <= 1.15) and shape["micro_batches_within_max_ratio"] >= 1
 
 
+def test_optimizer_speed_under_torchrun_shares_muon_and_rank_0_reports(tmp_path):
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "bench/optimizer_speed.py", "--shapes=2x2x32x16x2x65", "--rounds=2", "--round_s=0.001",
+                             "--warmup_steps=1", "--device=cpu", f"--out={out}"],
+                            check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("2 process(es)") == 1  # rank 0 alone prints
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and report["results"][0]["muon"]["optimizer_ms_median"] > 0
+
+
 def test_the_bench_times_muon_as_the_cpu_recipes_run_it():
     recipe = runpy.run_path(str(ROOT / "config" / "speedrun_char_cpu.py"))
     assert optimizer_speed.muon_split == train.muon_split == recipe["muon_split"] == "head"
