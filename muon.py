@@ -247,8 +247,12 @@ class Muon(torch.optim.Optimizer):
         # to the root of the bias-corrected second moment), in one kernel for the group (tests/test_muon.py)
         device = params[0].device
         fused = device.type in ("cpu", "cuda")
-        # its kernels count steps in tensors (on the device, for fused), made here from the ints kept
-        steps = torch.tensor([float(s["step"]) for s in states], device=device if fused else "cpu").unbind()
+        # its kernels count steps in tensors (on the device, for fused), made here from the ints kept; to a GPU
+        # from pinned memory without blocking (a copy from pageable memory waits for the GPU's queue to drain)
+        steps = torch.tensor([float(s["step"]) for s in states])
+        if fused and device.type == "cuda":
+            steps = steps.pin_memory().to(device, non_blocking=True)
+        steps = steps.to(device if fused else "cpu").unbind()
         beta1, beta2 = group["betas"]
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
               list(steps), fused=fused, foreach=not fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],

@@ -85,3 +85,17 @@ def test_qk_norm_under_bf16_autocast_warns_of_nothing():
         warnings.simplefilter("always")
         model(x, x)[1].backward()
     assert [str(w.message) for w in caught] == []
+
+
+def test_deterministic_turns_cudnn_attention_off_and_asks_for_deterministic_kernels(monkeypatch):
+    """On an H200 torch warned that cuDNN attention's backward is not deterministic (bench/RESULTS.md)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        devices.make_deterministic()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert devices.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        torch._inductor.config.deterministic = False

@@ -158,3 +158,21 @@ def test_compiled_model_matches_eager_and_keeps_plain_keys():
     torch.testing.assert_close(compiled(idx, idx)[1], model(idx, idx)[1])
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())  # why train.py saves the raw model
     assert not any(k.startswith("_orig_mod.") for k in model.state_dict())
+
+
+def test_generation_leaves_cudnn_attention_out(monkeypatch):
+    """cuDNN's attention plans each new sequence length afresh, which generation meets at every token: on an H200
+    the bench's sampling ran past its minute with it (bench/RESULTS.md). The flag torch's kernel choice reads
+    is the same on a CPU."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_model()
+    model.generate(torch.zeros((1, 1), dtype=torch.long), 3, temperature=0)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # training keeps every kernel
