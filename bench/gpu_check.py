@@ -514,10 +514,10 @@ def drive(cfg):
         raise ConfigError(f"sections must name some of {', '.join(SECTIONS)}, got {cfg.sections!r}")
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device must be cuda, cuda:N or cpu (the dry run), got {cfg.device!r}")
+    rt = runtime(cfg)  # a machine without the device is told so before anything is prepared
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     prepare_data(cfg)
-    rt = runtime(cfg)
     report = {**common.machine_record(rt.device), "config": vars(cfg), "runtime": rt.describe(), "sections": {}}
     start = time.perf_counter()
     for name in chosen:

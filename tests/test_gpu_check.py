@@ -51,3 +51,10 @@ def test_an_unknown_section_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: sections must name some of {', '.join(gpu_check.SECTIONS)}, got 'gpt2,nope'"]
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(tmp_path):
+    result = run_script("bench/gpu_check.py", [f"--work_dir={tmp_path / 'work'}", f"--data_root={tmp_path / 'data'}",
+                                               f"--out={tmp_path / 'report.json'}"], check=False)
+    assert result.returncode == 2 and "device cuda does not exist" in result.stderr
+    assert result.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
