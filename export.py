@@ -1,7 +1,7 @@
 """Export a run's checkpoint in the Hugging Face GPT-2 layout: `python export.py out/best.pt hf-dir/`.
 
 The folder gets config.json and model.safetensors, which transformers' GPT2LMHeadModel loads with the same
-logits (and GPT.from_pretrained loads back), plus the run's meta.json, from which data.get_tokenizer
+logits (and hf.load_gpt2 loads back), plus the run's meta.json, from which data.get_tokenizer
 rebuilds its tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go with them. A LoRA run's
 adapters are merged into the weights; with --adapters_only they are written alone instead, in PEFT's layout.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ArgumentParser
-from model import WeightsError
+from hf import WeightsError, save_adapters, save_gpt2
+from lora import adapter_state
 
 
 class ExportError(Exception):
@@ -58,16 +59,16 @@ def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=Fals
                               "initialisation, which exists only in the checkpoint, so its adapters alone apply to "
                               "nothing; export it without --adapters_only (the adapters merged), or sample it with "
                               f"`{shlex.join(['python', 'sample.py', f'--out_dir={Path(checkpoint).parent}'])}`")
-        model.save_adapters(folder, base_model=ckpt["weights_from"])
+        save_adapters(model, folder, base_model=ckpt["weights_from"])
     else:
-        model.save_pretrained(folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
+        save_gpt2(model, folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return model, meta, ckpt["weights_from"]
 
 
 def report_adapters(folder, model, base):
     print(f"wrote {folder}/adapter_config.json and adapter_model.safetensors: LoRA rank {model.config.lora_rank} "
-          f"on {model.config.lora_targets}, {sum(t.numel() for t in model.adapter_state().values()):,} parameters")
+          f"on {model.config.lora_targets}, {sum(t.numel() for t in adapter_state(model).values()):,} parameters")
     command = shlex.join(["python", "sample.py", f"--init_from={base}", f"--adapters={folder}"])
     print(f"apply them to {base}: here `{command}`; with PEFT "
           f"PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({str(base)!r}), {str(folder)!r})")
@@ -79,7 +80,7 @@ def report(folder, model, meta, crop_vocab):
     print(f"wrote {folder}/config.json, model.safetensors and meta.json: {cfg.n_layer} layers, {cfg.n_head} "
           f"heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} ({meta['vocab_size']} tokens)")
     print(f"load it with transformers: GPT2LMHeadModel.from_pretrained({str(folder)!r}), or here: "
-          f"GPT.from_pretrained({str(folder)!r})")
+          f"hf.load_gpt2({str(folder)!r})")
     if data.is_gpt2_bpe(meta):
         print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
     else:

@@ -2,9 +2,7 @@
 and shapes) and PEFT's LoRA adapters, with a safetensors reader and writer.
 
 Reading order: the GPT-2 layout's pieces, then load_gpt2 / save_gpt2 that put them together, then
-save_adapters / load_adapters (PEFT), then safetensors. model.GPT's from_pretrained, save_pretrained,
-save_adapters and with_adapters call these; the functions take the GPT (class or model) they work on, and
-import the little they need from model.py on use, since model.py imports this module.
+save_adapters / load_adapters (PEFT), then safetensors.
 """
 
 import json
@@ -15,6 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from lora import adapter_state, merge_lora
+from model import GPT, GPTConfig, architecture_options
 
 # Parameter names match GPT-2's in transformers; three things differ. Its Conv1D layers store weights as
 # (in, out), nn.Linear as (out, in); it always has biases; its head is tied to wte and stored at most once.
@@ -148,22 +149,26 @@ def state_to_hf(ours, reference, vocab_size):
 
 # ---- a GPT-2 folder in and out ----
 
-def load_gpt2(gpt_class, name_or_dir, dropout=None):
-    """A `gpt_class` model holding a Hugging Face GPT-2's weights: GPT.from_pretrained (which says more)."""
-    from model import GPTConfig
-
+def load_gpt2(name_or_dir, dropout=None):
+    """A GPT (with biases; dropout None means 0) holding the weights of a Hugging Face GPT-2: a folder with
+    config.json and model.safetensors or pytorch_model.bin, or gpt2, gpt2-medium, gpt2-large or gpt2-xl from
+    the Hugging Face cache or hub (needs `pip install huggingface_hub`). WeightsError where the weights
+    cannot be loaded or this model would not compute the same logits."""
     folder = hf_folder(name_or_dir)
-    model = gpt_class(GPTConfig(**config_from_hf(read_hf_config(folder), dropout or 0.0)))
+    model = GPT(GPTConfig(**config_from_hf(read_hf_config(folder), dropout or 0.0)))
     model.load_state_dict(state_from_hf(read_hf_tensors(folder), model.state_dict(), folder))
     return model
 
 
 def save_gpt2(gpt, folder, vocab_size=None, eot_id=None):
-    """Write `gpt` as a Hugging Face GPT-2 folder: GPT.save_pretrained (which says more)."""
-    from model import architecture_options
-
+    """Write config.json and model.safetensors (fp32) that transformers' GPT2LMHeadModel loads with the same
+    logits, as does load_gpt2. GPT-2 always has biases: a model without them gets zeros. The vocabulary is
+    written as is, padding included (e.g. 50304 rows for GPT-2's 50257 tokens), unless `vocab_size` crops it to
+    the tokenizer's (the kept tokens' logits stay the same). `eot_id`, the tokenizer's end-of-text id, becomes
+    the config's bos/eos ids (where HF's generate stops). WeightsError for a model with architecture options
+    other than GPT-2's."""
     if gpt.config.lora_rank > 0:
-        gpt = gpt.merge_lora()  # the layout has no place for adapters
+        gpt = merge_lora(gpt)  # the layout has no place for adapters
     options = {key: getattr(gpt.config, key) for key, gpt2 in architecture_options().items()
                if getattr(gpt.config, key) != gpt2}
     if options:
@@ -186,7 +191,9 @@ PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora
 
 
 def save_adapters(gpt, folder, base_model):
-    """Write `gpt`'s LoRA adapters alone in PEFT's layout: GPT.save_adapters (which says more)."""
+    """Write `gpt`'s LoRA adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors):
+    `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), folder)` applies them to
+    transformers' GPT-2, `load_adapters(load_gpt2(base_model), folder)` to this one."""
     cfg = gpt.config
     modules = [f"{part}.{name}" for part, names in PEFT_TARGETS.items() if part in cfg.lora_targets.split(",")
                for name in names]
@@ -197,7 +204,7 @@ def save_adapters(gpt, folder, base_model):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     tensors = {f"base_model.model.{name}.weight": t.detach().float().cpu().contiguous()
-               for name, t in gpt.adapter_state().items()}
+               for name, t in adapter_state(gpt).items()}
     write_safetensors(folder / "adapter_model.safetensors", tensors)
 
 
@@ -214,7 +221,7 @@ def load_adapters(gpt, folder):
     model = type(gpt)(replace(gpt.config, lora_rank=config["r"], lora_alpha=config["lora_alpha"],
                               lora_targets=",".join(parts)))
     adapters = {name.removeprefix("base_model.model.").removesuffix(".weight"): t for name, t in tensors.items()}
-    expected = model.adapter_state()
+    expected = adapter_state(model)
     if adapters.keys() != expected.keys() or any(adapters[k].shape != t.shape for k, t in expected.items()):
         raise WeightsError(f"the adapters in {folder} do not fit this model's layers; they were trained on "
                            "other base weights")

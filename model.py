@@ -1,15 +1,14 @@
-"""A GPT language model: the GPT-2 architecture and its options, LoRA adapters, a KV-cache generator, and
-GPT-2 FLOP counting.
+"""A GPT language model: the GPT-2 architecture and its options, a KV-cache generator, and FLOP counting.
 
 Reading order: GPTConfig (the one list of the architecture options, their allowed values and GPT-2 defaults)
-and the functions that read it, the blocks (KV cache, LoRA layer, attention, MLP), GPT (init, forward,
-counting, optimizer groups, generation, LoRA, then the Hugging Face and PEFT files, whose layout hf.py holds),
-then sampling. The Muon optimizer is in muon.py. The model never knows about training; train.py owns the loop.
+and the functions that read it, the blocks (KV cache, attention, MLP), GPT (init, forward, counting,
+generation), then sampling. Around it: lora.py (the adapters a config with lora_rank gets), optimizers.py
+(which optimizer trains which parameters), hf.py (Hugging Face and PEFT files). The model never knows about
+training; train.py owns the loop.
 """
 
-import inspect
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Annotated, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import torch
@@ -17,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import hf
-from hf import WeightsError  # noqa: F401 -- callers catch model.WeightsError
-from muon import Muon
+from lora import LoRALinear
 
 Value = TypeVar("Value")
 Option = Annotated[Value, "architecture option"]  # GPTConfig's architecture options are its fields typed Option[...]
@@ -110,31 +107,6 @@ def generation_attention():
     """The attention kernels for generation: all but cuDNN's, which builds a plan for every new key length (each
     generated token is one) and made KV-cache sampling on an H200 slower than recomputing (bench/RESULTS.md)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-class LoRALinear(nn.Linear):
-    """A frozen Linear plus a trained low-rank update (LoRA): y = x W^T + b + (alpha / r) x A^T B^T.
-
-    B starts at zero, so training starts from the base model's function. Being an nn.Linear with two extra
-    parameters, it keeps the base's state-dict names (`weight`, `bias`) and adds `lora_A`, `lora_B`.
-    """
-
-    def __init__(self, in_features, out_features, bias, rank, alpha, dropout):
-        super().__init__(in_features, out_features, bias=bias)
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.scale = alpha / rank
-        self.lora_dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return super().forward(x) + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-
-    def merged_weight(self):
-        return self.weight + self.scale * self.lora_B @ self.lora_A
 
 
 def projection(config, part, in_features, out_features):
@@ -386,55 +358,6 @@ class GPT(nn.Module):
         n_matmul = self.num_params() - lookups
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
 
-    # ---- optimizer ----
-
-    def optimizer_groups(self, weight_decay):
-        """The decay rule, as [decay, no decay] groups of the trainable tensors: every tensor of 2 or more
-        dimensions decays (the Linear weight matrices and the token, position and value embedding tables);
-        biases, norm weights and the learned scalars of the options (1-D) never decay."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-
-    def lr_groups(self, weight_decay, learning_rate, muon_lr=None, embedding_lr=None, head_lr=None):
-        """optimizer_groups' decay group split by role, in this order, each empty one dropped: the blocks' weight
-        matrices (only with muon_lr: Muon's, marked `muon`), the embedding tables (embedding_lr), the untied head
-        (head_lr), the other matrices, then the no-decay group. Each carries `lr_scale`, its peak lr over
-        learning_rate (1 where none is given): the loop sets every group's lr as schedule x lr_scale."""
-        if head_lr and self.config.tie_embeddings:
-            raise ValueError("head_lr needs tie_embeddings=False: a tied head is the token embedding, which trains "
-                             "at embedding_lr")
-        decay, no_decay = self.optimizer_groups(weight_decay)
-        block_matrices = {p for name, p in self.named_parameters() if p.dim() == 2 and ".h." in name}
-        embeddings = {m.weight for m in self.modules() if isinstance(m, nn.Embedding)}
-        roles = [  # (settings, members); an lr of None or 0 is learning_rate's
-            ({"muon": True, "lr_scale": (muon_lr or learning_rate) / learning_rate}, block_matrices if muon_lr else ()),
-            ({"lr_scale": (embedding_lr or learning_rate) / learning_rate}, embeddings),
-            ({"lr_scale": (head_lr or learning_rate) / learning_rate},
-             () if self.config.tie_embeddings else {self.lm_head.weight}),
-        ]
-        groups, rest = [], decay["params"]
-        for settings, members in roles:
-            groups.append({"params": [p for p in rest if p in members], "weight_decay": weight_decay, **settings})
-            rest = [p for p in rest if p not in members]
-        groups += [{"params": rest, "weight_decay": weight_decay, "lr_scale": 1.0}, {**no_decay, "lr_scale": 1.0}]
-        return [group for group in groups if group["params"]]
-
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, muon_lr=None, embedding_lr=None,
-                            head_lr=None, muon_split="whole"):
-        """AdamW over lr_groups; with muon_lr, Muon (AdamW for every group but the blocks' matrices), which
-        orthogonalises whole matrices (Muon as published, the default here) or, with muon_split="head" (train.py's
-        default), strips one head wide."""
-        groups = self.lr_groups(weight_decay, learning_rate, muon_lr, embedding_lr, head_lr)
-        if muon_lr:
-            block = self.config.n_embd // self.config.n_head if muon_split == "head" else 0
-            return Muon(groups, lr=learning_rate, betas=betas, block=block)
-        # the fused kernel (CUDA; CPU since torch 2.4) updates all tensors in one pass instead of a dozen ops
-        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
-
     # ---- generation ----
 
     @torch.no_grad()
@@ -472,53 +395,6 @@ class GPT(nn.Module):
             next_id = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
-
-    # ---- LoRA ----
-
-    def adapter_state(self):
-        """Only the LoRA adapters' tensors: all a LoRA fine-tune adds to its base weights."""
-        return {name: t for name, t in self.state_dict().items() if ".lora_" in name}
-
-    def merge_lora(self):
-        """A plain GPT (no adapters) whose weights hold the adapters' updates: the same function, no extra
-        cost per token, and the layout every other tool reads."""
-        merged = {name: t for name, t in self.state_dict().items() if ".lora_" not in name}
-        for name, module in self.named_modules():
-            if isinstance(module, LoRALinear):
-                merged[f"{name}.weight"] = module.merged_weight().detach()
-        model = GPT(replace(self.config, lora_rank=0)).to(self.lm_head.weight.device)
-        model.load_state_dict(merged)
-        return model
-
-    # ---- Hugging Face and PEFT files (hf.py holds the layouts) ----
-
-    def save_adapters(self, folder, base_model):
-        """Write the LoRA adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors):
-        `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), folder)` applies them to
-        transformers' GPT-2, GPT.from_pretrained(base_model).with_adapters(folder) to this one."""
-        hf.save_adapters(self, folder, base_model)
-
-    def with_adapters(self, folder):
-        """A LoRA model: these weights plus the adapters save_adapters wrote to `folder`."""
-        return hf.load_adapters(self, folder)
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=None):
-        """A GPT (with biases; dropout None means 0) holding the weights of a Hugging Face GPT-2: a folder with
-        config.json and model.safetensors or pytorch_model.bin, or gpt2, gpt2-medium, gpt2-large or gpt2-xl from
-        the Hugging Face cache or hub (needs `pip install huggingface_hub`). WeightsError where the weights
-        cannot be loaded or this model would not compute the same logits."""
-        return hf.load_gpt2(cls, name_or_dir, dropout)
-
-    def save_pretrained(self, folder, vocab_size=None, eot_id=None):
-        """Write config.json and model.safetensors (fp32) that transformers' GPT2LMHeadModel loads with the
-        same logits, as does GPT.from_pretrained. GPT-2 always has biases: a model without them gets zeros.
-        The vocabulary is written as is, padding included (e.g. 50304 rows for GPT-2's 50257 tokens), unless
-        `vocab_size` crops it to the tokenizer's (the kept tokens' logits stay the same). `eot_id`, the
-        tokenizer's end-of-text id, becomes the config's bos/eos ids (where HF's generate stops). LoRA
-        adapters are merged into the weights first: the layout has no place for them. WeightsError for a
-        model with architecture options other than GPT-2's."""
-        hf.save_gpt2(self, folder, vocab_size, eot_id)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -1,5 +1,5 @@
 """Muon: an optimizer for hidden weight matrices, with AdamW for every other parameter
-(model.GPT.configure_optimizer)."""
+(optimizers.configure_optimizer)."""
 
 import math
 

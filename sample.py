@@ -11,7 +11,8 @@ import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, saved_checkpoint
 from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
-from model import GPT, WeightsError
+from hf import WeightsError, load_adapters, load_gpt2
+from lora import merge_lora
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to sample from (train.py's default run)
@@ -61,15 +62,15 @@ def load_model(cfg):
         folder = Path(cfg.init_from)
         meta = data.read_meta(folder) if (folder / "meta.json").is_file() else GPT2_META
         try:
-            model = GPT.from_pretrained(cfg.init_from)
-            return (model.with_adapters(cfg.adapters).merge_lora() if cfg.adapters else model), meta
+            model = load_gpt2(cfg.init_from)
+            return (merge_lora(load_adapters(model, cfg.adapters)) if cfg.adapters else model), meta
         except WeightsError as e:
             raise ConfigError(str(e)) from None
     if cfg.ckpt not in ("best", "last"):
         raise ConfigError(f"ckpt must be best or last, got {cfg.ckpt!r}")
     state = load_checkpoint(saved_checkpoint(cfg.out_dir, cfg.ckpt))
     model = model_from_checkpoint(state)
-    return (model.merge_lora() if model.config.lora_rank else model), state["meta"]
+    return (merge_lora(model) if model.config.lora_rank else model), state["meta"]
 
 
 def check_sampling(cfg):

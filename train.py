@@ -64,8 +64,9 @@ from data import (
 )
 from devices import RuntimeConfig, process_group_backend, runtime
 from eval import evaluate_task, load_task
-from hf import HUB_REPOS
-from model import GPT, GPTConfig, WeightsError, architecture_options, check_options
+from hf import HUB_REPOS, WeightsError, load_gpt2
+from model import GPT, GPTConfig, architecture_options, check_options
+from optimizers import configure_optimizer
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl
@@ -324,7 +325,7 @@ def architecture(cfg, meta, weights_from, ckpt):
         raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} tokens; "
                           "prepare the data with --tokenizer gpt2")
     try:
-        pretrained = GPT.from_pretrained(weights_from, dropout=cfg.dropout)
+        pretrained = load_gpt2(weights_from, dropout=cfg.dropout)
     except WeightsError as e:
         raise ConfigError(str(e)) from None
     if cfg.block_size > pretrained.config.block_size:
@@ -403,9 +404,9 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     if sharded:
         shard(gpt, rt)
     try:
-        optimizer = gpt.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                            rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None,
-                                            cfg.embedding_lr or None, cfg.head_lr or None, cfg.muon_split)
+        optimizer = configure_optimizer(gpt, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                        rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None,
+                                        cfg.embedding_lr or None, cfg.head_lr or None, cfg.muon_split)
     except ValueError as e:  # a head_lr for a tied head
         raise ConfigError(str(e)) from None
     scaler = rt.grad_scaler()

@@ -18,6 +18,7 @@ import devices
 import train
 from configurator import ConfigError
 from model import GPT, GPTConfig
+from optimizers import configure_optimizer
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
 
@@ -63,8 +64,8 @@ class TrainStep:
         self.rt = rt
         self.raw_model = GPT(config).to(rt.device)
         self.model = rt.compiled(self.raw_model)
-        self.optimizer = self.raw_model.configure_optimizer(train.weight_decay, train.learning_rate,
-                                                            (train.beta1, train.beta2), rt.device_type)
+        self.optimizer = configure_optimizer(self.raw_model, train.weight_decay, train.learning_rate,
+                                             (train.beta1, train.beta2), rt.device_type)
         self.scaler = rt.grad_scaler()
         self.autocast = rt.autocast()
 

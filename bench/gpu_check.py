@@ -47,6 +47,7 @@ from checkpoint import full_state, load_checkpoint, load_sharded_state, save_sha
 from configurator import ConfigError, load_config, run_main
 from model import GPT, GPTConfig, generation_attention
 from muon import orthogonalize
+from optimizers import configure_optimizer
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 device = "cuda"  # cuda (the check), or cpu with tiny=True (the dry run)
@@ -292,7 +293,7 @@ def fsdp_steps(cfg, rt):
         gpt = GPT(config).to(rt.device)
         if name != "reference":
             train.shard(gpt, rt)
-        optimizer = gpt.configure_optimizer(0.1, 1e-3, (0.9, 0.95), rt.device_type)
+        optimizer = configure_optimizer(gpt, 0.1, 1e-3, (0.9, 0.95), rt.device_type)
         models[name] = (gpt, rt.compiled(gpt) if name == "reference" else gpt, optimizer, rt.grad_scaler())
 
     def step(name):

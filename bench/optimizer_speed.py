@@ -1,7 +1,7 @@
 """Muon's training step against AdamW's: `python bench/optimizer_speed.py [--key=value ...]`.
 
 For each shape, two copies of the same model (same seed), one with the AdamW and one with the Muon optimizer
-that `GPT.configure_optimizer` builds (AdamW fused on CPU and CUDA; Muon with train.py's default muon_lr, and
+that `optimizers.configure_optimizer` builds (AdamW fused on CPU and CUDA; Muon with train.py's default muon_lr, and
 `muon_split`: whole matrices, or strips one head wide as the CPU recipes orthogonalise).
 Each round times n whole training steps (`train.train_step`: forward, backward, clip, optimizer step) of one,
 then n of its optimizer steps alone (on the gradients the last step left), then the same for the other (n from
@@ -36,6 +36,7 @@ import train
 from bench import common
 from configurator import ConfigError, run_main
 from model import GPTConfig
+from optimizers import configure_optimizer
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 shapes = "char_cpu,gpt2"  # comma-separated: char_cpu, char, gpt2 (see SHAPES) or LxHxCxTxBxV sizes
@@ -79,9 +80,9 @@ class Setting(common.TrainStep):
     def __init__(self, config, seed, rt, optimizer, muon_split):
         super().__init__(config, seed, rt)
         if optimizer == "muon":
-            self.optimizer = self.raw_model.configure_optimizer(train.weight_decay, train.learning_rate,
-                                                                (train.beta1, train.beta2), rt.device_type,
-                                                                muon_lr=train.muon_lr, muon_split=muon_split)
+            self.optimizer = configure_optimizer(self.raw_model, train.weight_decay, train.learning_rate,
+                                                 (train.beta1, train.beta2), rt.device_type,
+                                                 muon_lr=train.muon_lr, muon_split=muon_split)
         self.name = optimizer
         self.step_seconds = []
         self.optimizer_seconds = []

@@ -13,6 +13,7 @@ import train
 from bench.sample_speed import generate_by_recomputing
 from model import GPT, GPTConfig
 from muon import orthogonalize
+from optimizers import configure_optimizer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -32,7 +33,7 @@ def steps(compile_model, optimizer="muon", count=3, config=CONFIG):
     torch.manual_seed(0)
     gpt = GPT(config).cuda()
     muon_lr = 0.02 if optimizer == "muon" else None
-    opt = gpt.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cuda", muon_lr=muon_lr)
+    opt = configure_optimizer(gpt, 0.1, 1e-3, (0.9, 0.95), "cuda", muon_lr=muon_lr)
     model, scaler = rt.compiled(gpt), rt.grad_scaler()
     losses = [train.train_step(model, opt, scaler, rt.autocast(), batches(i), 1e-3, 1.0)[0] for i in range(count)]
     return losses, gpt

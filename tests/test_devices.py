@@ -11,6 +11,7 @@ import devices
 import train
 from configurator import ConfigError
 from model import GPT, GPTConfig
+from optimizers import configure_optimizer
 
 
 def test_compile_auto_is_off_with_its_reason_where_triton_is_missing(monkeypatch):
@@ -70,7 +71,7 @@ def test_no_clipping_leaves_the_gradients_untouched(monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", refuse)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     x = torch.randint(32, (2, 8))
     loss, norm, applied = train.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                            torch.autocast("cpu", enabled=False), [(x, x)], 1e-3, 0.0)

@@ -19,6 +19,7 @@ from conftest import ROOT
 import data
 import eval
 from checkpoint import save_checkpoint
+from hf import save_gpt2
 from model import GPT, GPTConfig
 from sample import GPT2_META
 
@@ -48,7 +49,7 @@ def tiny(tmp_path_factory):
     with torch.no_grad():  # every parameter random (as tests/test_interop.py): the endings' losses spread apart
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    model.save_pretrained(root / "hf")
+    save_gpt2(model, root / "hf")
     (root / "run").mkdir()
     save_checkpoint(root / "run" / "best.pt", {"model": model.state_dict(), "model_config": asdict(model.config),
                                                "meta": GPT2_META})

@@ -7,7 +7,9 @@ from conftest import PLAY, run_script, tiny_args
 
 import prepare
 from checkpoint import load_checkpoint, model_from_checkpoint
-from model import GPT, GPTConfig, LoRALinear, WeightsError
+from hf import WeightsError, load_adapters, load_gpt2, save_adapters, save_gpt2
+from lora import LoRALinear, merge_lora
+from model import GPT, GPTConfig
 
 BASE = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)
 
@@ -31,7 +33,7 @@ def logits(model, seed=1):
 @pytest.mark.parametrize("targets", ["attn", "mlp", "attn,mlp"])
 def test_merged_and_unmerged_give_the_same_logits(targets):
     model = lora_model(targets)
-    merged = model.merge_lora()
+    merged = merge_lora(model)
     assert merged.config.lora_rank == 0 and not any("lora_" in k for k in merged.state_dict())
     assert (logits(model) - logits(merged)).abs().max().item() <= 1e-5
     assert (logits(model) - logits(GPT(BASE).eval().requires_grad_(False))).abs().max() > 1e-2  # adapters act
@@ -52,27 +54,27 @@ def test_new_adapters_change_nothing_and_only_they_train():
 
 def test_adapters_round_trip_alone_and_refuse_other_weights(tmp_path):
     model = lora_model()
-    model.save_adapters(tmp_path / "adapters", base_model="base")
+    save_adapters(model, tmp_path / "adapters", base_model="base")
     plain = GPT(BASE)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
-    again = plain.with_adapters(tmp_path / "adapters").eval()
+    again = load_adapters(plain, tmp_path / "adapters").eval()
     assert torch.equal(logits(again), logits(model))
     wider = GPT(GPTConfig(**{**BASE.__dict__, "n_embd": 64}))
     with pytest.raises(WeightsError, match="do not fit"):
-        wider.with_adapters(tmp_path / "adapters")
+        load_adapters(wider, tmp_path / "adapters")
     with pytest.raises(WeightsError, match="no readable LoRA adapters"):
-        plain.with_adapters(tmp_path)
+        load_adapters(plain, tmp_path)
 
 
 def test_peft_applies_our_adapters_to_transformers_gpt2(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     model = lora_model()
-    base = model.merge_lora()
+    base = merge_lora(model)
     plain = GPT(BASE)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
-    plain.save_pretrained(tmp_path / "base")
-    model.save_adapters(tmp_path / "adapters", base_model=tmp_path / "base")
+    save_gpt2(plain, tmp_path / "base")
+    save_adapters(model, tmp_path / "adapters", base_model=tmp_path / "base")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapters").eval()
     ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -87,7 +89,7 @@ def gpt2_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     prepare.prepare("text", inputs=[str(PLAY)], tokenizer="gpt2", name="play_gpt2", data_root=tmp / "data")
     torch.manual_seed(0)
-    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(tmp / "hf")
+    save_gpt2(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), tmp / "hf")
     args = tiny_args(tmp / "data", tmp / "run", dataset="play_gpt2", init_from=tmp / "hf", lora_rank=4,
                      lora_targets="attn,mlp", learning_rate=1e-2, max_iters=20, lr_decay_iters=20,
                      eval_interval=10, sample_interval=20)
@@ -99,7 +101,7 @@ def test_a_lora_run_changes_only_the_adapters(gpt2_run):
     tmp, result = gpt2_run
     assert "LoRA: rank 4 adapters on attn,mlp; 4,096 trainable of" in result.stdout
     ckpt = load_checkpoint(tmp / "run" / "last.pt")
-    base = GPT.from_pretrained(tmp / "hf").state_dict()
+    base = load_gpt2(tmp / "hf").state_dict()
     base["transformer.wpe.weight"] = base["transformer.wpe.weight"][:32]
     saved = ckpt["model"]
     assert all(torch.equal(saved[k], base[k]) for k in base)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, sample_next
+from optimizers import optimizer_groups
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
 
@@ -86,7 +87,7 @@ def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
 
 def test_optimizer_groups_split_by_dimension():
     model = tiny_model()
-    decay, no_decay = model.optimizer_groups(0.1)
+    decay, no_decay = optimizer_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     ids = {id(p) for p in decay["params"]}

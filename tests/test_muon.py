@@ -17,6 +17,7 @@ import train
 from bench import optimizer_speed
 from model import GPT, GPTConfig
 from muon import BATCH_ELEMENTS, batches, default_ns_dtype, newton_schulz_flops, orthogonalize, to_strips, use_gram_form
+from optimizers import configure_optimizer
 
 CONFIG = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
 
@@ -24,7 +25,7 @@ CONFIG = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32,
 def model_and_optimizer(muon_split="whole"):
     torch.manual_seed(0)
     model = GPT(CONFIG)
-    return model, model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02, muon_split=muon_split)
+    return model, configure_optimizer(model, 0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02, muon_split=muon_split)
 
 
 def set_grads(model, seed):

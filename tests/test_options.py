@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from conftest import read_log, run_script, tiny_args
 
 from data import Windows
-from model import GPT, GPTConfig, KVCache, WeightsError, value_table
+from hf import WeightsError, save_gpt2
+from model import GPT, GPTConfig, KVCache, value_table
 from muon import orthogonalize
+from optimizers import configure_optimizer
 
 BASE = {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 48, "bias": False}
 SPEEDRUN = {"zero_init_proj": True, "logit_softcap": 5.0, "value_embeddings": 1, "unet_skips": True}
@@ -39,7 +41,7 @@ def with_weights_of(model, options):
 def test_each_option_trains_and_keeps_the_kv_cache_exact(options, data_root):
     model = model_with(options)
     windows = Windows(data_root / "shakespeare_char", "train", BASE["block_size"], BASE["vocab_size"])
-    optimizer = model.configure_optimizer(0.1, 3e-3, (0.9, 0.99), "cpu")
+    optimizer = configure_optimizer(model, 0.1, 3e-3, (0.9, 0.99), "cpu")
     losses = []
     for i in range(60):
         x, y = windows.random_batch(0, i, 16)
@@ -94,7 +96,7 @@ def test_zero_init_proj_starts_every_block_as_the_identity_and_trains_the_projec
     x, y = torch.randint(0, 65, (2, 8)), torch.randint(0, 65, (2, 8))
     embedded = model.transformer.wte(x) + model.transformer.wpe(torch.arange(8))
     assert torch.equal(model.hidden_states(x), model.transformer.ln_f(embedded))
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu")
+    optimizer = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
     model(x, y)[1].backward()
     optimizer.step()
     projections = [p for name, p in model.named_parameters() if name.endswith("c_proj.weight")]
@@ -180,19 +182,19 @@ def one_d(name, p):
 def test_learning_rate_groups_by_role():
     embeddings = {"transformer.wte.weight", "transformer.wpe.weight"}
     tied = model_with({})
-    adamw = tied.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu")
+    adamw = configure_optimizer(tied, 0.1, 1e-3, (0.9, 0.99), "cpu")
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]
     assert named_groups(tied, adamw) == [(embeddings, 0.1, 1.0, False), (names_of(tied, block_matrix), 0.1, 1.0, False),
                                          (names_of(tied, one_d), 0.0, 1.0, False)]
     with pytest.raises(ValueError, match="head_lr needs tie_embeddings=False"):
-        tied.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", head_lr=3e-3)
+        configure_optimizer(tied, 0.1, 1e-3, (0.9, 0.99), "cpu", head_lr=3e-3)
     untied = model_with({"tie_embeddings": False})
-    adamw = untied.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", head_lr=3e-3)
+    adamw = configure_optimizer(untied, 0.1, 1e-3, (0.9, 0.99), "cpu", head_lr=3e-3)
     assert named_groups(untied, adamw) == [
         (embeddings, 0.1, 1.0, False), ({"lm_head.weight"}, 0.1, 3.0, False),
         (names_of(untied, block_matrix), 0.1, 1.0, False), (names_of(untied, one_d), 0.0, 1.0, False)]
     speedrun = model_with({"tie_embeddings": False, **SPEEDRUN})
-    muon = speedrun.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02, embedding_lr=5e-3, head_lr=2e-3)
+    muon = configure_optimizer(speedrun, 0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02, embedding_lr=5e-3, head_lr=2e-3)
     assert named_groups(speedrun, muon) == [  # no other matrices: every one is a block's
         (names_of(speedrun, block_matrix), 0.1, 20.0, True),
         ({*embeddings, "transformer.ve.0.weight"}, 0.1, 5.0, False), ({"lm_head.weight"}, 0.1, 2.0, False),
@@ -204,7 +206,7 @@ def test_learning_rate_groups_by_role():
 @pytest.mark.parametrize("muon_lr", [None, 0.02])
 def test_every_trainable_parameter_is_in_exactly_one_group(options, muon_lr):
     model = model_with(options)
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=muon_lr, embedding_lr=2e-3)
+    optimizer = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=muon_lr, embedding_lr=2e-3)
     grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
     assert all(group["params"] and "lr_scale" in group for group in optimizer.param_groups)
@@ -213,7 +215,7 @@ def test_every_trainable_parameter_is_in_exactly_one_group(options, muon_lr):
 @pytest.mark.parametrize("options", [{"norm": "rmsnorm"}, *({key: value} for key, value in SPEEDRUN.items())], ids=str)
 def test_options_do_not_export_to_gpt2_layout(options, tmp_path):
     with pytest.raises(WeightsError, match="GPT-2 layout cannot hold"):
-        model_with(options).save_pretrained(tmp_path)
+        save_gpt2(model_with(options), tmp_path)
 
 
 def test_a_run_with_every_option_resumes_and_samples(data_root, tmp_path):
@@ -242,7 +244,7 @@ def test_newton_schulz_orthogonalizes():
 
 
 def test_muon_trains_only_block_matrices_with_muon_and_resumes_exactly(data_root, tmp_path):
-    optimizer = model_with({}).configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
+    optimizer = configure_optimizer(model_with({}), 0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
     muon_group = next(g for g in optimizer.param_groups if g["muon"])
     assert len(muon_group["params"]) == 4 * BASE["n_layer"] and muon_group["lr_scale"] == 20.0
     common = {"optimizer": "muon", "max_iters": 20, "lr_decay_iters": 20, "eval_interval": 10}
