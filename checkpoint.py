@@ -19,8 +19,10 @@ import pickle
 import random
 import shutil
 import threading
+import time
 import warnings
 import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from model import GPT, GPTConfig
-from runlog import writing
+from runlog import new_wandb_id, writing
 
 
 class CheckpointError(Exception):
@@ -277,3 +279,62 @@ def keep_step_checkpoint(ckpt_path, step, keep):
         os.link(ckpt_path, link)
     for old in sorted(ckpt_path.parent.glob("ckpt_*.pt"))[:-keep]:
         old.unlink()
+
+
+# ---- the training state, and writing a run's checkpoints ----
+
+@dataclass
+class TrainingState:
+    """Where training stands. A checkpoint saves it with every process's RNG (each draws its own dropout
+    masks), and a resume restores both, so that the run goes on as if never stopped."""
+
+    step: int = 0  # optimizer updates done
+    data_position: int = 0  # micro-batches drawn over all processes: the sampler's whole state
+    best_val_loss: float = float("inf")
+    best_step: int | None = None  # the step best.pt holds
+    wandb_id: str = field(default_factory=new_wandb_id)  # a resumed run continues its wandb run
+    train_seconds: float = 0.0  # time spent in optimizer steps (evaluations, samples and saves excluded)
+    stale_evals: int = 0  # evaluations since the val loss last improved by early_stop_min_delta
+
+    @classmethod
+    def start(cls, cfg, ckpt, rank, world_size):
+        """A new run's state, or the one `ckpt` saved; this process's RNG seeded, or restored as saved."""
+        torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
+        if ckpt is None:
+            return cls()
+        set_rng_state(restore_rng(ckpt["rng"], rank, world_size))
+        return cls(ckpt["step"], ckpt["data_position"], ckpt["best_val_loss"], ckpt["best_step"], ckpt["wandb_id"],
+                   ckpt.get("train_seconds", 0.0), ckpt.get("stale_evals", 0))  # (absent in older checkpoints)
+
+    def to_checkpoint(self, world_size):
+        """The checkpoint's entries for this state (a collective: every process's RNG is gathered)."""
+        return {"step": self.step, "data_position": self.data_position, "best_val_loss": self.best_val_loss,
+                "best_step": self.best_step, "rng": gather_rng_states(world_size), "wandb_id": self.wandb_id,
+                "train_seconds": self.train_seconds, "stale_evals": self.stale_evals}
+
+
+def write_checkpoint(name, cfg, setup, state, log, rank, world_size):
+    """Save `last` (all a resume needs) or `best` (the weights alone; as one file, written off the training
+    thread) in checkpoint_format. Every process takes part. The training thread's time is logged as ckpt_s."""
+    start = time.perf_counter()
+    path, last = checkpoint_path(cfg.out_dir, name, cfg.checkpoint_format), name == "last"
+    described = {"weights_from": setup.weights_from, "config": vars(cfg), "model_config": asdict(setup.gpt.config),
+                 "meta": setup.meta, **(state.to_checkpoint(world_size) if last else
+                                        {"step": state.step, "best_val_loss": state.best_val_loss})}
+    if last:
+        described["scaler"] = setup.scaler.state_dict() if setup.scaler.is_enabled() else None
+    if cfg.checkpoint_format == "sharded":
+        save_sharded(path, setup.gpt, setup.optimizer if last else None, described, rank, 1 + cfg.keep_last_k)
+    elif last:
+        model_state, optimizer_state = full_state(setup.gpt, setup.optimizer)
+        if world_size > 1:
+            dist.barrier()  # every process has finished the step before its state is written
+        if rank == 0:
+            save_checkpoint(path, {"model": model_state, "optimizer": optimizer_state, **described})
+            if cfg.keep_last_k:
+                keep_step_checkpoint(path, state.step, cfg.keep_last_k)
+    else:
+        weights = full_weights(setup.gpt)  # copied below: the weights train on while the thread writes them
+        if rank == 0:
+            setup.best_saver.save(path, {"model": {k: t.clone() for k, t in weights.items()}, **described})
+    log.log({"step": state.step, "checkpoint": path.name, "ckpt_s": time.perf_counter() - start})

@@ -292,7 +292,7 @@ def new_wandb_id():
 
 def open_wandb(cfg, run_id, record):
     """A wandb run with a stable id, so a resumed training run continues the same wandb run."""
-    import wandb  # optional: only needed with wandb_log=True (train.check_config has made sure it is there)
+    import wandb  # optional: only needed with wandb_log=True (checks.check_config has made sure it is there)
 
     return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id, resume="allow",
                       config={**vars(cfg), "run": record}, dir=str(Path(cfg.out_dir)))

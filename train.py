@@ -1,60 +1,50 @@
 """Train a GPT: `python train.py [config/x.py ...] [--key=value ...]`, or under torchrun for several processes.
 
 Read top to bottom: the config (every key with its default and meaning; the device keys come from
-devices.RuntimeConfig, the architecture options from model.GPTConfig), the schedule (`lr_at`), the checks
-(the keys' ranges; on resume, what the checkpoint fixes and what may change), `set_up` (data, model,
-optimizer), `TrainingState` (what a checkpoint saves besides weights and optimizer), `train_step` (one
-optimizer step, the heart of it), `DivergenceGuard`, the loop's pieces (evaluation, samples, checkpoints, the
-loader thread's batches, progress lines, stop signals), `train_loop`, then `train` (processes) and `main` (exit
-codes: 2 for refused input, 1 for a diverged run or a failed write). checkpoint.py writes the checkpoints,
-runlog.py the run's records.
+devices.RuntimeConfig, the architecture options from model.GPTConfig), the schedule (`lr_at`), `set_up` (data,
+model, optimizer), `train_step` (one optimizer step, the heart of it), the loop's pieces (evaluation, samples,
+the loader thread's batches), `train_loop`, then `train` (processes) and `main` (exit codes: 2 for refused
+input, 1 for a diverged run or a failed write). Around it, each owning one thing: checks.py (the keys' ranges;
+on resume, what the checkpoint fixes and what may change), parallel.py (DDP and FSDP), monitor.py (the
+divergence guard, progress lines, stop signals), checkpoint.py (TrainingState and writing checkpoints),
+runlog.py (the run's records).
 """
 
 import contextlib
-import importlib
 import math
 import os
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runlog
 from checkpoint import (
     BackgroundSaver,
     CheckpointError,
+    TrainingState,
     checkpoint_path,
     checkpoint_to_resume,
-    full_state,
-    full_weights,
-    gather_rng_states,
-    keep_step_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     load_sharded_state,
     load_weights,
     model_from_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    save_sharded,
-    set_rng_state,
+    write_checkpoint,
 )
+from checks import EVAL_BATCH_KEYS, OPTIMIZER_SETTINGS, check_config, check_same_data, resume_changes
 from configurator import ConfigError, load_config
 from data import (
     DataError,
     Examples,
     Tokenizer,
     Windows,
-    data_differences,
-    describe_data,
     get_tokenizer,
     has_split,
     is_gpt2_bpe,
@@ -64,9 +54,11 @@ from data import (
 )
 from devices import RuntimeConfig, process_group_backend, runtime
 from eval import evaluate_task, load_task
-from hf import HUB_REPOS, WeightsError, load_gpt2
-from model import GPT, GPTConfig, architecture_options, check_options
+from hf import WeightsError, load_gpt2
+from model import GPT, GPTConfig, architecture_options
+from monitor import Diverged, DivergenceGuard, catch_stop_signals, log_progress, stop_requested
 from optimizers import configure_optimizer
+from parallel import distribute, gradient_sync
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl
@@ -163,147 +155,7 @@ def schedule_lr(cfg, it):
                  cfg.lr_schedule, cfg.cooldown_frac)
 
 
-# ---- checks, the architecture, the data ----
-
-def check_config(cfg, world_size):
-    """ConfigError for the first key out of its range or at odds with another; nothing is read or written yet."""
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "max_iters", "learning_rate",
-                "muon_lr", "sample_tokens", "max_skipped_steps"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    check_schedule(cfg)
-    if cfg.val_tokens < 0 or cfg.val_tokens % (cfg.batch_size * cfg.block_size):
-        raise ConfigError(f"val_tokens {cfg.val_tokens} must be 0 or a multiple of batch_size x block_size "
-                          f"({cfg.batch_size * cfg.block_size}), so that every val batch is whole")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}")
-    if cfg.gradient_accumulation_steps % world_size:
-        raise ConfigError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be divisible by "
-                          f"the {world_size} processes")
-    if world_size > 1 and cfg.device.startswith("cuda:"):
-        raise ConfigError(f"device {cfg.device} would put every process on one GPU; under torchrun use "
-                          "--device=cuda (each process takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick GPUs")
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise ConfigError(f"optimizer must be adamw or muon, got {cfg.optimizer!r}")
-    if cfg.muon_split not in ("whole", "head"):
-        raise ConfigError(f"muon_split must be whole or head, got {cfg.muon_split!r}")
-    if cfg.parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
-    for key in ("target_val_loss", "early_stop_patience", "early_stop_min_delta", "task_eval_interval",
-                "task_eval_examples", "stop_iter", "keep_last_k", "sample_interval"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be 0 (off) or more, got {getattr(cfg, key)}")
-    if cfg.loss_spike_factor <= 1:
-        raise ConfigError(f"loss_spike_factor must be above 1 (a loss that many times its running average is a "
-                          f"spike), got {cfg.loss_spike_factor}")
-    if cfg.init_from not in ("scratch", "resume", *HUB_REPOS) and not Path(cfg.init_from).is_dir():
-        raise ConfigError(f"init_from {cfg.init_from} is neither scratch, resume, one of {', '.join(HUB_REPOS)} nor "
-                          "an existing folder; pass a folder in the Hugging Face layout (config.json plus "
-                          "model.safetensors)")
-    if cfg.task_eval and cfg.parallel == "fsdp" and world_size > 1:
-        raise ConfigError("task_eval scores with whole weights in every process, which FSDP does not keep; use "
-                          "--parallel=ddp, or score checkpoints afterwards with eval.py")
-    if cfg.checkpoint_format not in ("full", "sharded"):
-        raise ConfigError(f"checkpoint_format must be full or sharded, got {cfg.checkpoint_format!r}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    try:
-        check_options(vars(cfg))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0.0 <= cfg.lora_dropout < 1.0:
-        raise ConfigError(f"LoRA needs lora_rank >= 0, lora_alpha > 0 and lora_dropout in [0, 1), got "
-                          f"{cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout}")
-    if not set(cfg.lora_targets.split(",")) <= {"attn", "mlp"}:
-        raise ConfigError(f"lora_targets must be attn, mlp or attn,mlp, got {cfg.lora_targets!r}")
-    if cfg.wandb_log:  # checked by every process, so that all of them stop
-        try:
-            importlib.import_module("wandb")
-        except ImportError:
-            raise ConfigError("wandb_log=True needs the wandb package: pip install wandb") from None
-
-
-def check_schedule(cfg):
-    """The optimizer's keys in range, and a schedule whose phases come in order: warmup, decay, end."""
-    for key in ("beta1", "beta2"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
-    if cfg.lr_schedule not in ("cosine", "wsd"):
-        raise ConfigError(f"lr_schedule must be cosine or wsd, got {cfg.lr_schedule!r}")
-    if not 0.0 < cfg.cooldown_frac <= 1.0:
-        raise ConfigError(f"cooldown_frac must be in (0, 1] (the share of the decay span that wsd's cooldown takes), "
-                          f"got {cfg.cooldown_frac}")
-    for key in ("weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters", "embedding_lr", "head_lr"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
-    if not 0.0 <= cfg.min_lr <= cfg.learning_rate:
-        raise ConfigError(f"min_lr must be between 0 and learning_rate {cfg.learning_rate} (the floor the decay "
-                          f"ends at), got {cfg.min_lr}")
-    if cfg.warmup_iters > cfg.max_iters:
-        raise ConfigError(f"warmup_iters {cfg.warmup_iters} is more than max_iters {cfg.max_iters}: the run would end "
-                          "still warming up; lower --warmup_iters")
-    if cfg.lr_decay_iters and cfg.lr_decay_iters < cfg.warmup_iters:
-        raise ConfigError(f"lr_decay_iters {cfg.lr_decay_iters} ends the decay before warmup_iters {cfg.warmup_iters} "
-                          "ends the warmup; raise it (or set 0: decay until max_iters)")
-
-
-# ---- resume: what the checkpoint fixes and what may change ----
-# On resume each config key is compared with the checkpoint's config; every key is in exactly one class
-# (tests/test_robustness.py checks it), and every change is said at start and kept in run.json's changed_on_resume.
-FIXED_ON_RESUME = (  # refused: the saved weights and optimizer state are of this shape, vocabulary and optimizer
-    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *architecture_options(), "lora_rank",
-    "lora_alpha", "lora_targets", "optimizer")
-OPTIMIZER_SETTINGS = (  # set in the resumed optimizer's param groups (its moments are kept), as a new run would
-    "learning_rate", "weight_decay", "beta1", "beta2", "muon_lr", "muon_split", "embedding_lr", "head_lr")
-EVAL_BATCH_KEYS = (  # they make the fixed val batches that choose best.pt: refused without allow_new_eval_batches
-    "batch_size", "eval_iters", "val_tokens")
-CHANGEABLE = (  # read afresh as the run goes on: the schedule, regularisation, intervals, stop rules, records,
-    # devices, and where the run and its data are (the data's identity is checked against the checkpoint's meta)
-    "out_dir", "data_root", "dataset", "seed", "gradient_accumulation_steps", "dropout", "min_lr", "max_iters",
-    "warmup_iters", "lr_decay_iters", "lr_schedule", "cooldown_frac", "grad_clip", "eval_interval", "log_interval",
-    "ckpt_interval", "sample_interval", "sample_tokens", "stop_iter", "target_val_loss", "early_stop_patience",
-    "early_stop_min_delta", "task_eval", "task_eval_interval", "task_eval_examples", "parallel",
-    "checkpoint_format", "keep_last_k", "max_skipped_steps", "loss_spike_factor", "lora_dropout", "pack_examples",
-    "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile", "deterministic",
-    "peak_tflops")
-RESUME_CONTROLS = ("init_from", "allow_new_eval_batches")  # how this start goes, not what the run is: not compared
-# what a checkpoint older than these keys ran with: its model had GPT-2's options, its val the random windows,
-# its Muon whole matrices
-BEFORE_THE_KEY = {**architecture_options(), "val_tokens": 0, "muon_split": "whole"}
-
-
-def resume_changes(cfg, ckpt):
-    """{key: [checkpoint's value, config's value]} for each key this resume changes; ConfigError for a change
-    the checkpoint cannot follow. A key the checkpoint's config lacks (older than the key) is compared with
-    BEFORE_THE_KEY's value where it has one, and otherwise not at all; Muon's settings are not compared for an
-    AdamW run."""
-    saved = {**BEFORE_THE_KEY, **ckpt["config"]}
-    unused = ("muon_lr", "muon_split") if cfg.optimizer != "muon" else ()  # settings of an optimizer not in use
-    changed = {key: [saved[key], value] for key, value in vars(cfg).items()
-               if key in saved and key not in RESUME_CONTROLS + unused and saved[key] != value}
-    fixed = [key for key in changed if key in FIXED_ON_RESUME]
-    if fixed:
-        raise ConfigError(f"{ckpt['path']} was trained with {', '.join(f'{k}={changed[k][0]}' for k in fixed)}, which "
-                          f"a resume cannot change (the config asks for "
-                          f"{', '.join(f'{k}={changed[k][1]}' for k in fixed)}); resume with the run's own values "
-                          "(run.json's config), or start a new run in another --out_dir")
-    batches = [key for key in changed if key in EVAL_BATCH_KEYS]
-    if batches and not cfg.allow_new_eval_batches:
-        raise ConfigError(f"{', '.join(f'{k} {changed[k][0]} -> {changed[k][1]}' for k in batches)} would change the "
-                          "fixed val batches, so best.pt's selection would compare val losses measured on different "
-                          f"batches; resume with {', '.join(f'--{k}={changed[k][0]}' for k in batches)}, or pass "
-                          "--allow_new_eval_batches=True to accept that")
-    return changed
-
-
-def check_same_data(ckpt, meta, data_dir):
-    """A resume reads the data its checkpoint was trained on: not another dataset, nor another preparation."""
-    differ = data_differences(ckpt["meta"], meta)
-    if differ:
-        raise DataError(f"{ckpt['path']} was trained on {describe_data(ckpt['meta'])}, but {data_dir} holds "
-                        f"{describe_data(meta)}: they differ in {', '.join(differ)}; resume on the data the run "
-                        "was trained on (--data_root, --dataset), or start a new run in another --out_dir")
+# ---- the architecture, the data ----
 
 
 def architecture(cfg, meta, weights_from, ckpt):
@@ -400,9 +252,7 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
         gpt.load_state_dict({**gpt.state_dict(), **pretrained_state})
     if ckpt is not None and not ckpt.get("sharded"):
         load_weights(gpt, ckpt["model"], ckpt["path"])
-    sharded = world_size > 1 and cfg.parallel == "fsdp"
-    if sharded:
-        shard(gpt, rt)
+    model = distribute(gpt, rt, cfg.parallel, world_size)  # (before the optimizer: FSDP's shards are its params)
     try:
         optimizer = configure_optimizer(gpt, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                         rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None,
@@ -422,10 +272,6 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
             group.update(settings)
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-    model = gpt if sharded else rt.compiled(gpt)  # FSDP's blocks are compiled one by one, in shard()
-    if world_size > 1 and not sharded:
-        # the rotary tables are buffers that never change: not re-sent at every forward
-        model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None, broadcast_buffers=False)
     tokens_per_step = cfg.batch_size * model_config.block_size * cfg.gradient_accumulation_steps
     return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches, task_examples,
                  meta, tokenizer, weights_from, tokens_per_step, BackgroundSaver())
@@ -450,51 +296,6 @@ def load_batches(cfg, data_dir, meta, model_config):
         test_data = (Examples if meta.get("format") == "sft" else Windows)(data_dir, "test", block_size, vocab)
         test_batches = {"test": test_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
     return train_data, val_data, eval_batches, test_batches
-
-
-def shard(gpt, rt):
-    """FSDP2: each block's parameters, gradients and optimizer state split across the processes. Under bf16
-    the gathered parameters are bf16 (half the bytes to send) while gradients are reduced in fp32. Each
-    block is compiled before it is wrapped, so FSDP's hooks fall between compiled regions, not inside one."""
-    bf16 = rt.dtype == torch.bfloat16
-    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
-    for block in gpt.transformer.h:
-        if rt.compile:
-            block.compile()
-        fully_shard(block, mp_policy=policy)
-    fully_shard(gpt, mp_policy=policy)
-
-
-# ---- the training state: what a checkpoint saves besides the weights ----
-
-@dataclass
-class TrainingState:
-    """Where training stands. A checkpoint saves it with every process's RNG (each draws its own dropout
-    masks), and a resume restores both, so that the run goes on as if never stopped."""
-
-    step: int = 0  # optimizer updates done
-    data_position: int = 0  # micro-batches drawn over all processes: the sampler's whole state
-    best_val_loss: float = float("inf")
-    best_step: int | None = None  # the step best.pt holds
-    wandb_id: str = field(default_factory=runlog.new_wandb_id)  # a resumed run continues its wandb run
-    train_seconds: float = 0.0  # time spent in optimizer steps (evaluations, samples and saves excluded)
-    stale_evals: int = 0  # evaluations since the val loss last improved by early_stop_min_delta
-
-    @classmethod
-    def start(cls, cfg, ckpt, rank, world_size):
-        """A new run's state, or the one `ckpt` saved; this process's RNG seeded, or restored as saved."""
-        torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
-        if ckpt is None:
-            return cls()
-        set_rng_state(restore_rng(ckpt["rng"], rank, world_size))
-        return cls(ckpt["step"], ckpt["data_position"], ckpt["best_val_loss"], ckpt["best_step"], ckpt["wandb_id"],
-                   ckpt.get("train_seconds", 0.0), ckpt.get("stale_evals", 0))  # (absent in older checkpoints)
-
-    def to_checkpoint(self, world_size):
-        """The checkpoint's entries for this state (a collective: every process's RNG is gathered)."""
-        return {"step": self.step, "data_position": self.data_position, "best_val_loss": self.best_val_loss,
-                "best_step": self.best_step, "rng": gather_rng_states(world_size), "wandb_id": self.wandb_id,
-                "train_seconds": self.train_seconds, "stale_evals": self.stale_evals}
 
 
 # ---- one optimizer step ----
@@ -535,71 +336,7 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
     return loss_value, norm, applied
 
 
-def gradient_sync(model, enabled):
-    """Whether this micro-batch's backward exchanges gradients between processes (DDP all-reduce, FSDP
-    reduce-scatter): only the last of a step's micro-batches needs to, the others just accumulate. FSDP also
-    keeps the parameters gathered after those backwards, so the next micro-batch's forward need not regather."""
-    if isinstance(model, DDP) and not enabled:
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
-        model.set_reshard_after_backward(enabled)
-    return contextlib.nullcontext()
-
-
-# ---- the divergence guard ----
-
-class Diverged(Exception):
-    """Too many consecutive updates skipped for non-finite values."""
-
-
-@dataclass
-class DivergenceGuard:
-    """Watches each step's outcome. A skipped update (train_step skips non-finite ones) is logged with clues
-    to its cause, and max_skipped_steps of them in a row end the run; an applied update whose loss is over
-    loss_spike_factor times the running average is a warning."""
-
-    skipped: int = 0  # consecutive skipped updates
-    recent_norms: list = field(default_factory=list)  # gradient norms of the last 100 applied updates
-    loss_ema: float | None = None  # running average of the applied updates' losses
-
-    def check(self, cfg, setup, log, step, lr, loss, grad_norm, applied):
-        """Raises Diverged (the run record closed) at max_skipped_steps consecutive skips."""
-        if not applied:
-            self.skipped += 1
-            scaler = setup.scaler
-            # under fp16 the first steps' overflows are routine: the scaler halves its scale after each
-            scale = f", fp16 loss scale now {scaler.get_scale():g}" if scaler.is_enabled() else ""
-            log.log({"step": step, "skipped": "non-finite loss or gradient norm", "loss": loss,
-                     "grad_norm": grad_norm, "lr": lr, "recent_grad_norms": self.recent_norms[-10:],
-                     "nonfinite_grads": nonfinite_gradients(setup.gpt)[:20], "consecutive_skips": self.skipped,
-                     "loss_scale": scaler.get_scale() if scaler.is_enabled() else None},
-                    f"step {step}: skipped the update: loss {loss}, grad norm {grad_norm} "
-                    f"({self.skipped} in a row, limit {cfg.max_skipped_steps}{scale})")
-            if self.skipped >= cfg.max_skipped_steps:
-                log.finish(step, step * setup.tokens_per_step, "diverged")
-                last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
-                raise Diverged(f"training diverged: {self.skipped} consecutive steps up to step {step} had a "
-                               f"non-finite loss or gradient; the last good checkpoint is {last}; lower the "
-                               "learning rate or check the data, then resume")
-        else:
-            self.skipped = 0
-            self.recent_norms = [*self.recent_norms[-99:], grad_norm]
-            if self.loss_ema is not None and loss > cfg.loss_spike_factor * self.loss_ema:
-                log.log({"step": step, "warning": "loss spike", "loss": loss, "running_average": self.loss_ema},
-                        f"step {step}: warning: loss {loss:.4f} is over {cfg.loss_spike_factor}x its "
-                        f"running average {self.loss_ema:.4f}")
-            self.loss_ema = loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * loss
-
-
-def nonfinite_gradients(model):
-    """Names of parameters whose gradient (this process's shard of it, under FSDP) holds inf or nan."""
-    grads = {name: p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-             for name, p in model.named_parameters() if p.grad is not None}
-    return [name for name, grad in grads.items() if not grad.isfinite().all()]
-
-
-# ---- the loop's pieces: evaluation, samples, checkpoints, batches, progress, signals ----
+# ---- the loop's pieces: evaluation, samples, batches ----
 
 @torch.no_grad()
 def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
@@ -702,33 +439,6 @@ def write_sample(cfg, setup, log, rt, step):
     log.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")
 
 
-def write_checkpoint(name, cfg, setup, state, log, rank, world_size):
-    """Save `last` (all a resume needs) or `best` (the weights alone; as one file, written off the training
-    thread) in checkpoint_format. Every process takes part. The training thread's time is logged as ckpt_s."""
-    start = time.perf_counter()
-    path, last = checkpoint_path(cfg.out_dir, name, cfg.checkpoint_format), name == "last"
-    described = {"weights_from": setup.weights_from, "config": vars(cfg), "model_config": asdict(setup.gpt.config),
-                 "meta": setup.meta, **(state.to_checkpoint(world_size) if last else
-                                        {"step": state.step, "best_val_loss": state.best_val_loss})}
-    if last:
-        described["scaler"] = setup.scaler.state_dict() if setup.scaler.is_enabled() else None
-    if cfg.checkpoint_format == "sharded":
-        save_sharded(path, setup.gpt, setup.optimizer if last else None, described, rank, 1 + cfg.keep_last_k)
-    elif last:
-        model_state, optimizer_state = full_state(setup.gpt, setup.optimizer)
-        if world_size > 1:
-            dist.barrier()  # every process has finished the step before its state is written
-        if rank == 0:
-            save_checkpoint(path, {"model": model_state, "optimizer": optimizer_state, **described})
-            if cfg.keep_last_k:
-                keep_step_checkpoint(path, state.step, cfg.keep_last_k)
-    else:
-        weights = full_weights(setup.gpt)  # copied below: the weights train on while the thread writes them
-        if rank == 0:
-            setup.best_saver.save(path, {"model": {k: t.clone() for k, t in weights.items()}, **described})
-    log.log({"step": state.step, "checkpoint": path.name, "ckpt_s": time.perf_counter() - start})
-
-
 def step_batches(cfg, train_data, first, count, device_type):
     """Training micro-batches first .. first + count - 1: one step's, on the loader thread while the step
     before computes."""
@@ -736,38 +446,6 @@ def step_batches(cfg, train_data, first, count, device_type):
     if device_type == "cuda":  # page-locked host memory lets the copies overlap with compute
         batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
     return batches
-
-
-def log_progress(cfg, setup, log, state, end_step, lr, loss, grad_norm, dt, wall_dt, peak):
-    """A train line: loss, lr, gradient norm, speed and time left. Two throughputs: tok_per_sec over the
-    optimizer steps alone (dt a step, and MFU from it, given the processes' peak FLOP/s), wall_tok_per_sec
-    over the wall time since the last line (wall_dt a step), evaluations, samples and checkpoints included."""
-    step = state.step
-    record = {"step": step, "tokens": step * setup.tokens_per_step, "train_loss": loss, "lr": lr,
-              "grad_norm": grad_norm, "dt_ms": 1000 * dt, "tok_per_sec": setup.tokens_per_step / dt,
-              "wall_tok_per_sec": setup.tokens_per_step / wall_dt, "train_seconds": state.train_seconds}
-    if peak:
-        record["mfu"] = setup.gpt.flops_per_token(setup.gpt.config.block_size) * record["tok_per_sec"] / peak
-    eta = time.strftime("%H:%M:%S", time.gmtime(wall_dt * (end_step - step)))
-    log.log(record, f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * dt:.1f} ms | "
-                    f"{record['tok_per_sec']:,.0f} tok/s ({record['wall_tok_per_sec']:,.0f} wall) | ETA {eta}")
-
-
-def catch_stop_signals():
-    """The names of the SIGINT/SIGTERM signals received from now on, which no longer end the process: the
-    loop stops at its next log line, saving last.pt."""
-    received = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
-    return received
-
-
-def stop_requested(stop_signal, device, world_size):
-    """Whether any process got SIGINT/SIGTERM; agreed by all so that every process stops at the same step."""
-    flag = torch.tensor(float(bool(stop_signal)), device=device)
-    if world_size > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 # ---- the loop ----

@@ -48,6 +48,7 @@ from configurator import ConfigError, load_config, run_main
 from model import GPT, GPTConfig, generation_attention
 from muon import orthogonalize
 from optimizers import configure_optimizer
+from parallel import shard
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 device = "cuda"  # cuda (the check), or cpu with tiny=True (the dry run)
@@ -272,7 +273,7 @@ def free_port():
 
 
 def section_fsdp(cfg, rt, started):
-    """FSDP2 on a one-process group, as train.shard applies it, against the unsharded model; then a sharded save
+    """FSDP2 on a one-process group, as parallel.shard applies it, against the unsharded model; then a sharded save
     and a load into a fresh sharded model, compared bitwise and by one more step."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.distributed.init_process_group("nccl" if rt.device_type == "cuda" else "gloo", rank=0, world_size=1)
@@ -292,7 +293,7 @@ def fsdp_steps(cfg, rt):
         torch.manual_seed(seed)
         gpt = GPT(config).to(rt.device)
         if name != "reference":
-            train.shard(gpt, rt)
+            shard(gpt, rt)
         optimizer = configure_optimizer(gpt, 0.1, 1e-3, (0.9, 0.95), rt.device_type)
         models[name] = (gpt, rt.compiled(gpt) if name == "reference" else gpt, optimizer, rt.grad_scaler())
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import PLAY, ROOT, read_log, tiny_args
 
+import checks
 import compare
 import eval
 import export
@@ -76,8 +77,8 @@ def run_record(out_dir):
 
 def test_every_config_key_is_in_exactly_one_resume_class():
     keys = load_config(train.__file__, [], RuntimeConfig, GPTConfig).__dict__
-    classes = (train.FIXED_ON_RESUME, train.OPTIMIZER_SETTINGS, train.EVAL_BATCH_KEYS, train.CHANGEABLE,
-               train.RESUME_CONTROLS)
+    classes = (checks.FIXED_ON_RESUME, checks.OPTIMIZER_SETTINGS, checks.EVAL_BATCH_KEYS, checks.CHANGEABLE,
+               checks.RESUME_CONTROLS)
     classed = [key for keys_of_class in classes for key in keys_of_class]
     assert sorted(key for key in keys if classed.count(key) != 1) == []  # unclassed, or in two classes
     assert set(classed) <= set(keys)  # no class names a key the config does not have

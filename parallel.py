@@ -1,0 +1,45 @@
+"""Several processes (torchrun): how the model is spread over them, applied from outside the model as torchtitan's
+parallelize is: DDP replicas or FSDP2 shards, and which micro-batches exchange gradients."""
+
+import contextlib
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def distribute(gpt, rt, parallel, world_size):
+    """The module that runs `gpt` over the processes: under torchrun with parallel=fsdp, gpt itself, sharded in
+    place (shard); else gpt compiled (where rt says so) and, under torchrun, wrapped in DDP."""
+    if world_size > 1 and parallel == "fsdp":
+        shard(gpt, rt)
+        return gpt  # its blocks are compiled one by one, in shard()
+    model = rt.compiled(gpt)
+    if world_size > 1:  # the rotary tables are buffers that never change: not re-sent at every forward
+        model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None, broadcast_buffers=False)
+    return model
+
+
+def shard(gpt, rt):
+    """FSDP2: each block's parameters, gradients and optimizer state split across the processes. Under bf16
+    the gathered parameters are bf16 (half the bytes to send) while gradients are reduced in fp32. Each
+    block is compiled before it is wrapped, so FSDP's hooks fall between compiled regions, not inside one."""
+    bf16 = rt.dtype == torch.bfloat16
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in gpt.transformer.h:
+        if rt.compile:
+            block.compile()
+        fully_shard(block, mp_policy=policy)
+    fully_shard(gpt, mp_policy=policy)
+
+
+def gradient_sync(model, enabled):
+    """Whether this micro-batch's backward exchanges gradients between processes (DDP all-reduce, FSDP
+    reduce-scatter): only the last of a step's micro-batches needs to, the others just accumulate. FSDP also
+    keeps the parameters gathered after those backwards, so the next micro-batch's forward need not regather."""
+    if isinstance(model, DDP) and not enabled:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+        model.set_reshard_after_backward(enabled)
+    return contextlib.nullcontext()
