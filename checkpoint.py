@@ -313,9 +313,11 @@ class TrainingState:
                 "train_seconds": self.train_seconds, "stale_evals": self.stale_evals}
 
 
-def write_checkpoint(name, cfg, setup, state, log, rank, world_size):
-    """Save `last` (all a resume needs) or `best` (the weights alone; as one file, written off the training
-    thread) in checkpoint_format. Every process takes part. The training thread's time is logged as ckpt_s."""
+def write_checkpoint(name, run):
+    """Save `run`'s (train.Run) `last` (all a resume needs) or `best` (the weights alone; as one file, written
+    off the training thread) in checkpoint_format. Every process takes part. The training thread's time is logged
+    as ckpt_s."""
+    cfg, setup, state, rank, world_size = run.cfg, run.setup, run.state, run.rank, run.world_size
     start = time.perf_counter()
     path, last = checkpoint_path(cfg.out_dir, name, cfg.checkpoint_format), name == "last"
     described = {"weights_from": setup.weights_from, "config": vars(cfg), "model_config": asdict(setup.gpt.config),
@@ -337,4 +339,4 @@ def write_checkpoint(name, cfg, setup, state, log, rank, world_size):
         weights = full_weights(setup.gpt)  # copied below: the weights train on while the thread writes them
         if rank == 0:
             setup.best_saver.save(path, {"model": {k: t.clone() for k, t in weights.items()}, **described})
-    log.log({"step": state.step, "checkpoint": path.name, "ckpt_s": time.perf_counter() - start})
+    run.log.log({"step": state.step, "checkpoint": path.name, "ckpt_s": time.perf_counter() - start})

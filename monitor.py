@@ -26,8 +26,10 @@ class DivergenceGuard:
     recent_norms: list = field(default_factory=list)  # gradient norms of the last 100 applied updates
     loss_ema: float | None = None  # running average of the applied updates' losses
 
-    def check(self, cfg, setup, log, step, lr, loss, grad_norm, applied):
-        """Raises Diverged (the run record closed) at max_skipped_steps consecutive skips."""
+    def check(self, run, lr, loss, grad_norm, applied):
+        """After each step of `run` (train.Run): raises Diverged (the run record closed) at max_skipped_steps
+        consecutive skips."""
+        cfg, setup, log, step = run.cfg, run.setup, run.log, run.state.step
         if not applied:
             self.skipped += 1
             scaler = setup.scaler
@@ -62,11 +64,13 @@ def nonfinite_gradients(model):
     return [name for name, grad in grads.items() if not grad.isfinite().all()]
 
 
-def log_progress(cfg, setup, log, state, end_step, lr, loss, grad_norm, dt, wall_dt, peak):
-    """A train line: loss, lr, gradient norm, speed and time left. Two throughputs: tok_per_sec over the
-    optimizer steps alone (dt a step, and MFU from it, given the processes' peak FLOP/s), wall_tok_per_sec
-    over the wall time since the last line (wall_dt a step), evaluations, samples and checkpoints included."""
-    step = state.step
+def log_progress(run, end_step, lr, loss, grad_norm, dt, wall_dt):
+    """A train line of `run` (train.Run): loss, lr, gradient norm, speed and time left. Two throughputs:
+    tok_per_sec over the optimizer steps alone (dt a step, and MFU from it against all processes' peak FLOP/s,
+    where the device's is known), wall_tok_per_sec over the wall time since the last line (wall_dt a step),
+    evaluations, samples and checkpoints included."""
+    cfg, setup, state, log = run.cfg, run.setup, run.state, run.log
+    step, peak = state.step, run.rt.peak_flops and run.rt.peak_flops * run.world_size
     record = {"step": step, "tokens": step * setup.tokens_per_step, "train_loss": loss, "lr": lr,
               "grad_norm": grad_norm, "dt_ms": 1000 * dt, "tok_per_sec": setup.tokens_per_step / dt,
               "wall_tok_per_sec": setup.tokens_per_step / wall_dt, "train_seconds": state.train_seconds}

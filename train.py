@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ from data import (
     prepare_default,
     read_meta,
 )
-from devices import RuntimeConfig, process_group_backend, runtime
+from devices import Runtime, RuntimeConfig, process_group_backend, runtime
 from eval import evaluate_task, load_task
 from hf import WeightsError, load_gpt2
 from model import GPT, GPTConfig, architecture_options
@@ -336,6 +337,22 @@ def train_step(model, optimizer, scaler, autocast, batches, lr, grad_clip):
     return loss_value, norm, applied
 
 
+# ---- the run: what the loop's pieces share ----
+
+@dataclass
+class Run:
+    """What every piece of the loop reads, built once by train(): the config, the runtime (device, precision,
+    compile), the set-up, the training state, the run's records, and this process's place among the others."""
+
+    cfg: SimpleNamespace
+    rt: Runtime
+    setup: Setup
+    state: TrainingState
+    log: runlog.RunLog
+    rank: int = 0
+    world_size: int = 1
+
+
 # ---- the loop's pieces: evaluation, samples, batches ----
 
 @torch.no_grad()
@@ -364,10 +381,12 @@ def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
     return losses
 
 
-def evaluate(cfg, setup, state, log, rt, rank, world_size):
+def evaluate(run):
     """Log the losses on the fixed batches; a new best val loss saves best.pt (the weights alone). Counts the
     evaluations without an improvement of early_stop_min_delta, and records reaching target_val_loss."""
-    losses = estimate_loss(setup.model, setup.eval_batches, rt.device, rt.autocast(), rank, world_size)
+    cfg, setup, state, log = run.cfg, run.setup, run.state, run.log
+    losses = estimate_loss(setup.model, setup.eval_batches, run.rt.device, run.rt.autocast(), run.rank,
+                           run.world_size)
     (train_loss, _), (val, val_se) = losses["train"], losses["val"]
     tokens = state.step * setup.tokens_per_step
     log.log({"step": state.step, "tokens": tokens, "train_seconds": state.train_seconds, "train_loss": train_loss,
@@ -385,7 +404,7 @@ def evaluate(cfg, setup, state, log, rt, rank, world_size):
             log.update(target_val_loss=cfg.target_val_loss, target_step=state.step, target_tokens=tokens,
                        target_train_seconds=state.train_seconds)
         state.best_val_loss, state.best_step = val, state.step
-        write_checkpoint("best", cfg, setup, state, log, rank, world_size)
+        write_checkpoint("best", run)
     log.evaluated(state.step, tokens, val, state.best_val_loss, state.best_step)
     log.update(final_val_loss_se=val_se, train_seconds=state.train_seconds)
 
@@ -401,10 +420,11 @@ def stop_reason(cfg, state):
     return None
 
 
-def evaluate_on_task(cfg, setup, log, rt, step, rank, world_size):
+def evaluate_on_task(run):
     """Score the multiple-choice task (eval.py's rule) with the current weights and log its accuracy."""
-    result = evaluate_task(setup.gpt, setup.tokenizer, setup.task_examples, rt.device, rt.autocast(),
-                           rank, world_size)
+    cfg, setup, log, step = run.cfg, run.setup, run.log, run.state.step
+    result = evaluate_task(setup.gpt, setup.tokenizer, setup.task_examples, run.rt.device, run.rt.autocast(),
+                           run.rank, run.world_size)
     log.log({"step": step, "tokens": step * setup.tokens_per_step, "task_acc": result["acc"],
              "task_acc_norm": result["acc_norm"], "task_n": result["n"]},
             f"step {step}: task {cfg.task_eval}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
@@ -413,21 +433,24 @@ def evaluate_on_task(cfg, setup, log, rt, step, rank, world_size):
     log.update(task=cfg.task_eval, task_acc=result["acc"], task_acc_norm=result["acc_norm"], best_task_acc_norm=best)
 
 
-def evaluate_on_test(cfg, setup, log, rt, step, rank, world_size):
+def evaluate_on_test(run):
     """The test split's loss, once, at the end, with the selected checkpoint's weights (best.pt's, else the
     last's): no decision of the run ever reads it."""
+    setup, log, rt = run.setup, run.log, run.rt
     setup.best_saver.wait()
-    best = checkpoint_path(cfg.out_dir, "best", cfg.checkpoint_format)
+    best = checkpoint_path(run.cfg.out_dir, "best", run.cfg.checkpoint_format)
     model = model_from_checkpoint(load_checkpoint(best)).to(rt.device) if best.exists() else setup.model
-    test_loss, test_se = estimate_loss(model, setup.test_batches, rt.device, rt.autocast(), rank, world_size)["test"]
+    test_loss, test_se = estimate_loss(model, setup.test_batches, rt.device, rt.autocast(), run.rank,
+                                       run.world_size)["test"]
     used = best.name if best.exists() else "the final weights"
-    log.log({"step": step, "test_loss": test_loss, "test_loss_se": test_se, "test_checkpoint": used},
+    log.log({"step": run.state.step, "test_loss": test_loss, "test_loss_se": test_se, "test_checkpoint": used},
             f"test loss {test_loss:.4f} ± {test_se:.4f} ({used}, scored once)")
     log.update(test_loss=test_loss, test_loss_se=test_se, test_checkpoint=used)
 
 
-def write_sample(cfg, setup, log, rt, step):
+def write_sample(run):
     """Log a sample of text. Every process runs it: under FSDP each forward gathers parameters from all."""
+    cfg, setup, rt, step = run.cfg, run.setup, run.rt, run.state.step
     tokenizer = setup.tokenizer
     start = tokenizer.document_start()
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
@@ -436,7 +459,7 @@ def write_sample(cfg, setup, log, rt, step):
         ids = setup.gpt.generate(torch.tensor([start], device=rt.device), cfg.sample_tokens, temperature=0.8,
                                  top_k=200, vocab_limit=setup.meta["vocab_size"], generator=generator)
     text = tokenizer.decode(ids[0, len(start):].tolist())
-    log.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")
+    run.log.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")
 
 
 def step_batches(cfg, train_data, first, count, device_type):
@@ -450,14 +473,15 @@ def step_batches(cfg, train_data, first, count, device_type):
 
 # ---- the loop ----
 
-def begin(cfg, setup, state, log, rt, rank, world_size, changed, end_step):
+def begin(run, changed, end_step):
     """Before the first step: a new run (changed is None) evaluates the untrained model, a resumed one notes
     where it resumes and what it changed. Returns the reason a resumed run is already done by its stop rules, or
     None."""
+    cfg, state, rank = run.cfg, run.state, run.rank
     if changed is not None:
         last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
-        log.log({"step": state.step, "event": "resumed", "changed": changed},
-                f"resumed from {last} at step {state.step}")
+        run.log.log({"step": state.step, "event": "resumed", "changed": changed},
+                    f"resumed from {last} at step {state.step}")
         if rank == 0 and changed:
             notes = {**dict.fromkeys(OPTIMIZER_SETTINGS, " (set in the optimizer)"),
                      **dict.fromkeys(EVAL_BATCH_KEYS, " (new val batches)")}
@@ -471,39 +495,42 @@ def begin(cfg, setup, state, log, rt, rank, world_size, changed, end_step):
             print(f"{last} is already at step {state.step}; raise {limit} to train further")
         return done
     if rank == 0:
-        vocab = setup.gpt.config.vocab_size
+        vocab = run.setup.gpt.config.vocab_size
         print(f"expected loss at init: ln({vocab}) = {math.log(vocab):.4f}")
-    evaluate(cfg, setup, state, log, rt, rank, world_size)
+    evaluate(run)
     if cfg.task_eval:
-        evaluate_on_task(cfg, setup, log, rt, state.step, rank, world_size)
+        evaluate_on_task(run)
     return None
 
 
-def after_step(cfg, setup, state, log, rt, rank, world_size, end_step):
+def after_step(run, end_step):
     """The evaluations, sample and save due after this step. Returns the stop rules' reason if one now holds
     (last.pt is then saved at this step), or None."""
+    cfg, state = run.cfg, run.state
     final = state.step == cfg.max_iters  # the schedule's end, not stop_iter: a paused run evaluates as the whole
     if state.step % cfg.eval_interval == 0 or final:
-        evaluate(cfg, setup, state, log, rt, rank, world_size)
+        evaluate(run)
     if cfg.task_eval and (state.step % (cfg.task_eval_interval or cfg.eval_interval) == 0 or final):
-        evaluate_on_task(cfg, setup, log, rt, state.step, rank, world_size)
+        evaluate_on_task(run)
     if cfg.sample_interval and (state.step % cfg.sample_interval == 0 or final):
-        write_sample(cfg, setup, log, rt, state.step)
+        write_sample(run)
     reason = stop_reason(cfg, state)
     if reason or state.step % cfg.ckpt_interval == 0 or state.step == end_step:
-        write_checkpoint("last", cfg, setup, state, log, rank, world_size)
-    if reason and rank == 0:
+        write_checkpoint("last", run)
+    if reason and run.rank == 0:
         print(f"step {state.step}: stopping: {reason}")
     return reason
 
 
-def train_loop(cfg, setup, state, log, rt, rank, world_size, changed):
+def train_loop(run, changed):
     """Optimizer steps from state.step to max_iters (or stop_iter), each followed by after_step's work; a stop
     signal ends it at the next progress line, a stop rule (target, patience) at the evaluation that meets it.
     `changed`: the keys a resume changed (resume_changes), None for a new run."""
+    cfg, setup, state, log, rt, rank, world_size = (run.cfg, run.setup, run.state, run.log, run.rt, run.rank,
+                                                     run.world_size)
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
     stop_signals = catch_stop_signals()
-    done = begin(cfg, setup, state, log, rt, rank, world_size, changed, end_step)
+    done = begin(run, changed, end_step)
     if done:
         end_step = state.step
     accum = cfg.gradient_accumulation_steps // world_size  # of each step's micro-batches, rank r draws the r-th share
@@ -511,7 +538,6 @@ def train_loop(cfg, setup, state, log, rt, rank, world_size, changed):
     upcoming = loader.submit(step_batches, cfg, setup.train_data, state.data_position + rank * accum, accum,
                              rt.device_type)
     guard, step_times, compiling = DivergenceGuard(), [], rt.compile
-    peak = rt.peak_flops and rt.peak_flops * world_size  # all processes' FLOP/s, for MFU; None where unknown
     end_reason = done or ("finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}")
     window = time.perf_counter(), state.step  # the wall clock and step at the last progress line
     while state.step < end_step:
@@ -533,29 +559,29 @@ def train_loop(cfg, setup, state, log, rt, rank, world_size, changed):
                     f"step {state.step}: {elapsed:.1f}s, compiling the model")
         else:
             step_times.append(elapsed)
-        guard.check(cfg, setup, log, state.step, lr, loss, grad_norm, applied)
+        guard.check(run, lr, loss, grad_norm, applied)
 
         if state.step % cfg.log_interval == 0 or state.step == end_step:
             dt = sum(step_times) / len(step_times) if step_times else elapsed
             wall_dt = (time.perf_counter() - window[0]) / (state.step - window[1])
             step_times.clear()
             window = time.perf_counter(), state.step
-            log_progress(cfg, setup, log, state, end_step, lr, loss, grad_norm, dt, wall_dt, peak)
+            log_progress(run, end_step, lr, loss, grad_norm, dt, wall_dt)
             if stop_requested(stop_signals, rt.device, world_size):
                 signal_name = stop_signals[0] if stop_signals else "a signal to another process"
                 if rank == 0:
                     print(f"stopping at step {state.step} on {signal_name}; saving the last checkpoint")
-                write_checkpoint("last", cfg, setup, state, log, rank, world_size)
+                write_checkpoint("last", run)
                 end_reason = f"stopped by {signal_name}"
                 break
-        reason = after_step(cfg, setup, state, log, rt, rank, world_size, end_step)
+        reason = after_step(run, end_step)
         if reason:
             end_reason = reason
             break
     loader.shutdown(cancel_futures=True)
     setup.best_saver.wait()
     if setup.test_batches and not done and (end_reason == "finished" or stop_reason(cfg, state)):
-        evaluate_on_test(cfg, setup, log, rt, state.step, rank, world_size)
+        evaluate_on_test(run)
     log.finish(state.step, state.step * setup.tokens_per_step, end_reason)
 
 
@@ -588,6 +614,7 @@ def train(cfg):
         setup = set_up(cfg, ckpt, rt, rank, local_rank, world_size)
         state = TrainingState.start(cfg, ckpt, rank, world_size)
         log = runlog.RunLog(cfg.out_dir, rank == 0)  # the first write of the run: everything is checked by now
+        run = Run(cfg, rt, setup, state, log, rank, world_size)
         try:
             log.start(cfg, setup.meta, rt.device, rt.dtype, world_size, ckpt["step"] if ckpt else None,
                       state.wandb_id, changed)
@@ -596,9 +623,9 @@ def train(cfg):
                 if leaked := leaked_documents(setup.meta):
                     print(f"warning: {leaked:,} val/test {setup.meta['leakage']['unit']}s of {cfg.dataset} also "
                           "occur verbatim in train (meta.json's leakage audit); held-out losses will flatter the model")
-            train_loop(cfg, setup, state, log, rt, rank, world_size, changed)
+            train_loop(run, changed)
         except runlog.WriteError as e:
-            raise runlog.WriteError(end_on_write_failure(e, cfg, setup, state, log)) from None
+            raise runlog.WriteError(end_on_write_failure(e, run)) from None
     finally:
         if lock is not None:
             lock.release()
@@ -606,10 +633,11 @@ def train(cfg):
             dist.destroy_process_group()
 
 
-def end_on_write_failure(error, cfg, setup, state, log):
+def end_on_write_failure(error, run):
     """The line a failed write (a full disk, a read-only folder, a file size limit) ends the run with, once
     best.pt's writer has finished (removing its temporary file if it failed too) and run.json says why, if it
     can still be written."""
+    cfg, setup, state, log = run.cfg, run.setup, run.state, run.log
     with contextlib.suppress(runlog.WriteError):
         setup.best_saver.wait()
     try:
