@@ -1,7 +1,7 @@
 # GPT-2 (124M) on 10B tokens of FineWeb, on one node of 8 GPUs:
 #   python prepare.py fineweb10B          # ~10B GPT-2 tokens: val_000000.bin + 100M-token train shards
 #   torchrun --standalone --nproc_per_node=8 train.py config/fineweb.py
-# The README shows the same recipe scaled down for one GPU and for CPU, and a 2-node launch.
+# docs/multi-gpu.md shows the same recipe scaled down for one GPU and for CPU, and a 2-node launch.
 out_dir = "out-fineweb"
 dataset = "fineweb10B"
 

@@ -75,11 +75,11 @@ def test_fsdp_matches_ddp_and_its_checkpoint_resumes_in_one_process(data_root, t
     assert out.endswith("---------------\n")
 
 
-def test_readme_fineweb_cpu_command_runs_logs_checkpoints_and_resumes(tmp_path):
-    """The README's CPU-sized config/fineweb.py command, on a local jsonl stand-in for the download."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_guides_fineweb_cpu_command_runs_logs_checkpoints_and_resumes(tmp_path):
+    """docs/multi-gpu.md's CPU-sized config/fineweb.py command, on a local jsonl stand-in for the download."""
+    guide = (ROOT / "docs" / "multi-gpu.md").read_text()
     prepare_line, train_line = re.search(r"\n(python prepare.py fineweb10B --input sample.jsonl.*)\n(torchrun .*)\n",
-                                         readme).groups()
+                                         guide).groups()
     source = PLAY.read_text() * 5  # 200,000 characters and more, in 100 documents of 2,000
     with open(tmp_path / "sample.jsonl", "w") as f:
         f.writelines(json.dumps({"text": source[i:i + 2_000]}) + "\n" for i in range(0, 200_000, 2_000))
