@@ -11,6 +11,8 @@ from conftest import PLAY, ROOT, tiny_args
 import prepare
 from bench import time_to_loss
 
+pytestmark = pytest.mark.slow  # processes of their own: the full suite's, not the quick tier's
+
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--device=cpu"]
 SCRIPTS = ["bench/train_speed.py", "bench/sample_speed.py", "bench/data_speed.py", "bench/attention_speed.py",
            "bench/step_memory.py"]

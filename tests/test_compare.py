@@ -20,6 +20,7 @@ def two_runs(data_root, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_real_runs_give_a_table_a_verdict_and_a_plot(two_runs):
     png = two_runs / "cmp.png"
     result = run_script("compare.py", [str(two_runs / "out-base"), str(two_runs / "out-a"), "-o", str(png)])

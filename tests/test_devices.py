@@ -57,6 +57,7 @@ def test_an_unknown_gpu_says_so_and_peak_tflops_gives_mfu(monkeypatch):
     assert devices.device_peak("cpu", torch.float32) == (None, "")  # nothing said on every CPU run
 
 
+@pytest.mark.slow
 def test_peak_tflops_puts_mfu_on_the_progress_lines(data_root, tmp_path):
     run_script("train.py", tiny_args(data_root, tmp_path, max_iters=10, sample_interval=0, peak_tflops=1.0))
     lines = [r for r in read_log(tmp_path) if "dt_ms" in r]

@@ -11,6 +11,8 @@ from conftest import PLAY, ROOT, read_log, run_script, tiny_args
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 
+pytestmark = pytest.mark.slow  # processes of their own: the full suite's, not the quick tier's
+
 
 def torchrun(args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",

@@ -2,9 +2,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_the_config_reference_is_train_help():
     """docs/config.md's config block is `python train.py --help` verbatim, so the two never drift apart."""
     reference = (ROOT / "docs" / "config.md").read_text()

@@ -102,6 +102,7 @@ def test_losses_and_predictions_match_transformers(tiny, capsys, tmp_path):
     assert f"note: 8 example(s) ran past the model's context of 32 tokens and kept their last tokens: {cut}" in out
 
 
+@pytest.mark.slow
 def test_checkpoint_folder_and_torchrun_agree(tiny, capsys, tmp_path):
     """A run's checkpoint, the Hugging Face folder and two processes (which split the 37 examples 19/18) give the
     same scores and per-example results, in task order."""

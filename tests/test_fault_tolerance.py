@@ -14,6 +14,8 @@ from conftest import ROOT, read_log, run_script, tiny_args
 import model
 import train
 
+pytestmark = pytest.mark.slow  # processes of their own: the full suite's, not the quick tier's
+
 
 def losses_by_step(out_dir):
     """(kind, step) -> loss values; a step replayed after a crash counts once, its last line winning."""

@@ -5,9 +5,12 @@ import json
 import sys
 import time
 
+import pytest
 from conftest import PLAY, run_script
 
 from bench import gpu_check
+
+pytestmark = pytest.mark.slow  # processes of their own: the full suite's, not the quick tier's
 
 
 def test_the_dry_run_runs_every_section_and_reports_their_figures(tmp_path):

@@ -117,6 +117,7 @@ def test_safetensors_reader_and_writer_match_the_reference_library(tmp_path):
         assert all(read[name].dtype == t.dtype and torch.equal(read[name], t) for name, t in tensors.items())
 
 
+@pytest.mark.slow
 def test_export_script_end_to_end(data_root, tmp_path):
     out, folder = tmp_path / "out", tmp_path / "hf"
     run_script("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10))
@@ -188,6 +189,7 @@ def test_named_model_without_huggingface_hub(tmp_path, monkeypatch):
     expect_weights_error("gpt2", "pip install huggingface_hub, or pass a local folder")
 
 
+@pytest.mark.slow
 def test_named_model_offline_and_not_cached(tmp_path):
     pytest.importorskip("huggingface_hub")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
@@ -198,6 +200,7 @@ def test_named_model_offline_and_not_cached(tmp_path):
     assert result.stdout.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
     """train.py --init_from=<HF folder> fine-tunes from those weights (context cropped), resumes, and
     sample.py --init_from samples from them directly; GPT-2 BPE comes from tiktoken's cache."""
@@ -221,6 +224,7 @@ def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
     assert text.stdout.endswith("---------------\n")
 
 
+@pytest.mark.slow
 def test_pretrained_weights_need_gpt2_tokens(data_root, tmp_path):
     hf = tmp_path / "tiny-gpt2"
     save_gpt2(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), hf)

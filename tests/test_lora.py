@@ -97,6 +97,7 @@ def gpt2_run(tmp_path_factory):
     return tmp, result
 
 
+@pytest.mark.slow
 def test_a_lora_run_changes_only_the_adapters(gpt2_run):
     tmp, result = gpt2_run
     assert "LoRA: rank 4 adapters on attn,mlp; 4,096 trainable of" in result.stdout
@@ -109,6 +110,7 @@ def test_a_lora_run_changes_only_the_adapters(gpt2_run):
     assert set(ckpt["optimizer"]["state"]) == {k for k in saved if ".lora_" in k}
 
 
+@pytest.mark.slow
 def test_a_lora_run_exports_merged_or_alone_and_samples(gpt2_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     tmp, _ = gpt2_run

@@ -59,6 +59,7 @@ def test_parameter_counts_and_flops():
     assert model.flops_per_token() == 6 * (total - T * C) + 12 * L * cfg.n_head * (C // cfg.n_head) * T
 
 
+@pytest.mark.slow
 def test_gpt2_124m_figures():
     model = GPT(GPTConfig(vocab_size=50257))
     assert model.num_params() == 124_439_808  # GPT-2 small, the tied head counted once

@@ -272,6 +272,7 @@ def test_state_round_trips_into_bitwise_identical_steps(round_trip, muon_split):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow
 def test_optimizer_speed_bench_smoke(tmp_path):
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "bench/optimizer_speed.py", "--shapes=2x2x32x16x2x65", "--rounds=2",
@@ -291,6 +292,7 @@ def test_optimizer_speed_bench_smoke(tmp_path):
     assert shape["meets_max_ratio"] == (shape["step_ratio"] <= 1.15) and shape["micro_batches_within_max_ratio"] >= 1
 
 
+@pytest.mark.slow
 def test_optimizer_speed_under_torchrun_shares_muon_and_rank_0_reports(tmp_path):
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

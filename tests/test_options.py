@@ -37,6 +37,7 @@ def with_weights_of(model, options):
     return other, unexpected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "gpt2")
 def test_each_option_trains_and_keeps_the_kv_cache_exact(options, data_root):
     model = model_with(options)
@@ -218,6 +219,7 @@ def test_options_do_not_export_to_gpt2_layout(options, tmp_path):
         save_gpt2(model_with(options), tmp_path)
 
 
+@pytest.mark.slow
 def test_a_run_with_every_option_resumes_and_samples(data_root, tmp_path):
     out = tmp_path / "run"
     options = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": "true",
@@ -243,6 +245,7 @@ def test_newton_schulz_orthogonalizes():
     assert F.cosine_similarity(ortho.flatten(), (u @ vh).flatten(), dim=0) > 0.95
 
 
+@pytest.mark.slow
 def test_muon_trains_only_block_matrices_with_muon_and_resumes_exactly(data_root, tmp_path):
     optimizer = configure_optimizer(model_with({}), 0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
     muon_group = next(g for g in optimizer.param_groups if g["muon"])

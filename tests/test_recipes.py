@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import ROOT, read_log, run_script, tiny_args
 
+pytestmark = pytest.mark.slow  # processes of their own: the full suite's, not the quick tier's
+
 SCALED_DOWN = {  # the recipe's own keys, but for the sizes and the schedule's length
     "config/speedrun_char_cpu.py": {},
     "config/fineweb_speedrun.py": {"vocab_size": 0, "gradient_accumulation_steps": 2, "batch_size": 4,

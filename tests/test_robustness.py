@@ -225,6 +225,7 @@ def test_other_data_is_refused_on_resume(data_root, paused_run, tmp_path, capsys
 
 # ---- 4. two runs in one folder (acceptance 4) ----
 
+@pytest.mark.slow
 def test_two_runs_started_together_on_one_folder_one_trains_the_other_names_its_owner(data_root, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "train.py", *short_args(data_root, out, max_iters=150, lr_decay_iters=150,
@@ -254,6 +255,7 @@ def test_a_fresh_run_refuses_a_folder_holding_an_old_runs_log(data_root, tmp_pat
 
 # ---- 5. write failures (acceptance 5) ----
 
+@pytest.mark.slow
 def test_a_file_size_limit_ends_the_run_in_one_line_keeping_the_last_checkpoint(data_root, paused_run, tmp_path):
     out = copy_of(paused_run, tmp_path)
     limit_kb = 200  # above best.pt (~130 KB) and the records, below last.pt (~370 KB)
@@ -316,6 +318,7 @@ def test_a_meta_naming_an_unknown_tokenizer_is_refused_at_start(data_root, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_gpt2_tokens_offline_without_a_tiktoken_cache_are_refused_at_start(tmp_path):
     root = tmp_path / "data"
     prepare.prepare("text", inputs=[str(PLAY)], data_root=root, name="play_gpt2", tokenizer="gpt2")
@@ -415,6 +418,7 @@ def test_an_absurd_batch_size_is_one_line(data_root, tmp_path, capsys):
     ({"muon_split": "rows"}, "muon_split must be whole or head"),
     ({"loss_spike_factor": 0.5}, "loss_spike_factor must be above 1"),
 ])
+@pytest.mark.slow
 def test_out_of_range_settings_are_refused_before_anything_is_written(data_root, tmp_path, capsys, setting, message):
     assert message in refused(train.main, short_args(data_root, tmp_path / "run", **setting), capsys)
     assert not (tmp_path / "run").exists()

@@ -13,6 +13,8 @@ import prepare
 import train
 from checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # processes of their own: the full suite's, not the quick tier's
+
 
 def run_record(out_dir):
     return json.loads((out_dir / "run.json").read_text())

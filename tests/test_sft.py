@@ -72,6 +72,7 @@ def test_prompt_tokens_carry_exactly_zero_gradient(sft_dir):
     assert all(torch.allclose(grads[n], p.grad, rtol=1e-5, atol=1e-8) for n, p in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_an_example_longer_than_the_context_is_one_clear_line(sft_dir, tmp_path):
     result = run_script("train.py", [f"--data_root={sft_dir.parent}", "--dataset=sft", f"--out_dir={tmp_path / 'o'}",
                                      "--block_size=8", "--device=cpu"], check=False)
@@ -79,6 +80,7 @@ def test_an_example_longer_than_the_context_is_one_clear_line(sft_dir, tmp_path)
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_example_config_trains_with_falling_completion_loss(tmp_path):
     """config/sft_example.py as documented, on random GPT-2-layout weights (no download) shrunk for CPU."""
     data_root = tmp_path / "data"

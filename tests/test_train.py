@@ -47,6 +47,7 @@ def test_leading_batches_tile_the_first_tokens(data_root):
         windows.leading_batches(len(tokens) // 64 * 64 + 64, 4)
 
 
+@pytest.mark.slow
 def test_val_tokens_sets_the_val_batches(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     run_script("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10, eval_interval=10,
@@ -70,6 +71,7 @@ def test_batches_are_deterministic_and_eval_batches_fixed(data_root):
     assert len({tuple(x[0].tolist()) for x, _ in first}) == 3
 
 
+@pytest.mark.slow
 def test_help_lists_every_key_with_default_and_meaning():
     out = run_script("train.py", ["--help"]).stdout
     for key in ("batch_size", "learning_rate", "stop_iter", "dtype"):
@@ -85,6 +87,7 @@ def test_help_lists_every_key_with_default_and_meaning():
     (["--gradient_accumulation_steps=-1"], "gradient_accumulation_steps must be positive"),
     (["--device=cuda:7"], "device cuda:7 does not exist"),
 ])
+@pytest.mark.slow
 def test_config_errors_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(args)
@@ -103,6 +106,7 @@ def test_config_file_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_loss_falls_and_logs(data_root, tmp_path):
     out = tmp_path / "run"
     result = run_script("train.py", tiny_args(data_root, out, max_iters=60, lr_decay_iters=60))
@@ -124,6 +128,7 @@ def test_training_loss_falls_and_logs(data_root, tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 60
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact_with_dropout(data_root, tmp_path):
     whole, paused = tmp_path / "whole", tmp_path / "paused"
     run_script("train.py", tiny_args(data_root, whole))
@@ -148,6 +153,7 @@ def test_resume_is_bitwise_exact_with_dropout(data_root, tmp_path):
     assert record_b["resumed_from_step"] == 15
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_to_overwrite_a_run(data_root, tmp_path):
     out = tmp_path / "run"
     run_script("train.py", tiny_args(data_root, out, max_iters=5, lr_decay_iters=5))
@@ -162,6 +168,7 @@ def test_fresh_run_refuses_to_overwrite_a_run(data_root, tmp_path):
     ("truncate", "truncated or corrupt"),
     ("architecture", "was trained with n_layer=2, which a resume cannot change (the config asks for n_layer=3)"),
 ])
+@pytest.mark.slow
 def test_bad_resume_is_one_clear_line(data_root, tmp_path, damage, message):
     out = tmp_path / "run"
     if damage != "missing":
@@ -175,6 +182,7 @@ def test_bad_resume_is_one_clear_line(data_root, tmp_path, damage, message):
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_sample_prints_text_from_a_run(data_root, tmp_path):
     out = tmp_path / "run"
     run_script("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10))
@@ -193,6 +201,7 @@ def test_sample_prints_text_from_a_run(data_root, tmp_path):
     ("--num_samples=0", "num_samples must be positive"),
     ("--device=cuda:x", "unknown device 'cuda:x'"),
 ])
+@pytest.mark.slow
 def test_sample_rejects_bad_settings_in_one_line(tmp_path, option, message):
     result = run_script("sample.py", [f"--out_dir={tmp_path}", option], check=False)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
@@ -242,6 +251,7 @@ def test_cpu_threads_one_per_physical_core(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cpu_autocast_training_runs_and_loss_falls(data_root, tmp_path, dtype):
     """The CUDA mixed-precision paths exercised on CPU: bf16 autocast, and fp16 with a gradient scaler."""
