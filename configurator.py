@@ -34,7 +34,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def declared_keys(script_path):
-    """{key: (default, default as written, meaning)} for each `key = literal  # meaning` at module level."""
+    """{key: (default, default as written, meaning, heading)} for each `key = literal  # meaning` at module level;
+    the heading is the first line of the whole-line comments right above the key (`# batches`), where there are
+    some: --help prints it before the key, so the keys read in the groups of the config block."""
     source = Path(script_path).read_text()
     return literal_assignments(source, ast.parse(source).body)
 
@@ -49,8 +51,9 @@ def dataclass_keys(cls):
 
 
 def literal_assignments(source, statements):
-    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip() for tok in tokens if tok.type == tokenize.COMMENT}
+    whole_lines = {tok.start[0] for tok in tokens if tok.type == tokenize.COMMENT and tok.line.lstrip().startswith("#")}
     keys = {}
     for node in statements:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -69,8 +72,17 @@ def literal_assignments(source, statements):
         if name.islower() and not name.startswith("_") and isinstance(default, (bool, int, float, str)):
             # shown as typed on a command line: strings bare, numbers as written (1e-3, not 0.001)
             written = (default or '""') if isinstance(default, str) else ast.get_source_segment(source, node.value)
-            keys[name] = (default, written, comments.get(node.lineno, ""))
+            keys[name] = (default, written, comments.get(node.lineno, ""), heading(node.lineno, comments, whole_lines))
     return keys
+
+
+def heading(line, comments, whole_lines):
+    """The first line of the run of whole-line comments right above `line`, `# ----` markers left out."""
+    above = line - 1
+    while above in whole_lines:
+        above -= 1
+    texts = [comments[n] for n in range(above + 1, line) if not comments[n].startswith("----")]
+    return texts[0] if texts else ""
 
 
 def coerce(key, value, default):
@@ -125,8 +137,10 @@ def run_config_file(path, keys):
 def usage(script_path, keys):
     lines = [f"usage: python {Path(script_path).name} [config_file.py ...] [--key=value ...]", "",
              "Config files run first, in order, then --key=value; every key with its default:"]
-    width = max(len(k) + len(written) for k, (_, written, _) in keys.items()) + 4
-    lines += [f"  --{k}={written}".ljust(width + 2) + f"  {meaning}" for k, (_, written, meaning) in keys.items()]
+    width = max(len(k) + len(written) for k, (_, written, _, _) in keys.items()) + 4
+    for k, (_, written, meaning, head) in keys.items():
+        lines += ["", head] if head else []
+        lines.append(f"  --{k}={written}".ljust(width + 2) + f"  {meaning}")
     return "\n".join(lines)
 
 
@@ -148,12 +162,16 @@ def load_config(script_path, argv, *shared):
     ConfigError for anything unknown or mistyped.
     """
     keys = declared_keys(script_path)
-    for cls in shared:
-        keys |= {key: value for key, value in dataclass_keys(cls).items() if key not in keys}
+    for cls in shared:  # each class's keys headed by its name (devices.RuntimeConfig) where no comment heads them
+        added = {key: value for key, value in dataclass_keys(cls).items() if key not in keys}
+        first = next(iter(added), None)
+        if first and not added[first][3]:
+            added[first] = (*added[first][:3], f"{cls.__module__}.{cls.__name__}")
+        keys |= added
     if "-h" in argv or "--help" in argv:
         print(usage(script_path, keys))
         sys.exit(0)
-    values = {k: default for k, (default, _, _) in keys.items()}
+    values = {k: default for k, (default, _, _, _) in keys.items()}
     for arg in argv:
         if not arg.startswith("--"):
             values.update(run_config_file(arg, keys))

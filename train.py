@@ -62,6 +62,7 @@ from optimizers import configure_optimizer
 from parallel import distribute, gradient_sync
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
+# the run and its data
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl
 init_from = "scratch"  # scratch, resume (continue out_dir/last.pt), or GPT-2 weights: gpt2 ... gpt2-xl, a HF folder
 data_root = "data"  # folder that holds the prepared datasets
@@ -71,7 +72,8 @@ seed = 1337  # seeds weights, dropout and the order of training batches
 batch_size = 16  # sequences per micro-batch, per process
 block_size = 128  # context length in tokens
 gradient_accumulation_steps = 1  # micro-batches per optimizer step over all processes (divided by world size)
-# model (the architecture options are model.GPTConfig's, listed last in --help with GPT-2's values as defaults;
+# model
+# (the architecture options are model.GPTConfig's, listed last in --help with GPT-2's values as defaults;
 # these three are set here: with Muon they reach the default run's val loss in under half the time, RESULTS.md)
 pos_embedding = "rope"  # learned (a position table, GPT-2) or rope (rotary embeddings)
 mlp = "relu2"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
@@ -115,7 +117,8 @@ early_stop_min_delta = 0.0  # how much lower than the best so far a val loss mus
 task_eval = ""  # multiple-choice task scored while training: hellaswag or a JSON Lines file (see eval.py); empty: off
 task_eval_interval = 0  # steps between task evaluations; 0 means eval_interval
 task_eval_examples = 200  # the task's first N examples are scored each time; 0 scores all
-# system (the device keys device, dtype and compile are devices.RuntimeConfig's: listed last in --help)
+# system
+# (the device keys are devices.RuntimeConfig's, listed after train.py's own in --help)
 parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2 shards parameters, grads, optimizer)
 # safety and records
 checkpoint_format = "full"  # full: files rank 0 writes (last.pt, best.pt); sharded: folders (last, best) of all shards

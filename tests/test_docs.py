@@ -5,6 +5,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+import configurator
+
 
 @pytest.mark.slow
 def test_the_config_reference_is_train_help():
@@ -51,3 +53,14 @@ def test_the_readme_is_short_and_reaches_every_guide():
     assert len(readme.splitlines()) <= 250
     linked = {(ROOT / target.partition("#")[0]).resolve() for target in LINK.findall(readme)}
     assert set(DOCS[1:]) <= linked
+
+
+def test_help_shows_the_config_blocks_groups():
+    """A whole-line comment right above a key heads its group in --help (`# ----` markers are not headings);
+    the dataclasses' keys follow under their names."""
+    keys = configurator.declared_keys(ROOT / "train.py")
+    assert keys["out_dir"][3] == "the run and its data" and keys["batch_size"][3] == "batches"
+    assert keys["block_size"][3] == "" and keys["learning_rate"][3].startswith("optimizer")
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout
+    assert "\nbatches\n  --batch_size=16" in help_text and "\ndevices.RuntimeConfig\n  --device=auto" in help_text
