@@ -4,6 +4,8 @@ written), and on resume what the checkpoint fixes and what may change: each key 
 import importlib
 from pathlib import Path
 
+import torch
+
 from configurator import ConfigError
 from data import DataError, data_differences, describe_data
 from hf import HUB_REPOS
@@ -67,6 +69,14 @@ def check_config(cfg, world_size):
             importlib.import_module("wandb")
         except ImportError:
             raise ConfigError("wandb_log=True needs the wandb package: pip install wandb") from None
+
+
+def check_precision(cfg, rt, world_size):
+    """ConfigError for a precision the run's parallelism cannot train in, once the runtime has picked it."""
+    if rt.dtype == torch.float16 and cfg.parallel == "fsdp" and world_size > 1:
+        raise ConfigError("--parallel=fsdp in float16 would give each process a gradient scaler that sees only its "
+                          "own shard's overflows, so their loss scales drift apart and the gradients go wrong; use "
+                          "--dtype=bfloat16 or float32, or --parallel=ddp")
 
 
 def check_schedule(cfg):

@@ -119,12 +119,22 @@ def use_compile(requested, device):
     if requested not in ("auto", "true", "false"):
         raise ConfigError(f"compile must be auto, true or false, got {requested!r}")
     cuda = device.startswith("cuda")
-    if cuda and requested != "false" and not has_triton():
-        if requested == "true":
-            raise ConfigError("compile=true on a GPU needs Triton, which is not installed (on Windows: pip install "
-                              "triton-windows); install it, or pass --compile=false")
-        return False, "Triton is not installed (on Windows: pip install triton-windows)"
+    missing = cuda and requested != "false" and triton_missing(device)
+    if missing and requested == "true":
+        raise ConfigError(f"compile=true on this GPU needs Triton, but {missing}; pass --compile=false")
+    if missing:
+        return False, missing
     return requested == "true" or (requested == "auto" and cuda), ""
+
+
+def triton_missing(device):
+    """Why Inductor's GPU compiler, Triton, cannot compile for this GPU, or "" where it can."""
+    if not has_triton():
+        return "Triton is not installed (on Windows: pip install triton-windows)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (7, 0):  # Triton's floor: a P100 or a GTX 10xx would fail at the first step, after tracing
+        return f"Triton compiles for compute capability 7.0 and up, and this GPU has {capability[0]}.{capability[1]}"
+    return ""
 
 
 def has_triton():

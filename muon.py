@@ -222,19 +222,20 @@ class Muon(torch.optim.Optimizer):
         updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov: the gradient looks ahead
         if group["weight_decay"]:
             torch._foreach_mul_([local(p) for p in params], 1 - group["lr"] * group["weight_decay"])
-        updates = [whole(update, p) for update, p in zip(updates, params)]
         # pieces of one shape, from whichever matrices, are orthogonalised together (on CPU in batches of
-        # BATCH_ELEMENTS)
+        # BATCH_ELEMENTS); batched by the whole matrices' shapes, so that an FSDP shard is gathered whole only
+        # when its batch comes (all at once, every process would hold every Muon matrix whole)
         block = group["block"]
-        pieces = [to_strips(update, block) for update in updates]
-        for indices in batches(pieces, BATCH_ELEMENTS if params[0].device.type == "cpu" else None):
+        shapes = [to_strips(torch.empty(p.shape, device="meta"), block) for p in params]
+        for indices in batches(shapes, BATCH_ELEMENTS if params[0].device.type == "cpu" else None):
+            wholes = {i: whole(updates[i], params[i]) for i in indices}
             dtype = self.ns_dtype or default_ns_dtype(params[indices[0]].device)
-            ortho = orthogonalize_shared(torch.cat([pieces[i] for i in indices]), dtype)
-            for i, piece in zip(indices, ortho.split([pieces[i].size(0) for i in indices])):
+            ortho = orthogonalize_shared(torch.cat([to_strips(wholes[i], block) for i in indices]), dtype)
+            for i, piece in zip(indices, ortho.split([shapes[i].size(0) for i in indices])):
                 p, alpha = params[i], -group["lr"] * strip_scale(piece, params[i].size(1))
                 if isinstance(p, DTensor):  # the gathered update becomes the whole orthogonalised one, then sliced
-                    to_strips(updates[i], block).copy_(piece)
-                    local(p).add_(shard_of(updates[i], p), alpha=alpha)
+                    to_strips(wholes[i], block).copy_(piece)
+                    local(p).add_(shard_of(wholes[i], p), alpha=alpha)
                 else:  # its own pieces are views of it: the update lands in place, with no reassembly
                     to_strips(p, block).add_(piece, alpha=alpha)
 

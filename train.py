@@ -39,7 +39,7 @@ from checkpoint import (
     model_from_checkpoint,
     write_checkpoint,
 )
-from checks import EVAL_BATCH_KEYS, OPTIMIZER_SETTINGS, check_config, check_same_data, resume_changes
+from checks import EVAL_BATCH_KEYS, OPTIMIZER_SETTINGS, check_config, check_precision, check_same_data, resume_changes
 from configurator import ConfigError, load_config
 from data import (
     DataError,
@@ -131,6 +131,7 @@ lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = "attn,mlp"  # projections that get adapters: attn (c_attn, c_proj), mlp (c_fc, c_proj), or both
 pack_examples = False  # SFT: rows of whole examples back to back (attention crosses them), not one padded per row
+# Weights & Biases
 wandb_log = False  # also send the logged metrics to Weights & Biases (needs `pip install wandb`)
 wandb_project = "gpt"  # wandb project name
 wandb_run_name = ""  # wandb run name; empty lets wandb choose
@@ -239,8 +240,10 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
     try:
         train_data, val_data, eval_batches, test_batches = load_batches(cfg, data_dir, meta, model_config)
-        # on the device once, so that each evaluation reads them there, with no copies from pageable memory
-        eval_batches, test_batches = ({split: [(x.to(rt.device), y.to(rt.device)) for x, y in batches]
+        # this process's share (estimate_loss's) on the device once: each evaluation reads them there, with no
+        # copies from pageable memory
+        eval_batches, test_batches = ({split: [(x.to(rt.device), y.to(rt.device)) if i % world_size == rank else (x, y)
+                                               for i, (x, y) in enumerate(batches)]
                                        for split, batches in held.items()} for held in (eval_batches, test_batches))
     except (MemoryError, torch.OutOfMemoryError):
         raise ConfigError(f"the fixed evaluation batches ({cfg.eval_iters} x {cfg.batch_size} rows of "
@@ -599,6 +602,7 @@ def train(cfg):
         world_size = int(os.environ["WORLD_SIZE"])
     check_config(cfg, world_size)
     rt = runtime(cfg, local_rank, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    check_precision(cfg, rt, world_size)
     if rt.device_type == "cuda":  # also for --device=cuda:N alone: its RNG state is the one saved and restored
         torch.cuda.set_device(rt.device)
     if distributed:

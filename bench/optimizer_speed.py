@@ -116,7 +116,7 @@ def time_shape(sizes, cfg, rt):
             setting.step(batches)
     steps = max(1, round(cfg.round_s / settings[0].step(batches)))  # one more AdamW step sets the round's length
     if dist.is_initialized():  # rank 0's count for all: Muon's steps are collectives, as many in every process
-        steps = torch.tensor(steps)
+        steps = torch.tensor(steps, device=rt.device)  # (on the device: NCCL sends no CPU tensors)
         dist.broadcast(steps, 0)
         steps = int(steps)
     rounds = []
@@ -157,6 +157,8 @@ def benchmark(cfg):
     shape_list = parse_shapes(cfg.shapes)
     processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     rt = devices.runtime(cfg, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if rt.device_type == "cuda":
+        torch.cuda.set_device(rt.device)
     if processes > 1:
         dist.init_process_group(devices.process_group_backend(rt.device_type)[0])
     if rank:  # the other processes time alongside rank 0, which prints and writes the report

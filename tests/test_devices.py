@@ -2,11 +2,13 @@
 without NCCL, GPUs missing from the peak table (and AMD's, in it), and the GPU path's smaller fixes."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import read_log, run_script, tiny_args
 
+import checks
 import devices
 import train
 from configurator import ConfigError
@@ -18,13 +20,24 @@ def test_compile_auto_is_off_with_its_reason_where_triton_is_missing(monkeypatch
     monkeypatch.setattr(devices, "has_triton", lambda: False)
     compiled, reason = devices.use_compile("auto", "cuda:0")
     assert not compiled and "Triton is not installed" in reason and "triton-windows" in reason
-    with pytest.raises(ConfigError, match="compile=true on a GPU needs Triton"):
+    with pytest.raises(ConfigError, match="compile=true on this GPU needs Triton, but Triton is not installed"):
         devices.use_compile("true", "cuda:0")
     assert devices.use_compile("false", "cuda:0") == (False, "")
     assert devices.use_compile("true", "cpu") == (True, "")  # Inductor on CPU needs no Triton
     monkeypatch.setattr(devices, "has_triton", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert devices.use_compile("auto", "cuda:0") == (True, "")
     assert devices.use_compile("auto", "cpu") == (False, "")
+
+
+def test_compile_auto_is_off_below_the_compute_capability_triton_compiles_for(monkeypatch):
+    """A P100 (6.0) or a GTX 10xx (6.1) with Triton installed would fail at the first step, after tracing."""
+    monkeypatch.setattr(devices, "has_triton", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    compiled, reason = devices.use_compile("auto", "cuda:0")
+    assert not compiled and "compute capability 7.0 and up, and this GPU has 6.0" in reason
+    with pytest.raises(ConfigError, match="this GPU has 6.0; pass --compile=false"):
+        devices.use_compile("true", "cuda:0")
 
 
 def test_processes_talk_over_gloo_where_torch_has_no_nccl(monkeypatch):
@@ -101,3 +114,13 @@ def test_deterministic_turns_cudnn_attention_off_and_asks_for_deterministic_kern
         torch.use_deterministic_algorithms(False)
         torch.backends.cuda.enable_cudnn_sdp(True)
         torch._inductor.config.deterministic = False
+
+
+def test_fsdp_in_float16_is_refused_in_one_line():
+    """Each process's gradient scaler would see only its own shard's overflows, and their loss scales drift apart."""
+    cfg = SimpleNamespace(parallel="fsdp")
+    with pytest.raises(ConfigError, match="--parallel=fsdp in float16 would give each process a gradient scaler"):
+        checks.check_precision(cfg, SimpleNamespace(dtype=torch.float16), world_size=2)
+    checks.check_precision(cfg, SimpleNamespace(dtype=torch.bfloat16), world_size=2)
+    checks.check_precision(cfg, SimpleNamespace(dtype=torch.float16), world_size=1)
+    checks.check_precision(SimpleNamespace(parallel="ddp"), SimpleNamespace(dtype=torch.float16), world_size=2)
