@@ -41,6 +41,8 @@ def check_config(cfg, world_size):
                 "task_eval_examples", "stop_iter", "keep_last_k", "sample_interval"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be 0 (off) or more, got {getattr(cfg, key)}")
+    if cfg.sample_temperature < 0:
+        raise ConfigError(f"sample_temperature must be 0 (greedy) or more, got {cfg.sample_temperature}")
     if cfg.loss_spike_factor <= 1:
         raise ConfigError(f"loss_spike_factor must be above 1 (a loss that many times its running average is a "
                           f"spike), got {cfg.loss_spike_factor}")
@@ -104,11 +106,10 @@ def check_schedule(cfg):
 
 
 # ---- resume: what the checkpoint fixes and what may change ----
-# On resume each config key is compared with the checkpoint's config; every key is in exactly one class
-# (tests/test_robustness.py checks it), and every change is said at start and kept in run.json's changed_on_resume.
-FIXED_ON_RESUME = (  # refused: the saved weights and optimizer state are of this shape, vocabulary and optimizer
-    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *architecture_options(), "lora_rank",
-    "lora_alpha", "lora_targets", "optimizer")
+# On resume each config key is compared with the checkpoint's config, and every change is said at start and kept in
+# run.json's changed_on_resume. A key in none of the classes below is fixed: a change is refused. Those are the
+# model's shape and options, the LoRA keys and the optimizer (the saved weights and optimizer state are of their
+# shape), and any new key until it is declared here: the safe class. No key is in two (tests/test_robustness.py).
 OPTIMIZER_SETTINGS = (  # set in the resumed optimizer's param groups (its moments are kept), as a new run would
     "learning_rate", "weight_decay", "beta1", "beta2", "muon_lr", "muon_split", "embedding_lr", "head_lr")
 EVAL_BATCH_KEYS = (  # they make the fixed val batches that choose best.pt: refused without allow_new_eval_batches
@@ -117,8 +118,8 @@ CHANGEABLE = (  # read afresh as the run goes on: the schedule, regularisation, 
     # devices, and where the run and its data are (the data's identity is checked against the checkpoint's meta)
     "out_dir", "data_root", "dataset", "seed", "gradient_accumulation_steps", "dropout", "min_lr", "max_iters",
     "warmup_iters", "lr_decay_iters", "lr_schedule", "cooldown_frac", "grad_clip", "eval_interval", "log_interval",
-    "ckpt_interval", "sample_interval", "sample_tokens", "stop_iter", "target_val_loss", "early_stop_patience",
-    "early_stop_min_delta", "task_eval", "task_eval_interval", "task_eval_examples", "parallel",
+    "ckpt_interval", "sample_interval", "sample_tokens", "sample_temperature", "stop_iter", "target_val_loss",
+    "early_stop_patience", "early_stop_min_delta", "task_eval", "task_eval_interval", "task_eval_examples", "parallel",
     "checkpoint_format", "keep_last_k", "max_skipped_steps", "loss_spike_factor", "lora_dropout", "pack_examples",
     "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile", "deterministic",
     "peak_tflops")
@@ -137,7 +138,7 @@ def resume_changes(cfg, ckpt):
     unused = ("muon_lr", "muon_split") if cfg.optimizer != "muon" else ()  # settings of an optimizer not in use
     changed = {key: [saved[key], value] for key, value in vars(cfg).items()
                if key in saved and key not in RESUME_CONTROLS + unused and saved[key] != value}
-    fixed = [key for key in changed if key in FIXED_ON_RESUME]
+    fixed = [key for key in changed if key not in OPTIMIZER_SETTINGS + EVAL_BATCH_KEYS + CHANGEABLE]
     if fixed:
         raise ConfigError(f"{ckpt['path']} was trained with {', '.join(f'{k}={changed[k][0]}' for k in fixed)}, which "
                           f"a resume cannot change (the config asks for "

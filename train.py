@@ -110,6 +110,7 @@ log_interval = 10  # steps between train lines in the console and log.jsonl
 ckpt_interval = 250  # steps between saves of last.pt (it is also saved when the run ends or stops)
 sample_interval = 500  # steps between text samples written to the log; 0 turns them off
 sample_tokens = 200  # length of each sample in tokens
+sample_temperature = 0.8  # temperature of those samples (top-k 200); 0 is greedy
 stop_iter = 0  # stop after this step (saving last.pt) without changing the schedule; 0 runs to max_iters
 target_val_loss = 0.0  # stop at the first evaluation whose val loss is at or below this (time to target); 0 is off
 early_stop_patience = 0  # stop after this many evaluations without a new best val loss (by min_delta); 0 is off
@@ -462,8 +463,9 @@ def write_sample(run):
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
     # eager: compiled blocks (FSDP compiles each) would recompile for every cache position and layer
     with rt.autocast(), torch.compiler.set_stance("force_eager"):
-        ids = setup.gpt.generate(torch.tensor([start], device=rt.device), cfg.sample_tokens, temperature=0.8,
-                                 top_k=200, vocab_limit=setup.meta["vocab_size"], generator=generator)
+        ids = setup.gpt.generate(torch.tensor([start], device=rt.device), cfg.sample_tokens,
+                                 temperature=cfg.sample_temperature, top_k=200, vocab_limit=setup.meta["vocab_size"],
+                                 generator=generator)
     text = tokenizer.decode(ids[0, len(start):].tolist())
     run.log.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")
 

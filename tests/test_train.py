@@ -86,6 +86,7 @@ def test_help_lists_every_key_with_default_and_meaning():
     (["config/missing.py"], "config file config/missing.py cannot be read"),
     (["--gradient_accumulation_steps=-1"], "gradient_accumulation_steps must be positive"),
     (["--device=cuda:7"], "device cuda:7 does not exist"),
+    (["--sample_temperature=-1"], "sample_temperature must be 0 (greedy) or more, got -1.0"),
 ])
 @pytest.mark.slow
 def test_config_errors_are_one_line(args, message, capsys):
