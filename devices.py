@@ -3,7 +3,6 @@ measured against."""
 
 import contextlib
 import ctypes
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass

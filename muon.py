@@ -252,8 +252,8 @@ class Muon(torch.optim.Optimizer):
         # from pinned memory without blocking (a copy from pageable memory waits for the GPU's queue to drain)
         steps = torch.tensor([float(s["step"]) for s in states])
         if fused and device.type == "cuda":
-            steps = steps.pin_memory().to(device, non_blocking=True)
-        steps = steps.to(device if fused else "cpu").unbind()
+            steps = steps.pin_memory()
+        steps = steps.to(device if fused else "cpu", non_blocking=True).unbind()
         beta1, beta2 = group["betas"]
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
               list(steps), fused=fused, foreach=not fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],

@@ -2,10 +2,32 @@
 parallelize is: DDP replicas or FSDP2 shards, and which micro-batches exchange gradients."""
 
 import contextlib
+import os
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from devices import process_group_backend
+
+
+def place():
+    """(rank, local_rank, world_size, processes on this machine), as torchrun sets them; (0, 0, 1, 1) alone."""
+    return tuple(int(os.environ.get(key, default)) for key, default in
+                 (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 1)))
+
+
+def join(rt, rank):
+    """Take this process's GPU (also for --device=cuda:N alone: its RNG state is the one saved and restored) and,
+    under torchrun, join the process group: NCCL between GPUs where torch has it, else gloo (said once)."""
+    if rt.device_type == "cuda":
+        torch.cuda.set_device(rt.device)
+    if "RANK" in os.environ:
+        backend, note = process_group_backend(rt.device_type)
+        if note and rank == 0:
+            print(f"note: {note}")
+        dist.init_process_group(backend=backend)
 
 
 def distribute(gpt, rt, parallel, world_size):

@@ -12,7 +12,6 @@ runlog.py (the run's records).
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import time
@@ -53,13 +52,13 @@ from data import (
     prepare_default,
     read_meta,
 )
-from devices import Runtime, RuntimeConfig, process_group_backend, runtime
+from devices import Runtime, RuntimeConfig, runtime
 from eval import evaluate_task, load_task
 from hf import WeightsError, load_gpt2
 from model import GPT, GPTConfig, architecture_options
 from monitor import Diverged, DivergenceGuard, catch_stop_signals, log_progress, stop_requested
 from optimizers import configure_optimizer
-from parallel import distribute, gradient_sync
+from parallel import distribute, gradient_sync, join, place
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # the run and its data
@@ -241,11 +240,8 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
     try:
         train_data, val_data, eval_batches, test_batches = load_batches(cfg, data_dir, meta, model_config)
-        # this process's share (estimate_loss's) on the device once: each evaluation reads them there, with no
-        # copies from pageable memory
-        eval_batches, test_batches = ({split: [(x.to(rt.device), y.to(rt.device)) if i % world_size == rank else (x, y)
-                                               for i, (x, y) in enumerate(batches)]
-                                       for split, batches in held.items()} for held in (eval_batches, test_batches))
+        eval_batches, test_batches = (own_share_on_device(held, rt.device, rank, world_size)
+                                      for held in (eval_batches, test_batches))
     except (MemoryError, torch.OutOfMemoryError):
         raise ConfigError(f"the fixed evaluation batches ({cfg.eval_iters} x {cfg.batch_size} rows of "
                           f"{model_config.block_size} tokens per split, or val_tokens {cfg.val_tokens}) do not fit in "
@@ -304,6 +300,14 @@ def load_batches(cfg, data_dir, meta, model_config):
         test_data = (Examples if meta.get("format") == "sft" else Windows)(data_dir, "test", block_size, vocab)
         test_batches = {"test": test_data.fixed_batches(cfg.eval_iters, cfg.batch_size)}
     return train_data, val_data, eval_batches, test_batches
+
+
+def own_share_on_device(batches, device, rank, world_size):
+    """{split: fixed batches} with this process's share (the ones estimate_loss reads here: every world_size-th
+    from rank) moved to the device once, so that each evaluation reads them there, with no copies from pageable
+    memory."""
+    return {split: [(x.to(device), y.to(device)) if i % world_size == rank else (x, y) for i, (x, y) in enumerate(held)]
+            for split, held in batches.items()}
 
 
 # ---- one optimizer step ----
@@ -597,21 +601,11 @@ def train_loop(run, changed):
 
 def train(cfg):
     """Train as the config says: alone, or as one of torchrun's processes (torchrun sets RANK and the rest)."""
-    distributed = "RANK" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    if distributed:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world_size, local_processes = place()
     check_config(cfg, world_size)
-    rt = runtime(cfg, local_rank, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    rt = runtime(cfg, local_rank, processes=local_processes)
     check_precision(cfg, rt, world_size)
-    if rt.device_type == "cuda":  # also for --device=cuda:N alone: its RNG state is the one saved and restored
-        torch.cuda.set_device(rt.device)
-    if distributed:
-        backend, note = process_group_backend(rt.device_type)
-        if note and rank == 0:
-            print(f"note: {note}")
-        dist.init_process_group(backend=backend)
+    join(rt, rank)
     lock = None
     try:
         if rank == 0:  # one run per folder, taken before anything reads or writes it
@@ -638,7 +632,7 @@ def train(cfg):
     finally:
         if lock is not None:
             lock.release()
-        if distributed:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -43,6 +43,12 @@ def model_config(cfg, vocab):
     return GPTConfig(vocab_size=vocab, **{key: getattr(cfg, key) for key in MODEL_KEYS if hasattr(cfg, key)})
 
 
+def random_batch(vocab_size, batch_size, block_size, device, generator):
+    """One (x, y) micro-batch of random tokens, y each position's next token, on the device."""
+    tokens = torch.randint(vocab_size, (batch_size, block_size + 1), generator=generator)
+    return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+
+
 def dtype_name(ptdtype):
     return str(ptdtype).removeprefix("torch.")
 

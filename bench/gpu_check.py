@@ -25,6 +25,7 @@ tiny shapes, so the script is known to work before any GPU time is spent.
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -99,13 +100,13 @@ def tail(path, chars=3000):
     return ""
 
 
-def train_run(cfg, name, args, timeout):
-    """train.py in a run folder of its own (emptied first) with `args`: its exit status, seconds, log.jsonl records
-    and run.json, whether it ended or was cut off."""
-    out_dir = Path(cfg.work_dir) / "runs" / name
-    if out_dir.exists() and not any(a == "--init_from=resume" for a in args):
-        for path in sorted(out_dir.rglob("*"), reverse=True):
-            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+def train_run(cfg, name, args, timeout, folder=None):
+    """train.py in a run folder of its own (`folder`, by default `name`; emptied first unless resumed) with `args`,
+    its output in runs/<name>.log: its exit status, seconds, log.jsonl records and run.json, whether it ended or
+    was cut off."""
+    out_dir = Path(cfg.work_dir) / "runs" / (folder or name)
+    if out_dir.exists() and "--init_from=resume" not in args:
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "train.py", *args, f"--out_dir={out_dir}", f"--data_root={cfg.data_root}",
                f"--device={cfg.device}"]
@@ -135,9 +136,9 @@ def gpt2_config(cfg, **options):
 
 
 def random_batch(config, batch_size, device, seed=1337):
+    """One step's batches: a micro-batch of random tokens."""
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), generator=generator)
-    return [(tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device))]
+    return [common.random_batch(config.vocab_size, batch_size, config.block_size, device, generator)]
 
 
 def peak_memory_mib(rt):
@@ -249,13 +250,13 @@ def section_resume(cfg, rt, started):
             "--warmup_iters=5", f"--eval_interval={steps // 2}", f"--ckpt_interval={steps}", "--log_interval=5",
             "--sample_interval=0", "--eval_iters=4", *(f"--{k}={v}" for k, v in shape.items())]
     runs = {}
-    for name, extra in (("whole", []), ("paused", [f"--stop_iter={steps // 2}"]), ("paused", ["--init_from=resume"]),
-                        ("again", [])):
-        runs[name] = train_run(cfg, f"resume_{name}", args + extra, deadline_left(cfg, started))
+    for name, folder, extra in (("whole", "whole", []), ("paused", "paused", [f"--stop_iter={steps // 2}"]),
+                                ("resumed", "paused", ["--init_from=resume"]), ("again", "again", [])):
+        runs[name] = train_run(cfg, f"resume_{name}", args + extra, deadline_left(cfg, started), f"resume_{folder}")
         if runs[name]["status"] is None:
             return {"cut_off_in": name}
-    whole, paused, again = (last_state(runs[name]) for name in ("whole", "paused", "again"))
-    resumed_equal, resumed_diff = compare_states(whole, paused)
+    whole, resumed, again = (last_state(runs[name]) for name in ("whole", "resumed", "again"))
+    resumed_equal, resumed_diff = compare_states(whole, resumed)
     noise_equal, noise_diff = compare_states(whole, again)
     losses = {name: [r["train_loss"] for r in runs[name]["records"] if "train_loss" in r and "lr" in r]
               for name in runs}

@@ -32,6 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
+import parallel
 import train
 from bench import common
 from configurator import ConfigError, run_main
@@ -108,9 +109,7 @@ def time_shape(sizes, cfg, rt):
     config = GPTConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=block, vocab_size=vocab, bias=False,
                        dropout=0.0)
     settings = [Setting(config, cfg.seed, rt, name, cfg.muon_split) for name in ("adamw", "muon")]
-    generator = torch.Generator().manual_seed(cfg.seed)
-    tokens = torch.randint(vocab, (batch, block + 1), generator=generator)
-    batches = [(tokens[:, :-1].contiguous().to(rt.device), tokens[:, 1:].contiguous().to(rt.device))]
+    batches = [common.random_batch(vocab, batch, block, rt.device, torch.Generator().manual_seed(cfg.seed))]
     for setting in settings:
         for _ in range(cfg.warmup_steps):
             setting.step(batches)
@@ -155,12 +154,9 @@ def benchmark(cfg):
     if cfg.muon_split not in ("whole", "head"):
         raise ConfigError(f"muon_split must be whole or head, got {cfg.muon_split!r}")
     shape_list = parse_shapes(cfg.shapes)
-    processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    rt = devices.runtime(cfg, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if rt.device_type == "cuda":
-        torch.cuda.set_device(rt.device)
-    if processes > 1:
-        dist.init_process_group(devices.process_group_backend(rt.device_type)[0])
+    rank, local_rank, processes, local_processes = parallel.place()
+    rt = devices.runtime(cfg, local_rank, local_processes)
+    parallel.join(rt, rank)
     if rank:  # the other processes time alongside rank 0, which prints and writes the report
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the rest of this process
     machine = common.machine_record(rt.device)
@@ -191,7 +187,7 @@ def benchmark(cfg):
     if rank == 0:
         common.write_report(cfg.out, {**machine, "config": vars(cfg), "dtype": common.dtype_name(rt.dtype),
                                       "compile": rt.compile, "processes": processes, "results": results})
-    if processes > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

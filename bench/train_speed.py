@@ -140,12 +140,8 @@ def replay_seconds(replay, device, passes):
 def random_batches(cfg, device, count):
     """`count` steps' worth of (x, y) micro-batches of random tokens, fixed by the seed, on the device up front."""
     generator = torch.Generator().manual_seed(cfg.seed)
-
-    def micro_batch():
-        tokens = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=generator)
-        return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
-
-    return [[micro_batch() for _ in range(cfg.gradient_accumulation_steps)] for _ in range(count)]
+    return [[common.random_batch(cfg.vocab_size, cfg.batch_size, cfg.block_size, device, generator)
+             for _ in range(cfg.gradient_accumulation_steps)] for _ in range(count)]
 
 
 def peak_for(override, device, ptdtype):
