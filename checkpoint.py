@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from model import GPT, GPTConfig
-from runlog import new_wandb_id, writing
+from runlog import WriteError, new_wandb_id, writing
 
 
 class CheckpointError(Exception):
@@ -340,3 +340,22 @@ def write_checkpoint(name, run):
         if rank == 0:
             setup.best_saver.save(path, {"model": {k: t.clone() for k, t in weights.items()}, **described})
     run.log.log({"step": state.step, "checkpoint": path.name, "ckpt_s": time.perf_counter() - start})
+
+
+def end_on_write_failure(error, run):
+    """The line a failed write (a full disk, a read-only folder, a file size limit) ends `run` (train.Run)
+    with, once best.pt's writer has finished (removing its temporary file if it failed too) and run.json says
+    why, if it can still be written."""
+    cfg, setup, state, log = run.cfg, run.setup, run.state, run.log
+    with contextlib.suppress(WriteError):
+        setup.best_saver.wait()
+    try:
+        log.finish(state.step, state.step * setup.tokens_per_step, f"write failed: {error}")
+        recorded = "run.json records why"
+    except WriteError:
+        recorded = "run.json could not be written either, so it still says running"
+    last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
+    kept = (f"{last} is the last good checkpoint; make room and resume with --init_from=resume"
+            if last.exists() else
+            "no checkpoint was saved; make room, remove log.jsonl and run.json and start again")
+    return f"{error}; the run stopped at step {state.step}, {recorded}; {kept}"

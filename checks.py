@@ -153,6 +153,21 @@ def resume_changes(cfg, ckpt):
     return changed
 
 
+def describe_resume(last, changed, done, step, end_step, max_iters):
+    """The console lines of a resume at `step` from `last`: what it changed, and why it will not train
+    (`done`, a stop rule's reason; or end_step already reached)."""
+    if changed:
+        notes = {**dict.fromkeys(OPTIMIZER_SETTINGS, " (set in the optimizer)"),
+                 **dict.fromkeys(EVAL_BATCH_KEYS, " (new val batches)")}
+        print("changed on resume: " + ", ".join(f"{key} {old} -> {new}{notes.get(key, '')}"
+                                                 for key, (old, new) in changed.items()))
+    if done:
+        print(f"{last} is done: it {done}; to train on, resume with that rule off (set it to 0)")
+    elif step >= end_step:
+        limit = "--max_iters" if end_step == max_iters else "--stop_iter (or set it to 0)"
+        print(f"{last} is already at step {step}; raise {limit} to train further")
+
+
 def check_same_data(ckpt, meta, data_dir):
     """A resume reads the data its checkpoint was trained on: not another dataset, nor another preparation."""
     differ = data_differences(ckpt["meta"], meta)

@@ -1,5 +1,6 @@
-"""What the training loop watches between its steps: updates skipped for non-finite values (the divergence guard,
-which ends a diverged run), progress lines with their speed and MFU, and stop signals."""
+"""What the training loop watches between its steps: the time steps take, updates skipped for non-finite
+values (the divergence guard, which ends a diverged run), progress lines with their speed and MFU, stop
+signals, and the text samples it logs."""
 
 import signal
 import time
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from checkpoint import checkpoint_path
+from checkpoint import checkpoint_path, write_checkpoint
 
 
 class Diverged(Exception):
@@ -81,6 +82,37 @@ def log_progress(run, end_step, lr, loss, grad_norm, dt, wall_dt):
                     f"{record['tok_per_sec']:,.0f} tok/s ({record['wall_tok_per_sec']:,.0f} wall) | ETA {eta}")
 
 
+class Progress:
+    """The loop's watch over its steps: their time (the first apart while it compiles the model), the
+    divergence guard, and a progress line every log_interval steps and at the last."""
+
+    def __init__(self, run, end_step):
+        self.run, self.end_step = run, end_step
+        self.guard = DivergenceGuard()
+        self.step_times, self.compiling = [], run.rt.compile
+        self.window = time.perf_counter(), run.state.step  # the wall clock and step at the last progress line
+        self.line_written = False  # at this step: the loop then also checks for stop signals
+
+    def stepped(self, elapsed, lr, loss, grad_norm, applied):
+        """After a step of `elapsed` seconds (train_step's outcome): raises Diverged as the guard says."""
+        run, state = self.run, self.run.state
+        state.train_seconds += elapsed
+        if self.compiling:  # the first step traces and compiles the model: reported apart from the step times
+            self.compiling = False
+            run.log.log({"step": state.step, "compile_s": elapsed},
+                        f"step {state.step}: {elapsed:.1f}s, compiling the model")
+        else:
+            self.step_times.append(elapsed)
+        self.guard.check(run, lr, loss, grad_norm, applied)
+        self.line_written = state.step % run.cfg.log_interval == 0 or state.step == self.end_step
+        if self.line_written:
+            dt = sum(self.step_times) / len(self.step_times) if self.step_times else elapsed
+            wall_dt = (time.perf_counter() - self.window[0]) / (state.step - self.window[1])
+            self.step_times.clear()
+            self.window = time.perf_counter(), state.step
+            log_progress(run, self.end_step, lr, loss, grad_norm, dt, wall_dt)
+
+
 def catch_stop_signals():
     """The names of the SIGINT/SIGTERM signals received from now on, which no longer end the process: the
     loop stops at its next log line, saving last.pt."""
@@ -96,3 +128,27 @@ def stop_requested(stop_signal, device, world_size):
     if world_size > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def stop_on_signal(run, stop_signals):
+    """Save last.pt at this step for a stop signal (stop_requested); the run's end reason."""
+    signal_name = stop_signals[0] if stop_signals else "a signal to another process"
+    if run.rank == 0:
+        print(f"stopping at step {run.state.step} on {signal_name}; saving the last checkpoint")
+    write_checkpoint("last", run)
+    return f"stopped by {signal_name}"
+
+
+def write_sample(run):
+    """Log a sample of text. Every process runs it: under FSDP each forward gathers parameters from all."""
+    cfg, setup, rt, step = run.cfg, run.setup, run.rt, run.state.step
+    tokenizer = setup.tokenizer
+    start = tokenizer.document_start()
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    # eager: compiled blocks (FSDP compiles each) would recompile for every cache position and layer
+    with rt.autocast(), torch.compiler.set_stance("force_eager"):
+        ids = setup.gpt.generate(torch.tensor([start], device=rt.device), cfg.sample_tokens,
+                                 temperature=cfg.sample_temperature, top_k=200,
+                                 vocab_limit=setup.meta["vocab_size"], generator=generator)
+    text = tokenizer.decode(ids[0, len(start):].tolist())
+    run.log.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")

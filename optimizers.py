@@ -54,7 +54,16 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
     groups = lr_groups(model, weight_decay, learning_rate, muon_lr, embedding_lr, head_lr)
     if muon_lr:
         block = model.config.n_embd // model.config.n_head if muon_split == "head" else 0
-        return Muon(groups, lr=learning_rate, betas=betas, block=block)
-    # the fused kernel (CUDA; CPU since torch 2.4) updates all tensors in one pass instead of a dozen ops
-    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        optimizer = Muon(groups, lr=learning_rate, betas=betas, block=block)
+    else:
+        # the fused kernel (CUDA; CPU since torch 2.4) updates all tensors in one pass instead of a dozen ops
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+    set_lr(optimizer, learning_rate)  # each group at its peak until the loop sets the schedule's
+    return optimizer
+
+
+def set_lr(optimizer, lr):
+    """Set the schedule's lr for the next step: each group's is lr x its lr_scale (lr_groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

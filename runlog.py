@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import plot
+from data import leaked_documents
 
 SELECTION_RULE = "lowest val loss on the fixed val batches"
 CARRIED_ON_RESUME = ("started", "tokens_seen", "final_val_loss", "final_val_loss_se", "best_val_loss", "best_step",
@@ -318,3 +319,6 @@ def describe(cfg, setup, rt, world_size):
     print(f"compute: 6ND = {6 * n_params * tokens_per_step * cfg.max_iters:.2e} FLOPs; "
           f"{gpt.flops_per_token(T) / 1e6:.1f} MFLOPs per token with attention")
     print(f"device: {rt.describe()}")
+    if leaked := leaked_documents(setup.meta):
+        print(f"warning: {leaked:,} val/test {setup.meta['leakage']['unit']}s of {cfg.dataset} also occur "
+              "verbatim in train (meta.json's leakage audit); held-out losses will flatter the model")

@@ -78,8 +78,7 @@ class TrainStep:
     def step(self, batches):
         """Seconds for one optimizer step at train.py's default lr and clipping (the cost is the same at any lr)."""
         start = time.perf_counter()
-        train.train_step(self.model, self.optimizer, self.scaler, self.autocast, batches, train.learning_rate,
-                         train.grad_clip)
+        train.train_step(self.model, self.optimizer, self.scaler, self.autocast, batches, train.grad_clip)
         sync(self.rt.device)
         return time.perf_counter() - start
 

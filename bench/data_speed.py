@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data
 import devices
-import train
 from bench import common
 from configurator import ConfigError, run_main
+from start import load_data
 
 PREPARE = Path(__file__).resolve().parents[1] / "prepare.py"
 
@@ -62,7 +62,7 @@ def check_config(cfg):
 def loader_share(cfg, rt):
     """Median ms of a micro-batch and of a train step, as train.py's loop runs them one after the other."""
     device = rt.device
-    data_dir, meta = train.load_data(cfg, local_rank=0, world_size=1)
+    data_dir, meta = load_data(cfg, local_rank=0, world_size=1)
     vocab = cfg.vocab_size or meta["vocab_size"]
     if vocab < meta["vocab_size"]:
         raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; use 0 or more")

@@ -300,7 +300,7 @@ def fsdp_steps(cfg, rt):
 
     def step(name):
         gpt, model, optimizer, scaler = models[name]
-        return train.train_step(model, optimizer, scaler, rt.autocast(), batches, 1e-3, 1.0)[0]
+        return train.train_step(model, optimizer, scaler, rt.autocast(), batches, 1.0)[0]
 
     losses = [(step("sharded"), step("reference")) for _ in range(3)]
     link = Path(cfg.work_dir) / "runs" / "fsdp" / "last"

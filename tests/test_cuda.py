@@ -39,7 +39,7 @@ def steps(compile_model, optimizer="muon", count=3, config=CONFIG):
     muon_lr = 0.02 if optimizer == "muon" else None
     opt = configure_optimizer(gpt, 0.1, 1e-3, (0.9, 0.95), "cuda", muon_lr=muon_lr)
     model, scaler = rt.compiled(gpt), rt.grad_scaler()
-    losses = [train.train_step(model, opt, scaler, rt.autocast(), batches(i), 1e-3, 1.0)[0] for i in range(count)]
+    losses = [train.train_step(model, opt, scaler, rt.autocast(), batches(i), 1.0)[0] for i in range(count)]
     return losses, gpt
 
 

@@ -1,5 +1,6 @@
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,9 +11,15 @@ import devices
 import train
 
 
+def schedule(**keys):
+    """The schedule's keys: peak 1.0 after 10 warmup steps, floor 0.1, decay to max_iters 200 unless set."""
+    return SimpleNamespace(**{"learning_rate": 1.0, "warmup_iters": 10, "min_lr": 0.1, "max_iters": 200,
+                              "lr_decay_iters": 0, "lr_schedule": "cosine", "cooldown_frac": 0.4, **keys})
+
+
 def test_lr_schedule_values():
     def lr(it):
-        return train.lr_at(it, learning_rate=1.0, warmup_iters=10, decay_iters=110, min_lr=0.1)
+        return train.lr_at(it, schedule(lr_decay_iters=110))
 
     assert lr(0) == pytest.approx(0.1)
     assert lr(9) == pytest.approx(1.0)  # warmup ends at full lr
@@ -24,8 +31,7 @@ def test_lr_schedule_values():
 
 def test_wsd_schedule_holds_the_peak_then_cools_down_linearly():
     def lr(it):
-        return train.lr_at(it, learning_rate=1.0, warmup_iters=10, decay_iters=110, min_lr=0.1, schedule="wsd",
-                           cooldown_frac=0.4)
+        return train.lr_at(it, schedule(lr_decay_iters=110, lr_schedule="wsd", cooldown_frac=0.4))
 
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # the same warmup as the cosine
     assert all(lr(i) == pytest.approx(1.0) for i in range(10, 71))  # stable: the first 60% of the 100 decay steps
