@@ -1,9 +1,11 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import prepare
 
@@ -11,6 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]  # pyproject.toml puts it on sys.path
 # The text the tests train and prepare on: a made-up play in tiny shakespeare's layout and with its 65 characters,
 # written by tests/fixtures/make_play.py (48 KB). Nothing outside the repository is read.
 PLAY = ROOT / "tests" / "fixtures" / "play.txt"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`) the workers share the cores: one thread each, and for the scripts they
+    start (train.py honours OMP_NUM_THREADS), so that two workers do not contend for every core."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
