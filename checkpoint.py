@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -184,14 +186,69 @@ def one_process_quietly():
         yield
 
 
+# What a sharded checkpoint's .metadata may name: torch.distributed.checkpoint reads that file with a plain
+# pickle.load, which would run whatever code a planted file names, so it is vetted first with only these.
+METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},  # and the dtypes (find_class)
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = name in METADATA_GLOBALS.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def vet_sharded(folder):
+    """CheckpointError unless the folder's .metadata holds checkpoint metadata alone (nothing it names runs)."""
+    try:
+        with open(Path(folder) / ".metadata", "rb") as f:
+            MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/.metadata is not a sharded checkpoint's metadata ({type(e).__name__}: "
+                              f"{e}); nothing in it was run; {OWN_CHECKPOINTS}") from None
+
+
+class WeightsOnlyPlanner(DefaultLoadPlanner):
+    """Reads the non-tensor values of a sharded checkpoint (the optimizer's settings) as torch.load's
+    weights_only does, where torch's planner would unpickle anything."""
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"a sharded checkpoint's {read_item.dest_index.fqn} is not plain data (tensors, "
+                                  f"numbers, strings), so it was not loaded; {OWN_CHECKPOINTS}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 def load_sharded_state(folder, model, optimizer=None):
     """Read a sharded checkpoint's model (and optimizer) state into `model` as it is now, sharded or not, on
-    any number of processes: torch.distributed.checkpoint reshards what was saved to what is asked."""
+    any number of processes: torch.distributed.checkpoint reshards what was saved to what is asked. Its
+    metadata and values are vetted first: nothing in the folder runs code."""
+    vet_sharded(folder)
     tensors = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         tensors["optimizer"] = get_optimizer_state_dict(model, optimizer)
     with one_process_quietly():
-        dcp.load(tensors, checkpoint_id=folder)
+        try:
+            dcp.load(tensors, checkpoint_id=folder, planner=WeightsOnlyPlanner())
+        except CheckpointException as e:  # every process's failures, gathered by dcp: one refusal is said
+            refused = [error for error, _ in e.failures.values() if isinstance(error, CheckpointError)]
+            if not refused:
+                raise
+            raise refused[0] from None
     set_model_state_dict(model, tensors["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
@@ -229,6 +286,8 @@ def load_checkpoint(path, map_location="cpu"):
     if not Path(path).exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, or point --out_dir at a run folder")
     file = state_file(path)
+    if Path(path).is_dir():
+        vet_sharded(path)
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:

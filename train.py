@@ -11,10 +11,12 @@ stop rules, task and test scores), monitor.py (step times, divergence guard, pro
 samples), checkpoint.py (TrainingState and writing checkpoints), runlog.py (the run's records).
 """
 
+import gc
 import math
 import signal
 import sys
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,10 +389,23 @@ def train(cfg):
     rt = runtime(cfg, local_rank, processes=local_processes)
     check_precision(cfg, rt, world_size)
     join(rt, rank)
-    lock = None
     try:
-        if rank == 0:  # one run per folder, taken before anything reads or writes it
-            lock = runlog.RunFolderLock(cfg.out_dir)
+        train_in_folder(cfg, rt, rank, local_rank, world_size)
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # the run's objects are not kept alive by the error
+        raise
+    finally:
+        # the run's objects go first: a DDP reducer left holding a gloo process group's last reference
+        # destroys it holding the GIL, which can deadlock with gloo's worker thread (pytorch#56297)
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_in_folder(cfg, rt, rank, local_rank, world_size):
+    """The run in out_dir, which this process holds (rank 0 takes the folder's lock) from start to end."""
+    lock = runlog.RunFolderLock(cfg.out_dir) if rank == 0 else None  # before anything reads or writes it
+    try:
         ckpt = checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
         if ckpt is None and rank == 0:
             runlog.check_fresh_folder(cfg.out_dir)
@@ -410,8 +425,6 @@ def train(cfg):
     finally:
         if lock is not None:
             lock.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv=None):

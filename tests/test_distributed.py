@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # processes of their own: the full suite's, not t
 def torchrun(args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
            *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -164,3 +164,38 @@ def test_muon_shared_across_two_processes_matches_one_under_ddp_and_fsdp(data_ro
         assert losses.keys() == reference.keys() and all(abs(losses[s] - reference[s]) < 1e-5 for s in losses)
         theirs = torch.load(other / "last.pt", weights_only=True)["model"]
         assert all(torch.allclose(weights[k], theirs[k], atol=3e-5, rtol=0) for k in weights)
+
+
+FREED_CHECK = """
+import gc, sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import train
+
+destroy = dist.destroy_process_group
+
+def checked_destroy(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"DDP models alive at destroy_process_group: {{alive}}")
+    return destroy(*args, **kwargs)
+
+train.dist.destroy_process_group = checked_destroy
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("ending", ["finished", "diverged"])
+def test_the_ddp_model_is_freed_before_the_process_group(data_root, tmp_path, ending):
+    """A DDP reducer left holding a gloo process group's last reference destroys it holding the GIL, which can
+    deadlock against gloo's worker thread at exit (pytorch#56297; seen once here as a hung test): train()
+    frees the run, on success and on error, before it destroys the group."""
+    script = tmp_path / "checked_train.py"
+    script.write_text(FREED_CHECK.format(root=str(ROOT)))
+    diverge = {"learning_rate": 1e30, "max_skipped_steps": 2, "grad_clip": 0} if ending == "diverged" else {}
+    args = tiny_args(data_root, tmp_path / "run", gradient_accumulation_steps=2, max_iters=6, lr_decay_iters=6,
+                     warmup_iters=2, eval_interval=3, ckpt_interval=3, sample_interval=0, **diverge)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == (0 if ending == "finished" else 1), result.stderr[-3000:]
+    assert result.stdout.count("DDP models alive at destroy_process_group: 0") == 2
