@@ -20,6 +20,8 @@ def check_config(cfg, world_size):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     check_schedule(cfg)
+    if cfg.seed < 0:  # numpy's generators take no negative seed: found now, not at the first batch
+        raise ConfigError(f"seed must be 0 or more, got {cfg.seed}")
     if cfg.val_tokens < 0 or cfg.val_tokens % (cfg.batch_size * cfg.block_size):
         raise ConfigError(f"val_tokens {cfg.val_tokens} must be 0 or a multiple of batch_size x block_size "
                           f"({cfg.batch_size * cfg.block_size}), so that every val batch is whole")

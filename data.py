@@ -65,26 +65,46 @@ def _as_uint16(tokens) -> np.ndarray:
     return np.ascontiguousarray(tokens, dtype="<u2")
 
 
-def load_shard(path) -> np.memmap:
-    """Memory-map a shard's tokens read-only, after checking its header against the file size."""
+def open_shard(path):
+    """(the shard's file, open for reading, and its token count), after checking its header against its
+    size. Memory-mapping the open file (not the path) reads the data it held when opened, even after
+    prepare.py has swapped a new folder in under the same name."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"shard {path} does not exist; run prepare.py to create it")
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise DataError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header; re-create it")
-    magic, version, count = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
-    if magic != MAGIC:
-        raise DataError(f"{path} has magic {magic}, not {MAGIC}, so it is not a token shard; re-create it")
-    if version != VERSION:
-        raise DataError(f"shard {path} is version {version}, but only {VERSION} is supported; re-create it")
-    expected = HEADER_BYTES + 2 * count
-    if count < 0 or size != expected:
-        raise DataError(
-            f"shard {path} is {size:,} bytes but its header promises {count:,} tokens ({expected:,} bytes),"
-            " so it is truncated or corrupt; re-create it"
-        )
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    file = open(path, "rb")  # closed here on error, else by its owner
+    try:
+        size = os.fstat(file.fileno()).st_size
+        if size < HEADER_BYTES:
+            raise DataError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header; "
+                            "re-create it")
+        magic, version, count = (int(x) for x in np.frombuffer(file.read(12), dtype="<i4"))
+        if magic != MAGIC:
+            raise DataError(f"{path} has magic {magic}, not {MAGIC}, so it is not a token shard; re-create it")
+        if version != VERSION:
+            raise DataError(f"shard {path} is version {version}, but only {VERSION} is supported; re-create it")
+        expected = HEADER_BYTES + 2 * count
+        if count < 0 or size != expected:
+            raise DataError(
+                f"shard {path} is {size:,} bytes but its header promises {count:,} tokens ({expected:,} bytes),"
+                " so it is truncated or corrupt; re-create it"
+            )
+    except BaseException:
+        file.close()
+        raise
+    return file, count
+
+
+def map_tokens(file, count) -> np.memmap:
+    """An open shard's tokens, memory-mapped read-only."""
+    return np.memmap(file, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def load_shard(path) -> np.memmap:
+    """Memory-map a shard's tokens read-only, after checking its header against the file size."""
+    file, count = open_shard(path)
+    with file:  # the map keeps its own handle
+        return map_tokens(file, count)
 
 
 def shard_paths(data_dir, split: str) -> list[Path]:
@@ -344,16 +364,18 @@ def load_sft(data_dir, split: str):
 class Windows:
     """Windows of block_size + 1 tokens from one split's memmapped shards (x = first T, y = last T).
 
-    Shards are re-opened for every batch: a long-lived memmap of a large corpus keeps every page it
-    touched and grows the process's memory over a run.
+    The shard files stay open from the start, so a run reads the data it started with even if the dataset
+    is prepared again meanwhile; each batch maps them afresh, since a long-lived memmap of a large corpus
+    keeps every page it touched and grows the process's memory over a run.
     """
 
     def __init__(self, data_dir, split, block_size, vocab_size):
         self.paths = shard_paths(data_dir, split)
         self.block_size, self.vocab_size = block_size, vocab_size
-        lengths = np.array([len(load_shard(p)) for p in self.paths])
-        self.starts_per_shard = np.maximum(lengths - block_size, 0)
-        self.total_starts, self.tokens = int(self.starts_per_shard.sum()), int(lengths.sum())
+        self.files, counts = zip(*(open_shard(p) for p in self.paths))
+        self.lengths = np.array(counts, dtype=np.int64)
+        self.starts_per_shard = np.maximum(self.lengths - block_size, 0)
+        self.total_starts, self.tokens = int(self.starts_per_shard.sum()), int(self.lengths.sum())
         self.rows_per_epoch = self.tokens / block_size
         self.summary = f"{self.tokens:,} tokens"
         if self.total_starts == 0:
@@ -369,7 +391,7 @@ class Windows:
         columns = np.arange(self.block_size + 1)
         for s in np.unique(shard_of):
             rows = shard_of == s
-            tokens = load_shard(self.paths[s]).view(np.ndarray)  # plain view: memmap slicing is slow
+            tokens = map_tokens(self.files[s], self.lengths[s]).view(np.ndarray)  # (memmap slicing is slow)
             window[rows] = tokens[(starts[rows] - first_start[s])[:, None] + columns]
         if int(window.max()) >= self.vocab_size:
             raise DataError(f"token id {int(window.max())} in the data is >= the model's vocab_size "

@@ -81,29 +81,46 @@ def hellaswag_file(cache_dir=""):
     return path
 
 
-def load_task(task, max_examples=0, cache_dir=""):
-    """A task's examples as {"ctx", "endings", "label"} dicts in file order, the first `max_examples` (0: all):
-    `hellaswag` or the path of a JSON Lines file. DataError naming the file and line for a malformed one."""
+def load_task(task, max_examples=0, cache_dir="", tokenizer=None):
+    """A task's examples as {"ctx", "endings", "label", "line"} dicts in file order, the first `max_examples`
+    (0: all): `hellaswag` or the path of a JSON Lines file. DataError naming the file and line for a malformed
+    one, or (given the tokenizer) for text it cannot encode: found here, in every process, not mid-scoring."""
     path = hellaswag_file(cache_dir) if task == "hellaswag" else Path(task)
     if not path.is_file():
         raise data.DataError(f"task file {path} does not exist; give --task=hellaswag or the path of a JSON Lines "
                              f"file of {LAYOUT} lines")
     examples = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if max_examples and len(examples) == max_examples:
-                    break
-                if line.strip():
-                    examples.append(parse_example(line, f"{path} line {number}"))
-    except UnicodeDecodeError:
-        raise data.DataError(f"task file {path} is not UTF-8 text; give a JSON Lines file of {LAYOUT}") from None
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if max_examples and len(examples) == max_examples:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise data.DataError(f"{path} line {number} is not UTF-8 text; give a JSON Lines file of "
+                                     f"{LAYOUT}") from None
+            if line.strip():
+                examples.append(parse_example(line, path, number))
     if not examples:
         raise data.DataError(f"task file {path} holds no examples; give a JSON Lines file of {LAYOUT} lines")
+    if tokenizer is not None:
+        check_encodable(examples, tokenizer, path)
     return examples
 
 
-def parse_example(line, where):
+def check_encodable(examples, tokenizer, path):
+    """DataError naming the first line of the task file whose text the tokenizer cannot encode (as score()
+    encodes it): found before scoring starts, in every process."""
+    for example in examples:
+        try:
+            for text in (example["ctx"], *(" " + ending for ending in example["endings"])):
+                tokenizer.encode(text)
+        except data.DataError as e:
+            raise data.DataError(f"{path} line {example['line']}: {e}") from None
+
+
+def parse_example(line, path, number):
+    where = f"{path} line {number}"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -117,7 +134,7 @@ def parse_example(line, where):
     elif type(label) is not int or not 0 <= label < len(endings):
         problem = f"has label {label!r}, not the index of one of its {len(endings)} endings"
     else:
-        return {"ctx": ctx, "endings": endings, "label": label}
+        return {"ctx": ctx, "endings": endings, "label": label, "line": number}
     raise data.DataError(f"{where} {problem}; each line must be one {LAYOUT} object")
 
 
@@ -215,6 +232,7 @@ def evaluate(cfg):
         model, meta = load_model(cfg)
         model = model.to(rt.device)
         tokenizer = data.get_tokenizer(meta)
+        check_encodable(examples, tokenizer, cfg.task)
         started = time.perf_counter()
         result = evaluate_task(model, tokenizer, examples, rt.device, rt.autocast(), rank, world_size)
         if rank == 0:

@@ -45,9 +45,12 @@ class DivergenceGuard:
             if self.skipped >= cfg.max_skipped_steps:
                 log.finish(step, step * setup.tokens_per_step, "diverged")
                 last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
+                then = ("resume" if last.exists() else
+                        "start again (no checkpoint was saved; the new run sets these records aside)")
+                where = f"the last good checkpoint is {last}; " if last.exists() else ""
                 raise Diverged(f"training diverged: {self.skipped} consecutive steps up to step {step} had a "
-                               f"non-finite loss or gradient; the last good checkpoint is {last}; lower the "
-                               "learning rate or check the data, then resume")
+                               f"non-finite loss or gradient; {where}lower the learning rate or check the data, "
+                               f"then {then}")
         else:
             self.skipped = 0
             self.recent_norms = [*self.recent_norms[-99:], grad_norm]

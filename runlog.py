@@ -23,6 +23,7 @@ import torch
 
 import plot
 from data import leaked_documents
+from preparation.common import alive
 
 SELECTION_RULE = "lowest val loss on the fixed val batches"
 CARRIED_ON_RESUME = ("started", "tokens_seen", "final_val_loss", "final_val_loss_se", "best_val_loss", "best_step",
@@ -266,25 +267,30 @@ class RunFolderLock:
                 self.path.parent.rmdir()
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0 only checks; PermissionError means the process exists under another user
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+RECORDS = ("log.jsonl", "log.jsonl.torn", "run.json", "loss.png")
+CHECKPOINTS = ("last.pt", "last", "best.pt", "best")  # full files, sharded links
 
 
 def check_fresh_folder(out_dir):
-    """A new run into a folder that holds an old run's log.jsonl would mix both runs' records in one log and
-    one plot (checkpoint.checkpoint_to_resume refuses a folder with a last.pt); refuse it."""
+    """A new run's folder. An old run's records there would mix with the new run's in one log and one plot:
+    where that run saved a checkpoint, refuse (resume it or choose another folder); where it saved none (it
+    failed before its first save), nothing can resume it, so its records are set aside in earlier-<n>/."""
     out_dir = Path(out_dir)
-    if (out_dir / "log.jsonl").exists():
+    found = [name for name in RECORDS if (out_dir / name).exists()]
+    if not found:
+        return
+    if any((out_dir / name).exists() for name in CHECKPOINTS):
         resume = ", or continue it with --init_from=resume" if (out_dir / "last.pt").exists() else ""
         raise RunFolderError(f"{out_dir} already holds a run's log.jsonl, and a new run would mix its records with "
                              f"the old ones: choose another --out_dir, or delete log.jsonl and run.json there"
                              f"{resume}")
+    aside = next(out_dir / f"earlier-{n}" for n in range(1, 10**6) if not (out_dir / f"earlier-{n}").exists())
+    with writing(aside):
+        aside.mkdir()
+        for name in found:
+            os.replace(out_dir / name, aside / name)
+    print(f"note: {out_dir} held the records of a run that saved no checkpoint ({', '.join(found)}); they are "
+          f"set aside in {aside.name}/, and this run starts afresh")
 
 
 def new_wandb_id():

@@ -176,9 +176,9 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
     train_data, val_data, eval_batches, test_batches = load_batches(cfg, data_dir, meta, model_config,
                                                                     rt.device, rank, world_size)
-    task_examples = load_task(cfg.task_eval, cfg.task_eval_examples) if cfg.task_eval else []
     # a tokenizer that cannot load (an unknown one, GPT-2's offline without a cache) fails now, not at a sample
     tokenizer = get_tokenizer(meta) if cfg.sample_interval or cfg.task_eval else None
+    task_examples = load_task(cfg.task_eval, cfg.task_eval_examples, tokenizer=tokenizer) if cfg.task_eval else []
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
     gpt = GPT(model_config).to(rt.device)

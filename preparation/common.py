@@ -134,9 +134,31 @@ class ShardWriter:
         self.filled = 0
 
 
+def alive(pid):
+    """Whether process `pid` exists (PermissionError: it does, under another user)."""
+    try:
+        os.kill(pid, 0)  # signal 0 only checks
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_folders(out_dir: Path):
+    """Remove the temporary folders beside out_dir that killed preparations left (<name>.tmp-<pid> whose
+    process is gone), saying so: for web data they hold gigabytes."""
+    for stale in sorted(out_dir.parent.glob(f"{glob.escape(out_dir.name)}.tmp-*")):
+        pid = stale.name.rpartition("-")[2]
+        if stale.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"removed {stale}: a preparation that was stopped left it (process {pid} is gone)")
+
+
 @contextlib.contextmanager
 def new_folder(out_dir: Path):
     """A temporary sibling folder to fill, swapped in for out_dir if the block succeeds, else deleted."""
+    remove_stale_folders(out_dir)
     tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)

@@ -257,10 +257,11 @@ def test_two_runs_started_together_on_one_folder_one_trains_the_other_names_its_
     assert not (out / ".lock").exists()
 
 
-def test_a_fresh_run_refuses_a_folder_holding_an_old_runs_log(data_root, tmp_path, capsys):
+def test_a_fresh_run_refuses_a_folder_holding_an_old_runs_log_and_checkpoint(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 0, "tokens": 0, "train_loss": 4.2, "val_loss": 4.2}\n')
+    (out / "best.pt").write_bytes(b"weights")  # a checkpoint, if only best.pt: not to be trained over
     before = on_disk(out)
     assert "already holds a run's log.jsonl" in refused(train.main, short_args(data_root, out), capsys)
     assert on_disk(out) == before

@@ -133,16 +133,28 @@ def test_lock_of_another_host_refused_even_with_a_pid_gone_here(tmp_path):
         runlog.RunFolderLock(tmp_path)
 
 
-def test_fresh_run_refuses_a_folder_with_an_old_log(tmp_path):
+def test_fresh_run_refuses_a_folder_with_an_old_log_and_a_checkpoint(tmp_path):
     runlog.check_fresh_folder(tmp_path / "new")
     runlog.check_fresh_folder(tmp_path)
     (tmp_path / "log.jsonl").write_bytes(GOOD)
+    (tmp_path / "best.pt").write_bytes(b"")
     with pytest.raises(runlog.RunFolderError) as refused:
         runlog.check_fresh_folder(tmp_path)
     assert "\n" not in str(refused.value) and "--out_dir" in str(refused.value) and "resume" not in str(refused.value)
     (tmp_path / "last.pt").write_bytes(b"")
     with pytest.raises(runlog.RunFolderError, match="--init_from=resume"):
         runlog.check_fresh_folder(tmp_path)
+
+
+def test_records_without_a_checkpoint_are_set_aside_for_a_fresh_run(tmp_path, capsys):
+    """A run that failed before its first save left records that nothing can resume: a new run starts."""
+    (tmp_path / "log.jsonl").write_bytes(GOOD)
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "earlier-1").mkdir()
+    runlog.check_fresh_folder(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "earlier-2").iterdir()) == ["log.jsonl", "run.json"]
+    assert not (tmp_path / "log.jsonl").exists() and (tmp_path / "earlier-2" / "log.jsonl").read_bytes() == GOOD
+    assert "set aside in earlier-2/, and this run starts afresh" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing log", "log is a folder", "no loss lines", "missing output folder",
