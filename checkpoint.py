@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from model import GPT, GPTConfig
-from runlog import WriteError, new_wandb_id, writing
+from runlog import WriteError, new_wandb_id, write_failed, writing
 
 
 class CheckpointError(Exception):
@@ -165,9 +165,16 @@ def save_sharded(link, model, optimizer, trainer_state, rank, keep=1):
     if optimizer is not None:
         tensors["optimizer"] = get_optimizer_state_dict(model, optimizer)
     with one_process_quietly():
-        dcp.save(tensors, checkpoint_id=folder)  # a collective: returns once every process's shards are written
+        try:
+            dcp.save(tensors, checkpoint_id=folder)  # a collective: returns once every process's shards are written
+        except CheckpointException as e:  # raised in every process, with each one's error
+            raise failed_sharded_save(folder, e) from None
     if rank == 0:
-        save_checkpoint(folder / "trainer_state.pt", trainer_state)
+        try:
+            save_checkpoint(folder / "trainer_state.pt", trainer_state)
+        except WriteError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         tmp = link.with_name(f".{link.name}.link")
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(folder.name)
@@ -176,6 +183,15 @@ def save_sharded(link, model, optimizer, trainer_state, rank, keep=1):
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
+
+
+def failed_sharded_save(folder, error):
+    """The WriteError for a sharded save that failed in some process (a full disk, a file size limit), its
+    partial step folder removed: the link still names the last complete one."""
+    causes = [cause for cause, _ in error.failures.values()]
+    shutil.rmtree(folder, ignore_errors=True)
+    written = [write_failed(folder, cause) for cause in causes]
+    return next((w for w in written if w is not None), None) or WriteError(f"cannot write {folder} ({causes[0]!r})")
 
 
 @contextlib.contextmanager
@@ -354,6 +370,9 @@ class TrainingState:
     wandb_id: str = field(default_factory=new_wandb_id)  # a resumed run continues its wandb run
     train_seconds: float = 0.0  # time spent in optimizer steps (evaluations, samples and saves excluded)
     stale_evals: int = 0  # evaluations since the val loss last improved by early_stop_min_delta
+    skipped_in_a_row: int = 0  # the divergence guard's: consecutive updates skipped for non-finite values
+    recent_grad_norms: list = field(default_factory=list)  # its: gradient norms of the last 100 applied updates
+    loss_ema: float | None = None  # its: running average of the applied updates' losses
 
     @classmethod
     def start(cls, cfg, ckpt, rank, world_size):
@@ -362,14 +381,18 @@ class TrainingState:
         if ckpt is None:
             return cls()
         set_rng_state(restore_rng(ckpt["rng"], rank, world_size))
+        # the entries after wandb_id are absent in older checkpoints
         return cls(ckpt["step"], ckpt["data_position"], ckpt["best_val_loss"], ckpt["best_step"], ckpt["wandb_id"],
-                   ckpt.get("train_seconds", 0.0), ckpt.get("stale_evals", 0))  # (absent in older checkpoints)
+                   ckpt.get("train_seconds", 0.0), ckpt.get("stale_evals", 0), ckpt.get("skipped_in_a_row", 0),
+                   ckpt.get("recent_grad_norms", []), ckpt.get("loss_ema"))
 
     def to_checkpoint(self, world_size):
         """The checkpoint's entries for this state (a collective: every process's RNG is gathered)."""
         return {"step": self.step, "data_position": self.data_position, "best_val_loss": self.best_val_loss,
                 "best_step": self.best_step, "rng": gather_rng_states(world_size), "wandb_id": self.wandb_id,
-                "train_seconds": self.train_seconds, "stale_evals": self.stale_evals}
+                "train_seconds": self.train_seconds, "stale_evals": self.stale_evals,
+                "skipped_in_a_row": self.skipped_in_a_row, "recent_grad_norms": self.recent_grad_norms,
+                "loss_ema": self.loss_ema}
 
 
 def write_checkpoint(name, run):

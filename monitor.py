@@ -4,7 +4,6 @@ signals, and the text samples it logs."""
 
 import signal
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -17,48 +16,83 @@ class Diverged(Exception):
     """Too many consecutive updates skipped for non-finite values."""
 
 
-@dataclass
+class OutOfMemory(Exception):
+    """The device (or the host, on CPU) ran out of memory in a step or an evaluation."""
+
+
+def is_out_of_memory(error):
+    """CUDA's OutOfMemoryError, or the RuntimeError CPU and MPS allocators raise when they cannot allocate."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in ("can't allocate memory", "out of memory")))
+
+
+def end_on_out_of_memory(run):
+    """The one-line OutOfMemory a run ends with, run.json recording it: the keys that would make it fit."""
+    cfg, state, tokens = run.cfg, run.state, run.setup.tokens_per_step
+    run.setup.best_saver.wait()
+    run.log.finish(state.step, state.step * tokens, "out of memory")
+    last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
+    then = (f"resume from {last} with --init_from=resume and those keys, plus --allow_new_eval_batches=True"
+            if last.exists() else "start again with them (a new run sets these records aside)")
+    return OutOfMemory(f"out of memory at step {state.step} with micro-batches of {cfg.batch_size} x "
+                       f"{run.setup.gpt.config.block_size} tokens (evaluations use the same); lower --batch_size and "
+                       f"raise --gradient_accumulation_steps to keep {tokens:,} tokens per step, or under torchrun "
+                       f"use --parallel=fsdp; run.json records it; {then}")
+
+
 class DivergenceGuard:
     """Watches each step's outcome. A skipped update (train_step skips non-finite ones) is logged with clues
     to its cause, and max_skipped_steps of them in a row end the run; an applied update whose loss is over
-    loss_spike_factor times the running average is a warning."""
+    loss_spike_factor times the running average is a warning. Its state is the TrainingState's (saved in
+    checkpoints: a resumed run goes on counting); the updates this process applied are its own."""
 
-    skipped: int = 0  # consecutive skipped updates
-    recent_norms: list = field(default_factory=list)  # gradient norms of the last 100 applied updates
-    loss_ema: float | None = None  # running average of the applied updates' losses
+    def __init__(self):
+        self.steps, self.updates = 0, 0  # taken and applied by this process, since it started or resumed
 
     def check(self, run, lr, loss, grad_norm, applied):
         """After each step of `run` (train.Run): raises Diverged (the run record closed) at max_skipped_steps
         consecutive skips."""
-        cfg, setup, log, step = run.cfg, run.setup, run.log, run.state.step
+        cfg, setup, state, log, step = run.cfg, run.setup, run.state, run.log, run.state.step
+        self.steps, self.updates = self.steps + 1, self.updates + applied
         if not applied:
-            self.skipped += 1
+            state.skipped_in_a_row += 1
             scaler = setup.scaler
             # under fp16 the first steps' overflows are routine: the scaler halves its scale after each
             scale = f", fp16 loss scale now {scaler.get_scale():g}" if scaler.is_enabled() else ""
             log.log({"step": step, "skipped": "non-finite loss or gradient norm", "loss": loss,
-                     "grad_norm": grad_norm, "lr": lr, "recent_grad_norms": self.recent_norms[-10:],
-                     "nonfinite_grads": nonfinite_gradients(setup.gpt)[:20], "consecutive_skips": self.skipped,
+                     "grad_norm": grad_norm, "lr": lr, "recent_grad_norms": state.recent_grad_norms[-10:],
+                     "nonfinite_grads": nonfinite_gradients(setup.gpt)[:20],
+                     "consecutive_skips": state.skipped_in_a_row,
                      "loss_scale": scaler.get_scale() if scaler.is_enabled() else None},
                     f"step {step}: skipped the update: loss {loss}, grad norm {grad_norm} "
-                    f"({self.skipped} in a row, limit {cfg.max_skipped_steps}{scale})")
-            if self.skipped >= cfg.max_skipped_steps:
-                log.finish(step, step * setup.tokens_per_step, "diverged")
-                last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
-                then = ("resume" if last.exists() else
-                        "start again (no checkpoint was saved; the new run sets these records aside)")
-                where = f"the last good checkpoint is {last}; " if last.exists() else ""
-                raise Diverged(f"training diverged: {self.skipped} consecutive steps up to step {step} had a "
-                               f"non-finite loss or gradient; {where}lower the learning rate or check the data, "
-                               f"then {then}")
+                    f"({state.skipped_in_a_row} in a row, limit {cfg.max_skipped_steps}{scale})")
+            if state.skipped_in_a_row >= cfg.max_skipped_steps:
+                self.diverged(run, f"{state.skipped_in_a_row} consecutive steps up to step {step} had a "
+                                   "non-finite loss or gradient")
         else:
-            self.skipped = 0
-            self.recent_norms = [*self.recent_norms[-99:], grad_norm]
-            if self.loss_ema is not None and loss > cfg.loss_spike_factor * self.loss_ema:
-                log.log({"step": step, "warning": "loss spike", "loss": loss, "running_average": self.loss_ema},
+            state.skipped_in_a_row = 0
+            state.recent_grad_norms = [*state.recent_grad_norms[-99:], grad_norm]
+            if state.loss_ema is not None and loss > cfg.loss_spike_factor * state.loss_ema:
+                log.log({"step": step, "warning": "loss spike", "loss": loss, "running_average": state.loss_ema},
                         f"step {step}: warning: loss {loss:.4f} is over {cfg.loss_spike_factor}x its "
-                        f"running average {self.loss_ema:.4f}")
-            self.loss_ema = loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * loss
+                        f"running average {state.loss_ema:.4f}")
+            state.loss_ema = loss if state.loss_ema is None else 0.95 * state.loss_ema + 0.05 * loss
+
+    def check_updates_made(self, run):
+        """At the end: a process whose every step was skipped made no update, so it did not train: Diverged,
+        not an end that reads as finished."""
+        if self.steps and not self.updates:
+            self.diverged(run, f"all {self.steps} steps of this run, up to step {run.state.step}, had a non-finite "
+                               "loss or gradient, so no update was made")
+
+    def diverged(self, run, what):
+        cfg, state = run.cfg, run.state
+        run.log.finish(state.step, state.step * run.setup.tokens_per_step, "diverged")
+        last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
+        where = f"the last good checkpoint is {last}; " if last.exists() else ""
+        then = ("resume" if last.exists() else
+                "start again (no checkpoint was saved; a new run sets these records aside)")
+        raise Diverged(f"training diverged: {what}; {where}lower the learning rate or check the data, then {then}")
 
 
 def nonfinite_gradients(model):

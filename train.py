@@ -43,7 +43,17 @@ from data import DataError, Examples, Tokenizer, Windows, get_tokenizer
 from devices import Runtime, RuntimeConfig, runtime
 from eval import load_task
 from model import GPT, GPTConfig
-from monitor import Diverged, Progress, catch_stop_signals, stop_on_signal, stop_requested, write_sample
+from monitor import (
+    Diverged,
+    OutOfMemory,
+    Progress,
+    catch_stop_signals,
+    end_on_out_of_memory,
+    is_out_of_memory,
+    stop_on_signal,
+    stop_requested,
+    write_sample,
+)
 from optimizers import configure_optimizer, set_lr
 from parallel import distribute, gradient_sync, join, place
 from start import architecture, load_batches, load_data, restore_optimizer
@@ -375,6 +385,7 @@ def train_loop(run, changed):
             break
     loader.shutdown(cancel_futures=True)
     setup.best_saver.wait()
+    progress.guard.check_updates_made(run)  # a run whose every step was skipped did not train
     if setup.test_batches and not done and (end_reason == "finished" or stop_reason(cfg, state)):
         score_test(run, estimate_loss)
     run.log.finish(state.step, state.step * setup.tokens_per_step, end_reason)
@@ -422,6 +433,10 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
             train_loop(run, changed)
         except runlog.WriteError as e:
             raise runlog.WriteError(end_on_write_failure(e, run)) from None
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise end_on_out_of_memory(run) from None
     finally:
         if lock is not None:
             lock.release()
@@ -436,7 +451,7 @@ def main(argv=None):
     except (ConfigError, DataError, CheckpointError, runlog.RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (Diverged, runlog.WriteError) as e:
+    except (Diverged, OutOfMemory, runlog.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -105,6 +105,28 @@ def test_injected_nan_is_skipped_and_reported(data_root, tmp_path):
     assert json.loads((out / "run.json").read_text())["end_reason"] == "finished"
 
 
+def test_the_skip_count_resumes_and_a_run_that_made_no_update_is_not_finished(data_root, tmp_path, capsys):
+    """Issue 28, finding 3: the divergence guard's count of consecutive skips is saved and resumed (before, a
+    resume started it at 0, so a run could skip every remaining step and end "finished", exit 0), and a run
+    whose every step was skipped ends diverged, even under max_skipped_steps."""
+    out = tmp_path / "run"
+    common = {"max_iters": 12, "lr_decay_iters": 12, "ckpt_interval": 5, "eval_interval": 5, "dropout": 0.0}
+    nan = float("nan")
+    train_in_process(tiny_args(data_root, out, stop_iter=10, max_skipped_steps=4, **common), {9: nan, 10: nan})
+    assert torch.load(out / "last.pt", weights_only=True)["skipped_in_a_row"] == 2
+    saved = (out / "last.pt").read_bytes()
+    every_step = dict.fromkeys(range(1, 100), nan)
+    with pytest.raises(SystemExit) as exit_info:
+        train_in_process(tiny_args(data_root, out, init_from="resume", max_skipped_steps=4, **common), every_step)
+    assert exit_info.value.code == 1 and "4 consecutive steps up to step 12" in capsys.readouterr().err
+    (out / "last.pt").write_bytes(saved)
+    with pytest.raises(SystemExit) as exit_info:
+        train_in_process(tiny_args(data_root, out, init_from="resume", max_skipped_steps=10, **common), every_step)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "all 2 steps of this run, up to step 12, had a non-finite" in err, err
+    assert json.loads((out / "run.json").read_text())["end_reason"] == "diverged"
+
+
 def test_persistent_nan_stops_with_last_good_checkpoint(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     args = tiny_args(data_root, out, max_iters=40, lr_decay_iters=40, ckpt_interval=5, max_skipped_steps=4)

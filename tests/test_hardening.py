@@ -5,6 +5,9 @@
    values with torch.load(weights_only=False). Payloads are planted in every file such a checkpoint holds
    and read through every script that loads one.
 2. A dataset prepared again while a run trains on it does not reach the run.
+4. A sharded save that fails (a file size limit here) ends in one line, recorded, its partial folder gone.
+5. Out of memory in a training step or an evaluation is one line naming the keys that would make it fit,
+   recorded in run.json.
 6. A run that fails before its first checkpoint leaves a folder a new run can start in; the key that made
    it fail (seed=-1) is refused up front.
 7. A killed prepare.py's temporary folder is removed by the next one.
@@ -14,6 +17,7 @@ import json
 import os
 import pathlib
 import pickle
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,12 +25,13 @@ import sys
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import PLAY, tiny_args
+from conftest import PLAY, ROOT, tiny_args
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 import data
 import eval
 import export
+import model
 import prepare
 import sample
 import train
@@ -197,3 +202,43 @@ def test_a_folder_whose_run_saved_no_checkpoint_starts_afresh(data_root, tmp_pat
     train.main(tiny_args(data_root, out, max_iters=5, lr_decay_iters=5, sample_interval=0))
     assert "set aside in earlier-1/" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["end_reason"] == "finished"
+
+
+# ---- 4. a sharded save that fails ----
+
+def test_a_failed_sharded_save_is_one_line_recorded_and_leaves_no_partial_folder(data_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(run_args(data_root, out, stop_iter=5))
+    command = shlex.join([sys.executable, "train.py", *run_args(data_root, out, init_from="resume")])
+    result = subprocess.run(["bash", "-c", f"ulimit -f 100; exec {command}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)  # 100 KB: below a step folder's shards (~140 KB and more)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f"error: cannot write {out}/") and "(File too large;" in result.stderr
+    assert "run.json records why" in result.stderr and f"{out / 'last'} is the last good checkpoint" in result.stderr
+    assert json.loads((out / "run.json").read_text())["end_reason"].startswith("write failed: cannot write")
+    assert sorted(p.name for p in out.glob("*.0*")) == ["best.0000005", "last.0000005"]  # no partial folder
+
+
+# ---- 5. out of memory ----
+
+@pytest.mark.parametrize("when", ["train", "eval"])
+def test_out_of_memory_is_one_line_naming_the_keys(data_root, tmp_path, capsys, monkeypatch, when):
+    """CPU's allocator raises this RuntimeError (CUDA an OutOfMemoryError): raised here at the 3rd training
+    forward, or at the first evaluation's."""
+    original, calls = model.GPT.forward, [0]
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        if targets is not None and self.training == (when == "train"):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        return original(self, idx, targets, kv_cache)
+
+    monkeypatch.setattr(model.GPT, "forward", forward)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(data_root, out))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and err.startswith("error: out of memory at step "), err
+    assert "lower --batch_size and raise --gradient_accumulation_steps" in err and "run.json records it" in err
+    assert json.loads((out / "run.json").read_text())["end_reason"] == "out of memory"
