@@ -13,6 +13,7 @@ held-out documents also found verbatim in train (leaked_documents reads it).
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -334,7 +335,14 @@ def prepare_default(data_dir):
     imports the pipeline; its error message or None."""
     print(f"preparing the default dataset in {data_dir} (Python's standard library, byte tokens)")
     command = [sys.executable, str(Path(__file__).with_name("prepare.py")), "--data_root", str(data_dir.parent)]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM, like SIGINT, stops it here
+    try:  # (the child, if still running, is killed; the next preparation removes its temporary folder)
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    except KeyboardInterrupt:
+        return ("stopped by a signal (SIGINT or SIGTERM) while preparing the default dataset, before any "
+                "training; run the same command again to prepare it and train")
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     if result.returncode == 0:
         return None
     return result.stderr.strip().removeprefix("error: ") or f"prepare.py failed with exit status {result.returncode}"

@@ -377,7 +377,8 @@ def train_loop(run, changed):
                                               cfg.grad_clip)
         state.step += 1
         progress.stepped(time.perf_counter() - t0, lr, loss, grad_norm, applied)
-        if progress.line_written and stop_requested(stop_signals, rt.device, run.world_size):
+        may_stop = progress.line_written and state.step < end_step  # at the last step the run has finished
+        if may_stop and stop_requested(stop_signals, rt.device, run.world_size):
             end_reason = stop_on_signal(run, stop_signals)
             break
         if reason := after_step(run, end_step):

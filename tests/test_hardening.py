@@ -11,6 +11,8 @@
 6. A run that fails before its first checkpoint leaves a folder a new run can start in; the key that made
    it fail (seed=-1) is refused up front.
 7. A killed prepare.py's temporary folder is removed by the next one.
+8. A stop signal during the default data's first-use preparation stops it in one line; one at the last
+   step does not turn a finished run into a stopped one.
 9. A task file's line that is not UTF-8, or holds text the tokenizer cannot encode, is named."""
 
 import json
@@ -19,8 +21,10 @@ import pathlib
 import pickle
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -242,3 +246,54 @@ def test_out_of_memory_is_one_line_naming_the_keys(data_root, tmp_path, capsys, 
     assert exit_info.value.code == 1 and err.count("\n") == 1 and err.startswith("error: out of memory at step "), err
     assert "lower --batch_size and raise --gradient_accumulation_steps" in err and "run.json records it" in err
     assert json.loads((out / "run.json").read_text())["end_reason"] == "out of memory"
+
+
+# ---- 8. stop signals during first-use preparation, and at the last step ----
+
+def preparing(data_root):
+    """Whether a prepare.py child is writing into data_root (Linux /proc)."""
+    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"prepare.py" in cmdline.read_bytes() and str(data_root).encode() in cmdline.read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_default_data_is_prepared_stops_in_one_line(tmp_path, sig):
+    data_root, out = tmp_path / "data", tmp_path / "run"
+    args = [f"--data_root={data_root}", f"--out_dir={out}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+            "--block_size=32", "--batch_size=4", "--max_iters=30", "--warmup_iters=2", "--compile=false"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while not preparing(data_root):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # as Ctrl-C does: the whole group, prepare.py included
+    else:
+        proc.send_signal(sig)  # as a scheduler does: train.py alone
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.startswith("error: stopped by a signal (SIGINT or SIGTERM) while "
+                                                   "preparing the default dataset"), err
+    assert err.count("\n") == 1 and not (out / "run.json").exists()
+
+
+def test_a_signal_at_the_last_step_leaves_the_run_finished(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original, calls = model.GPT.forward, [0]
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        if targets is not None and self.training:
+            calls[0] += 1
+            if calls[0] == 10:  # the last step's forward
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, idx, targets, kv_cache)
+
+    monkeypatch.setattr(model.GPT, "forward", forward)
+    train.main(tiny_args(data_root, out, max_iters=10, lr_decay_iters=10, eval_interval=5, ckpt_interval=5))
+    assert json.loads((out / "run.json").read_text())["end_reason"] == "finished"
