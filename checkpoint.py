@@ -168,7 +168,10 @@ def save_sharded(link, model, optimizer, trainer_state, rank, keep=1):
         try:
             dcp.save(tensors, checkpoint_id=folder)  # a collective: returns once every process's shards are written
         except CheckpointException as e:  # raised in every process, with each one's error
-            raise failed_sharded_save(folder, e) from None
+            written = failed_sharded_save(folder, e)
+            if written is None:
+                raise
+            raise written from None
     if rank == 0:
         try:
             save_checkpoint(folder / "trainer_state.pt", trainer_state)
@@ -186,12 +189,11 @@ def save_sharded(link, model, optimizer, trainer_state, rank, keep=1):
 
 
 def failed_sharded_save(folder, error):
-    """The WriteError for a sharded save that failed in some process (a full disk, a file size limit), its
-    partial step folder removed: the link still names the last complete one."""
-    causes = [cause for cause, _ in error.failures.values()]
+    """The WriteError for a sharded save that some process could not write (a full disk, a file size limit),
+    its partial step folder removed (the link still names the last complete one); None for another failure."""
+    written = [write_failed(folder, cause) for cause, _ in error.failures.values()]
     shutil.rmtree(folder, ignore_errors=True)
-    written = [write_failed(folder, cause) for cause in causes]
-    return next((w for w in written if w is not None), None) or WriteError(f"cannot write {folder} ({causes[0]!r})")
+    return next((w for w in written if w is not None), None)
 
 
 @contextlib.contextmanager
@@ -212,10 +214,13 @@ METADATA_GLOBALS = {
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},  # and the dtypes (find_class)
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "pathlib._local": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},  # Python 3.13's name
 }
 
 
 class MetadataUnpickler(pickle.Unpickler):
+    """pickle's Unpickler that builds only METADATA_GLOBALS' classes and torch's dtypes, refusing any other."""
+
     def find_class(self, module, name):
         allowed = name in METADATA_GLOBALS.get(module, ())
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -230,7 +235,7 @@ def vet_sharded(folder):
     try:
         with open(Path(folder) / ".metadata", "rb") as f:
             MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 -- whatever a damaged or crafted file raises becomes one line
         raise CheckpointError(f"{folder}/.metadata is not a sharded checkpoint's metadata ({type(e).__name__}: "
                               f"{e}); nothing in it was run; {OWN_CHECKPOINTS}") from None
 

@@ -10,6 +10,7 @@ prepare made one (has_split tells; it opens like val). Fine-tuning data (`prepar
 held-out documents also found verbatim in train (leaked_documents reads it).
 """
 
+import errno
 import json
 import os
 import shlex
@@ -73,7 +74,13 @@ def open_shard(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"shard {path} does not exist; run prepare.py to create it")
-    file = open(path, "rb")  # closed here on error, else by its owner
+    try:
+        file = open(path, "rb")  # closed here on error, else by its owner (Windows.close)
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        raise DataError(f"cannot open {path}: this process may open no more files (a sampler holds each shard "
+                        "open); raise the limit (ulimit -n) or prepare fewer, larger shards (--shard_tokens)") from None
     try:
         size = os.fstat(file.fileno()).st_size
         if size < HEADER_BYTES:
@@ -94,6 +101,20 @@ def open_shard(path):
         file.close()
         raise
     return file, count
+
+
+def allow_open_files(count):
+    """Raise this process's soft limit on open files towards the hard one where `count` more could exceed it
+    (a large corpus is a thousand shards; the usual soft limit is 1024)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = count + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                    hard))
 
 
 def map_tokens(file, count) -> np.memmap:
@@ -380,6 +401,7 @@ class Windows:
     def __init__(self, data_dir, split, block_size, vocab_size):
         self.paths = shard_paths(data_dir, split)
         self.block_size, self.vocab_size = block_size, vocab_size
+        allow_open_files(len(self.paths))
         self.files, counts = zip(*(open_shard(p) for p in self.paths))
         self.lengths = np.array(counts, dtype=np.int64)
         self.starts_per_shard = np.maximum(self.lengths - block_size, 0)
@@ -389,6 +411,11 @@ class Windows:
         if self.total_starts == 0:
             raise DataError(f"the {split} split of {data_dir} has {self.tokens} tokens, too few for "
                                     f"block_size {block_size}; lower --block_size or prepare more data")
+
+    def close(self):
+        """Close the shard files: for a split read only at set-up (val, test), once its batches are drawn."""
+        for file in self.files:
+            file.close()
 
     def batch(self, starts):
         """(x, y) int64 tensors for windows at these global start positions (over the shards in order)."""

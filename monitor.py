@@ -2,6 +2,7 @@
 values (the divergence guard, which ends a diverged run), progress lines with their speed and MFU, stop
 signals, and the text samples it logs."""
 
+import contextlib
 import signal
 import time
 
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from checkpoint import checkpoint_path, write_checkpoint
+from runlog import WriteError
 
 
 class Diverged(Exception):
@@ -29,7 +31,8 @@ def is_out_of_memory(error):
 def end_on_out_of_memory(run):
     """The one-line OutOfMemory a run ends with, run.json recording it: the keys that would make it fit."""
     cfg, state, tokens = run.cfg, run.state, run.setup.tokens_per_step
-    run.setup.best_saver.wait()
+    with contextlib.suppress(WriteError):  # a failed best.pt is not what stopped the run
+        run.setup.best_saver.wait()
     run.log.finish(state.step, state.step * tokens, "out of memory")
     last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
     then = (f"resume from {last} with --init_from=resume and those keys, plus --allow_new_eval_batches=True"
@@ -80,8 +83,9 @@ class DivergenceGuard:
 
     def check_updates_made(self, run):
         """At the end: a process whose every step was skipped made no update, so it did not train: Diverged,
-        not an end that reads as finished."""
-        if self.steps and not self.updates:
+        not an end that reads as finished. Not under fp16, whose first steps' skips are routine (the loss
+        scaler halving its scale): there max_skipped_steps alone decides."""
+        if self.steps and not self.updates and not run.setup.scaler.is_enabled():
             self.diverged(run, f"all {self.steps} steps of this run, up to step {run.state.step}, had a non-finite "
                                "loss or gradient, so no update was made")
 

@@ -81,6 +81,8 @@ def load_batches(cfg, data_dir, meta, model_config, device, rank=0, world_size=1
                                 else val_data.fixed_batches(cfg.eval_iters, cfg.batch_size))}
         test_batches = ({"test": split("test").fixed_batches(cfg.eval_iters, cfg.batch_size)}
                         if has_split(data_dir, "test") else {})
+        if isinstance(val_data, Windows):
+            val_data.close()  # its batches are drawn: only train's shards are read from now on
         eval_batches, test_batches = (own_share_on_device(held, device, rank, world_size)
                                       for held in (eval_batches, test_batches))
     except (MemoryError, torch.OutOfMemoryError):

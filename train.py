@@ -404,7 +404,7 @@ def train(cfg):
     try:
         train_in_folder(cfg, rt, rank, local_rank, world_size)
     except BaseException as e:
-        traceback.clear_frames(e.__traceback__)  # the run's objects are not kept alive by the error
+        release_frames(e)
         raise
     finally:
         # the run's objects go first: a DDP reducer left holding a gloo process group's last reference
@@ -412,6 +412,13 @@ def train(cfg):
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def release_frames(error):
+    """Free the locals (the run's model, activations) of the frames an error and the errors it chains hold."""
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def train_in_folder(cfg, rt, rank, local_rank, world_size):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from array import array
 from pathlib import Path
@@ -145,10 +146,16 @@ def alive(pid):
     return True
 
 
+def temporary_folder(out_dir: Path, pid):
+    """out_dir's sibling that process `pid` of this machine fills: named for both, so that a stale one is
+    known (and other machines' preparations into a shared folder are left alone)."""
+    return out_dir.with_name(f"{out_dir.name}.tmp-{socket.gethostname()}-{pid}")
+
+
 def remove_stale_folders(out_dir: Path):
-    """Remove the temporary folders beside out_dir that killed preparations left (<name>.tmp-<pid> whose
+    """Remove the temporary folders beside out_dir that killed preparations on this machine left (their
     process is gone), saying so: for web data they hold gigabytes."""
-    for stale in sorted(out_dir.parent.glob(f"{glob.escape(out_dir.name)}.tmp-*")):
+    for stale in sorted(out_dir.parent.glob(glob.escape(temporary_folder(out_dir, "").name) + "*")):
         pid = stale.name.rpartition("-")[2]
         if stale.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
@@ -159,7 +166,7 @@ def remove_stale_folders(out_dir: Path):
 def new_folder(out_dir: Path):
     """A temporary sibling folder to fill, swapped in for out_dir if the block succeeds, else deleted."""
     remove_stale_folders(out_dir)
-    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    tmp_dir = temporary_folder(out_dir, os.getpid())
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shlex
 import shutil
@@ -167,13 +168,23 @@ def test_muon_shared_across_two_processes_matches_one_under_ddp_and_fsdp(data_ro
 
 
 FREED_CHECK = """
-import gc, sys
+import gc, os, sys
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-import train
+import model, train
 
 destroy = dist.destroy_process_group
+forward, calls = model.GPT.forward, [0]
+
+def failing_forward(self, idx, targets=None, kv_cache=None):  # the CPU allocator's error at the 3rd step
+    calls[0] += self.training
+    if calls[0] == 3:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    return forward(self, idx, targets, kv_cache)
+
+if os.environ.get("OUT_OF_MEMORY"):
+    model.GPT.forward = failing_forward
 
 def checked_destroy(*args, **kwargs):
     alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
@@ -185,7 +196,7 @@ train.main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("ending", ["finished", "diverged"])
+@pytest.mark.parametrize("ending", ["finished", "diverged", "out of memory"])
 def test_the_ddp_model_is_freed_before_the_process_group(data_root, tmp_path, ending):
     """A DDP reducer left holding a gloo process group's last reference destroys it holding the GIL, which can
     deadlock against gloo's worker thread at exit (pytorch#56297; seen once here as a hung test): train()
@@ -195,7 +206,9 @@ def test_the_ddp_model_is_freed_before_the_process_group(data_root, tmp_path, en
     diverge = {"learning_rate": 1e30, "max_skipped_steps": 2, "grad_clip": 0} if ending == "diverged" else {}
     args = tiny_args(data_root, tmp_path / "run", gradient_accumulation_steps=2, max_iters=6, lr_decay_iters=6,
                      warmup_iters=2, eval_interval=3, ckpt_interval=3, sample_interval=0, **diverge)
+    env = {**os.environ, **({"OUT_OF_MEMORY": "1"} if ending == "out of memory" else {})}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == (0 if ending == "finished" else 1), result.stderr[-3000:]
+    assert ending == "finished" or f"error: {ending}" in result.stderr or "training diverged" in result.stderr
     assert result.stdout.count("DDP models alive at destroy_process_group: 0") == 2

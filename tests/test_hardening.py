@@ -41,6 +41,7 @@ import sample
 import train
 from checkpoint import CheckpointError, load_checkpoint, load_sharded_state, model_from_checkpoint
 from optimizers import configure_optimizer
+from preparation.common import temporary_folder
 
 pytestmark = pytest.mark.slow  # training runs
 
@@ -154,12 +155,15 @@ def test_the_next_prepare_removes_a_killed_ones_temporary_folder(tmp_path, capsy
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        stale, busy = (tmp_path / f"shakespeare_char.tmp-{pid}" for pid in (gone.stdout.strip(), running.pid))
-        for folder in (stale, busy):
+        stale, busy = (temporary_folder(tmp_path / "shakespeare_char", int(pid))
+                       for pid in (gone.stdout.strip(), running.pid))
+        elsewhere = tmp_path / f"shakespeare_char.tmp-another-machine-{gone.stdout.strip()}"
+        for folder in (stale, busy, elsewhere):
             folder.mkdir()
             (folder / "train_000000.bin").write_bytes(b"partial")
         prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path)
         assert not stale.exists() and busy.exists()  # a preparation still running keeps its folder
+        assert elsewhere.exists()  # another machine's (a shared data_root) is not this one's to judge
         assert f"removed {stale}: a preparation that was stopped left it" in capsys.readouterr().out
     finally:
         running.kill()
