@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +269,23 @@ GPU_PEAK_FLOPS = [
     ("MI250", {"bf16": 362e12, "fp16": 362e12}),
     ("MI210", {"bf16": 181e12, "fp16": 181e12}),
 ]
+
+
+def peak_memory_mib(device):
+    """The memory peak since the last call, in MiB: on CUDA the allocator's (tensors) and what it reserved
+    (the process's footprint on the GPU), its counters then reset; elsewhere the process's peak resident
+    size so far (Linux reports KiB, macOS bytes)."""
+    if device.startswith("cuda"):
+        peaks = {"peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                 "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20}
+        torch.cuda.reset_peak_memory_stats(device)
+        return peaks
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
 
 
 def peak_flops(device_name, dtype):

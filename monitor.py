@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from checkpoint import checkpoint_path, write_checkpoint
+from devices import peak_memory_mib
 from runlog import WriteError
 
 
@@ -107,7 +108,8 @@ def nonfinite_gradients(model):
 
 
 def log_progress(run, end_step, lr, loss, grad_norm, dt, wall_dt):
-    """A train line of `run` (train.Run): loss, lr, gradient norm, speed and time left. Two throughputs:
+    """A train line of `run` (train.Run): loss, lr, gradient norm, speed, memory peak and time left (the
+    peak, devices.peak_memory_mib: on CUDA since the last line, on CPU the process's so far). Two throughputs:
     tok_per_sec over the optimizer steps alone (dt a step, and MFU from it against all processes' peak FLOP/s,
     where the device's is known), wall_tok_per_sec over the wall time since the last line (wall_dt a step),
     evaluations, samples and checkpoints included."""
@@ -118,9 +120,13 @@ def log_progress(run, end_step, lr, loss, grad_norm, dt, wall_dt):
               "wall_tok_per_sec": setup.tokens_per_step / wall_dt, "train_seconds": state.train_seconds}
     if peak:
         record["mfu"] = setup.gpt.flops_per_token(setup.gpt.config.block_size) * record["tok_per_sec"] / peak
+    memory = peak_memory_mib(run.rt.device)
+    record.update(memory)
     eta = time.strftime("%H:%M:%S", time.gmtime(wall_dt * (end_step - step)))
+    shown = f" | {max(memory.values()):,.0f} MiB peak" if memory else ""
     log.log(record, f"step {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * dt:.1f} ms | "
-                    f"{record['tok_per_sec']:,.0f} tok/s ({record['wall_tok_per_sec']:,.0f} wall) | ETA {eta}")
+                    f"{record['tok_per_sec']:,.0f} tok/s ({record['wall_tok_per_sec']:,.0f} wall){shown} | "
+                    f"ETA {eta}")
 
 
 class Progress:

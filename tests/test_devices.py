@@ -124,3 +124,14 @@ def test_fsdp_in_float16_is_refused_in_one_line():
     checks.check_precision(cfg, SimpleNamespace(dtype=torch.bfloat16), world_size=2)
     checks.check_precision(cfg, SimpleNamespace(dtype=torch.float16), world_size=1)
     checks.check_precision(SimpleNamespace(parallel="ddp"), SimpleNamespace(dtype=torch.float16), world_size=2)
+
+
+def test_peak_memory_on_cuda_is_since_the_last_call(monkeypatch):
+    """On CUDA each progress line's peak is the allocator's since the line before (its counters reset)."""
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 4 * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", resets.append)
+    assert devices.peak_memory_mib("cuda:0") == {"peak_allocated_mib": 3.0, "peak_reserved_mib": 4.0}
+    assert resets == ["cuda:0"]
+    assert devices.peak_memory_mib("cpu")["peak_rss_mib"] > 10

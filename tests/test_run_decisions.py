@@ -126,6 +126,7 @@ def test_best_pt_holds_weights_only_and_every_save_and_both_throughputs_are_logg
     assert [r["step"] for r in saves if r["checkpoint"] == "last.pt"] == [10, 20]
     lines = [r for r in read_log(out) if "lr" in r]
     assert all(r["tok_per_sec"] > 0 and r["wall_tok_per_sec"] > 0 for r in lines)
+    assert all(r["peak_rss_mib"] > 100 for r in lines)  # the process's peak, torch included (CUDA: per line)
     run_script("sample.py", [f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu"])
     run_script("export.py", [str(out / "best.pt"), str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "model.safetensors").exists()

@@ -126,7 +126,7 @@ def test_training_loss_falls_and_logs(data_root, tmp_path):
     steps = [r for r in log if "lr" in r]
     assert [r["step"] for r in steps] == list(range(5, 61, 5))
     assert set(steps[0]) == {"step", "tokens", "train_loss", "lr", "grad_norm", "dt_ms", "tok_per_sec",
-                             "wall_tok_per_sec", "train_seconds"}
+                             "wall_tok_per_sec", "train_seconds", "peak_rss_mib"}
     assert steps[-1]["tokens"] == 60 * 8 * 32
     assert any("sample" in r and r["sample"] for r in log)
     for name in ("last.pt", "best.pt"):
