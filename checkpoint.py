@@ -307,8 +307,6 @@ def load_checkpoint(path, map_location="cpu"):
     if not Path(path).exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, or point --out_dir at a run folder")
     file = state_file(path)
-    if Path(path).is_dir():
-        vet_sharded(path)
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
@@ -429,6 +427,15 @@ def write_checkpoint(name, run):
     run.log.log({"step": state.step, "checkpoint": path.name, "ckpt_s": time.perf_counter() - start})
 
 
+def how_to_go_on(cfg, fix):
+    """The end of a stopped run's error line: `fix`, then resume from its last checkpoint or, where none was
+    saved, start again (a new run sets the old records aside: runlog.check_fresh_folder)."""
+    last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
+    if last.exists():
+        return f"{last} is the last good checkpoint; {fix}, then resume with --init_from=resume"
+    return f"no checkpoint was saved; {fix}, then start again (a new run sets these records aside)"
+
+
 def end_on_write_failure(error, run):
     """The line a failed write (a full disk, a read-only folder, a file size limit) ends `run` (train.Run)
     with, once best.pt's writer has finished (removing its temporary file if it failed too) and run.json says
@@ -441,8 +448,4 @@ def end_on_write_failure(error, run):
         recorded = "run.json records why"
     except WriteError:
         recorded = "run.json could not be written either, so it still says running"
-    last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
-    kept = (f"{last} is the last good checkpoint; make room and resume with --init_from=resume"
-            if last.exists() else
-            "no checkpoint was saved; make room, remove log.jsonl and run.json and start again")
-    return f"{error}; the run stopped at step {state.step}, {recorded}; {kept}"
+    return f"{error}; the run stopped at step {state.step}, {recorded}; {how_to_go_on(cfg, 'make room')}"

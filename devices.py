@@ -271,6 +271,12 @@ GPU_PEAK_FLOPS = [
 ]
 
 
+def is_out_of_memory(error):
+    """CUDA's OutOfMemoryError, or the RuntimeError CPU and MPS allocators raise when they cannot allocate."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in ("can't allocate memory", "out of memory")))
+
+
 def peak_memory_mib(device):
     """The memory peak since the last call, in MiB: on CUDA the allocator's (tensors) and what it reserved
     (the process's footprint on the GPU), its counters then reset; elsewhere the process's peak resident

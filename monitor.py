@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from checkpoint import checkpoint_path, write_checkpoint
+from checkpoint import how_to_go_on, write_checkpoint
 from devices import peak_memory_mib
 from runlog import WriteError
 
@@ -23,25 +23,17 @@ class OutOfMemory(Exception):
     """The device (or the host, on CPU) ran out of memory in a step or an evaluation."""
 
 
-def is_out_of_memory(error):
-    """CUDA's OutOfMemoryError, or the RuntimeError CPU and MPS allocators raise when they cannot allocate."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and any(s in str(error) for s in ("can't allocate memory", "out of memory")))
-
-
 def end_on_out_of_memory(run):
     """The one-line OutOfMemory a run ends with, run.json recording it: the keys that would make it fit."""
     cfg, state, tokens = run.cfg, run.state, run.setup.tokens_per_step
     with contextlib.suppress(WriteError):  # a failed best.pt is not what stopped the run
         run.setup.best_saver.wait()
     run.log.finish(state.step, state.step * tokens, "out of memory")
-    last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
-    then = (f"resume from {last} with --init_from=resume and those keys, plus --allow_new_eval_batches=True"
-            if last.exists() else "start again with them (a new run sets these records aside)")
+    fix = "pass those keys (a resume also --allow_new_eval_batches=True: batch_size makes the val batches)"
     return OutOfMemory(f"out of memory at step {state.step} with micro-batches of {cfg.batch_size} x "
                        f"{run.setup.gpt.config.block_size} tokens (evaluations use the same); lower --batch_size and "
                        f"raise --gradient_accumulation_steps to keep {tokens:,} tokens per step, or under torchrun "
-                       f"use --parallel=fsdp; run.json records it; {then}")
+                       f"use --parallel=fsdp; run.json records it; {how_to_go_on(cfg, fix)}")
 
 
 class DivergenceGuard:
@@ -91,13 +83,10 @@ class DivergenceGuard:
                                "loss or gradient, so no update was made")
 
     def diverged(self, run, what):
-        cfg, state = run.cfg, run.state
+        state = run.state
         run.log.finish(state.step, state.step * run.setup.tokens_per_step, "diverged")
-        last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
-        where = f"the last good checkpoint is {last}; " if last.exists() else ""
-        then = ("resume" if last.exists() else
-                "start again (no checkpoint was saved; a new run sets these records aside)")
-        raise Diverged(f"training diverged: {what}; {where}lower the learning rate or check the data, then {then}")
+        raise Diverged(f"training diverged: {what}; "
+                       f"{how_to_go_on(run.cfg, 'lower the learning rate or check the data')}")
 
 
 def nonfinite_gradients(model):

@@ -5,12 +5,12 @@ evaluation batches, and the optimizer and loss-scaler state a resume restores.""
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from checkpoint import load_optimizer_state, load_sharded_state
 from configurator import ConfigError
 from data import DataError, Examples, Windows, has_split, is_gpt2_bpe, prepare_default, read_meta
+from devices import is_out_of_memory
 from hf import WeightsError, load_gpt2
 from model import GPTConfig, architecture_options
 
@@ -85,7 +85,9 @@ def load_batches(cfg, data_dir, meta, model_config, device, rank=0, world_size=1
             val_data.close()  # its batches are drawn: only train's shards are read from now on
         eval_batches, test_batches = (own_share_on_device(held, device, rank, world_size)
                                       for held in (eval_batches, test_batches))
-    except (MemoryError, torch.OutOfMemoryError):
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
         raise ConfigError(f"the fixed evaluation batches ({cfg.eval_iters} x {cfg.batch_size} rows of "
                           f"{block_size} tokens per split, or val_tokens {cfg.val_tokens}) do not fit in "
                           "memory; lower --batch_size, --eval_iters or --val_tokens") from None

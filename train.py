@@ -40,7 +40,7 @@ from checkpoint import (
 from checks import check_config, check_precision, check_same_data, describe_resume, resume_changes
 from configurator import ConfigError, load_config
 from data import DataError, Examples, Tokenizer, Windows, get_tokenizer
-from devices import Runtime, RuntimeConfig, runtime
+from devices import Runtime, RuntimeConfig, is_out_of_memory, runtime
 from eval import load_task
 from model import GPT, GPTConfig
 from monitor import (
@@ -49,7 +49,6 @@ from monitor import (
     Progress,
     catch_stop_signals,
     end_on_out_of_memory,
-    is_out_of_memory,
     stop_on_signal,
     stop_requested,
     write_sample,
