@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from model import GPT, GPTConfig
+from model import GPT, GPT2_OPTIONS, GPTConfig
 from runlog import WriteError, new_wandb_id, write_failed, writing
 
 
@@ -323,10 +323,15 @@ def load_checkpoint(path, map_location="cpu"):
     return {**ckpt, "path": Path(path), **({"sharded": Path(path).resolve()} if Path(path).is_dir() else {})}
 
 
+def saved_config(model_config):
+    """The GPTConfig of a checkpoint's model_config: an option it lacks is newer than it, so GPT-2's."""
+    return GPTConfig(**{**GPT2_OPTIONS, **model_config})
+
+
 def model_from_checkpoint(ckpt):
     """The GPT (LoRA adapters included) whose weights a checkpoint holds, on the CPU; a sharded checkpoint's
     shards are gathered into it (in one process)."""
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model = GPT(saved_config(ckpt["model_config"]))
     if ckpt.get("sharded"):
         load_sharded_state(ckpt["sharded"], model)
     else:

@@ -5,6 +5,11 @@ literal value). Keys that several scripts share, or that another module owns, ar
 declared the same way (`name: type = default  # meaning`), such as devices.DeviceConfig or model.GPTConfig,
 and are named in the script's load_config call. This module reads those lines from the source, so `--help`
 lists exactly the keys, defaults and meanings that the code uses; there is no second list to keep in sync.
+
+A meaning may end in a tag, `{allowed; resume class}`, either part optional: the allowed values are a bound
+(`> 0`, `>= 0`, `< 1`, `<= 1`), an interval (`[0, 1)`, `(0, 1]`) or choices (`cosine|wsd`), and load_config
+refuses any other value in one line; the resume class is one of RESUME_CLASSES' words (what train.py's
+resume may do with the key, checks.resume_changes), and a key without one is fixed.
 The scripts with positional arguments (export, plot, compare, prepare) use ArgumentParser instead.
 """
 
@@ -13,15 +18,42 @@ import ast
 import dataclasses
 import inspect
 import io
+import operator
+import re
 import sys
 import textwrap
 import tokenize
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
+
+RESUME_CLASSES = {  # a key's class in its tag: what a resume of a train.py run may do with it
+    "changeable": "may change",
+    "optimizer": "may change, set in the resumed optimizer",
+    "val batches": "may change with --allow_new_eval_batches=True (new fixed val batches)",
+    "control": "is how a start goes, not compared",
+    "fixed": "may not change (every key without a class)",
+}
+TAG = re.compile(r"\s*\{([^{}]*)\}$")  # `{allowed; class}` ending a meaning
+BOUND = re.compile(r"(>=|>|<=|<) *(-?[\d.e+-]+)$")
+INTERVAL = re.compile(r"([\[(]) *(-?[\d.e+-]+) *, *(-?[\d.e+-]+) *([\])])$")
+COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
 class ConfigError(Exception):
     """A config problem the user can fix; the message is one sentence naming the key or file."""
+
+
+class Key(NamedTuple):
+    """One key as declared: its default, the default as written, its meaning (tag included), the heading of its
+    group, its allowed values ("" for any of its type) and its resume class."""
+
+    default: bool | int | float | str
+    written: str
+    meaning: str
+    heading: str
+    allowed: str
+    resume: str
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -34,9 +66,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def declared_keys(script_path):
-    """{key: (default, default as written, meaning, heading)} for each `key = literal  # meaning` at module level;
-    the heading is the first line of the whole-line comments right above the key (`# batches`), where there are
-    some: --help prints it before the key, so the keys read in the groups of the config block."""
+    """{key: Key} for each `key = literal  # meaning` at module level; the heading is the first line of the
+    whole-line comments right above the key (`# batches`), where there are some: --help prints it before the
+    key, so the keys read in the groups of the config block."""
     source = Path(script_path).read_text()
     return literal_assignments(source, ast.parse(source).body)
 
@@ -72,8 +104,45 @@ def literal_assignments(source, statements):
         if name.islower() and not name.startswith("_") and isinstance(default, (bool, int, float, str)):
             # shown as typed on a command line: strings bare, numbers as written (1e-3, not 0.001)
             written = (default or '""') if isinstance(default, str) else ast.get_source_segment(source, node.value)
-            keys[name] = (default, written, comments.get(node.lineno, ""), heading(node.lineno, comments, whole_lines))
+            meaning, head = comments.get(node.lineno, ""), heading(node.lineno, comments, whole_lines)
+            keys[name] = Key(default, written, meaning, head, *tag(name, meaning))
     return keys
+
+
+def tag(key, meaning):
+    """(allowed, resume class) from the tag ending `meaning`; ValueError for a part that is neither."""
+    found = TAG.search(meaning)
+    allowed, resume = "", "fixed"
+    for part in (p.strip() for p in found.group(1).split(";")) if found else ():
+        if part in RESUME_CLASSES:
+            resume = part
+        elif BOUND.match(part) or INTERVAL.match(part) or "|" in part:
+            allowed = part
+        else:
+            raise ValueError(f"{key}'s tag part {part!r} is neither allowed values (> 0, [0, 1), a|b) nor a "
+                             f"resume class ({', '.join(RESUME_CLASSES)})")
+    return allowed, resume
+
+
+def allows(allowed, value):
+    """Whether `value` is among a tag's allowed values (an empty tag allows any)."""
+    if bound := BOUND.match(allowed):
+        return COMPARE[bound[1]](value, float(bound[2]))
+    if interval := INTERVAL.match(allowed):
+        low, high = float(interval[2]), float(interval[3])
+        return (COMPARE[">=" if interval[1] == "[" else ">"](value, low)
+                and COMPARE["<=" if interval[4] == "]" else "<"](value, high))
+    return not allowed or value in allowed.split("|")
+
+
+def check_allowed(key, value, allowed):
+    if not allows(allowed, value):
+        if "|" in allowed:
+            *first, last = allowed.split("|")
+            allowed = f"{', '.join(first)} or {last}"
+        elif INTERVAL.match(allowed):
+            allowed = f"in {allowed}"
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
 def heading(line, comments, whole_lines):
@@ -130,17 +199,20 @@ def run_config_file(path, keys):
             continue
         if key not in keys:
             raise ConfigError(f"config file {path} sets unknown key '{key}'; see --help for the keys")
-        values[key] = coerce(key, value, keys[key][0])
+        values[key] = coerce(key, value, keys[key].default)
     return values
 
 
 def usage(script_path, keys):
     lines = [f"usage: python {Path(script_path).name} [config_file.py ...] [--key=value ...]", "",
              "Config files run first, in order, then --key=value; every key with its default:"]
-    width = max(len(k) + len(written) for k, (_, written, _, _) in keys.items()) + 4
-    for k, (_, written, meaning, head) in keys.items():
-        lines += ["", head] if head else []
-        lines.append(f"  --{k}={written}".ljust(width + 2) + f"  {meaning}")
+    if any(TAG.search(key.meaning) for key in keys.values()):
+        lines += ["A meaning may end in {allowed values; resume class}; on resume a key of each class"]
+        lines += [f"  {word:<12}{what}" for word, what in RESUME_CLASSES.items()]
+    width = max(len(k) + len(key.written) for k, key in keys.items()) + 4
+    for k, key in keys.items():
+        lines += ["", key.heading] if key.heading else []
+        lines.append(f"  --{k}={key.written}".ljust(width + 2) + f"  {key.meaning}")
     return "\n".join(lines)
 
 
@@ -154,24 +226,30 @@ def run_main(function, script_path, argv, *shared, errors=()):
         sys.exit(2)
 
 
-def load_config(script_path, argv, *shared):
-    """Resolved config for a script: defaults <- config files (in order) <- --key=value, as a namespace.
-
-    `shared` names dataclasses whose fields are keys too, after the script's own; a key the script declares
-    itself keeps the script's default and meaning. Prints the key list and exits on -h/--help. Raises
-    ConfigError for anything unknown or mistyped.
-    """
+def all_keys(script_path, *shared):
+    """{key: Key} of a script: its own, then the fields of the `shared` dataclasses that it does not declare
+    itself (a key the script declares keeps the script's default and meaning)."""
     keys = declared_keys(script_path)
     for cls in shared:  # each class's keys headed by its name (devices.RuntimeConfig) where no comment heads them
         added = {key: value for key, value in dataclass_keys(cls).items() if key not in keys}
         first = next(iter(added), None)
-        if first and not added[first][3]:
-            added[first] = (*added[first][:3], f"{cls.__module__}.{cls.__name__}")
+        if first and not added[first].heading:
+            added[first] = added[first]._replace(heading=f"{cls.__module__}.{cls.__name__}")
         keys |= added
+    return keys
+
+
+def load_config(script_path, argv, *shared):
+    """Resolved config for a script: defaults <- config files (in order) <- --key=value, as a namespace.
+
+    `shared` names dataclasses whose fields are keys too (all_keys). Prints the key list and exits on
+    -h/--help. Raises ConfigError for anything unknown, mistyped or not among its tag's allowed values.
+    """
+    keys = all_keys(script_path, *shared)
     if "-h" in argv or "--help" in argv:
         print(usage(script_path, keys))
         sys.exit(0)
-    values = {k: default for k, (default, _, _, _) in keys.items()}
+    values = {k: key.default for k, key in keys.items()}
     for arg in argv:
         if not arg.startswith("--"):
             values.update(run_config_file(arg, keys))
@@ -181,5 +259,7 @@ def load_config(script_path, argv, *shared):
             raise ConfigError(f"unknown key --{key}; see --help for the keys")
         if not eq:
             raise ConfigError(f"--{key} needs a value, as --{key}=VALUE")
-        values[key] = parse_cli_value(key, text, keys[key][0])
+        values[key] = parse_cli_value(key, text, keys[key].default)
+    for k, value in values.items():
+        check_allowed(k, value, keys[k].allowed)
     return SimpleNamespace(**values)

@@ -20,7 +20,7 @@ class DeviceKey:
     """The device key alone, for a script that sets no precision of its own (bench/attention_speed.py times
     each one)."""
 
-    device: str = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps
+    device: str = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps {changeable}
 
 
 @dataclass
@@ -28,16 +28,16 @@ class DeviceConfig(DeviceKey):
     """The device keys of every script that runs a model; scripts take them with load_config(..., DeviceConfig).
     A script that declares one of these keys itself keeps its own default and meaning."""
 
-    dtype: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA, else fp32), float32, bfloat16, float16
+    dtype: str = "auto"  # auto: bf16 if supported, fp16 on other CUDA, fp32 {auto|float32|bfloat16|float16; changeable}
 
 
 @dataclass
 class RuntimeConfig(DeviceConfig):
     """The device keys of scripts that train a model (train.py and the training benchmarks)."""
 
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA where Triton is installed), true, false
-    deterministic: bool = False  # the same bits every run on a GPU too (bitwise resume there), at some speed
-    peak_tflops: float = 0.0  # one GPU's dense peak TFLOP/s at the run's dtype, for MFU; 0 takes devices.py's table
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA with Triton) {auto|true|false; changeable}
+    deterministic: bool = False  # the same bits every run on a GPU too (bitwise resume), at some speed {changeable}
+    peak_tflops: float = 0.0  # a GPU's dense peak TFLOP/s at the dtype (MFU); 0: devices.py's table {>= 0; changeable}
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,11 @@ from sample import load_model
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to evaluate (train.py's default run)
-ckpt = "best"  # which checkpoint: best (lowest val loss) or last
+ckpt = "best"  # which checkpoint: best (lowest val loss) or last {best|last}
 init_from = ""  # instead of a run: GPT-2 weights, gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
 adapters = ""  # LoRA adapters to apply to the init_from weights: a folder from export.py --adapters_only
 task = "hellaswag"  # hellaswag (its val split, downloaded once) or the path of a JSON Lines file in its layout
-max_examples = 0  # evaluate the task's first N examples only; 0 evaluates all
+max_examples = 0  # evaluate the task's first N examples only; 0 evaluates all {>= 0}
 cache_dir = ""  # where --task=hellaswag keeps its download; empty: $XDG_CACHE_HOME/gpt-trainer or ~/.cache/gpt-trainer
 out = ""  # also write the scores and every example's predictions and losses to this JSON file
 # device and dtype are devices.DeviceConfig's keys (--help lists them last)
@@ -213,8 +213,6 @@ def report(cfg, result, seconds, block_size):
 
 def evaluate(cfg):
     """Evaluate as the config says: alone, or as one of torchrun's processes (torchrun sets RANK and the rest)."""
-    if cfg.max_examples < 0:
-        raise ConfigError(f"max_examples must be 0 (all) or more, got {cfg.max_examples}")
     if cfg.out and (Path(cfg.out).is_dir() or not Path(cfg.out).parent.is_dir()):  # found out before, not after
         raise ConfigError(f"out {cfg.out} is a folder or in a folder that does not exist; pass a file path such as "
                           "scores.json")

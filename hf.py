@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lora import adapter_state, merge_lora
-from model import GPT, GPTConfig, architecture_options
+from model import GPT, GPT2_OPTIONS, GPTConfig
 
 # Parameter names match GPT-2's in transformers; three things differ. Its Conv1D layers store weights as
 # (in, out), nn.Linear as (out, in); it always has biases; its head is tied to wte and stored at most once.
@@ -79,7 +79,7 @@ def config_from_hf(hf, dropout):
         raise WeightsError(f"config.json sets n_inner={hf['n_inner']}, but this GPT's MLP is 4 * n_embd wide "
                            f"({4 * hf['n_embd']})")
     return {"block_size": hf["n_positions"], "vocab_size": hf["vocab_size"], "n_layer": hf["n_layer"],
-            "n_head": hf["n_head"], "n_embd": hf["n_embd"], "dropout": dropout, "bias": True}
+            "n_head": hf["n_head"], "n_embd": hf["n_embd"], "dropout": dropout, "bias": True, **GPT2_OPTIONS}
 
 
 def config_to_hf(config, eot_id):
@@ -169,8 +169,7 @@ def save_gpt2(gpt, folder, vocab_size=None, eot_id=None):
     other than GPT-2's."""
     if gpt.config.lora_rank > 0:
         gpt = merge_lora(gpt)  # the layout has no place for adapters
-    options = {key: getattr(gpt.config, key) for key, gpt2 in architecture_options().items()
-               if getattr(gpt.config, key) != gpt2}
+    options = {key: getattr(gpt.config, key) for key, gpt2 in GPT2_OPTIONS.items() if getattr(gpt.config, key) != gpt2}
     if options:
         raise WeightsError(f"this model uses {options}, which the GPT-2 layout cannot hold; only models with "
                            "GPT-2's architecture options export")

@@ -1,7 +1,7 @@
 """A GPT language model: the GPT-2 architecture and its options, a KV-cache generator, and FLOP counting.
 
-Reading order: GPTConfig (the one list of the architecture options, their allowed values and GPT-2 defaults)
-and the functions that read it, the blocks (KV cache, attention, MLP), GPT (init, forward, counting,
+Reading order: GPTConfig (the one list of the architecture options, their allowed values and defaults, GPT-2's
+beside them) and the functions that read it, the blocks (KV cache, attention, MLP), GPT (init, forward, counting,
 generation), then sampling. Around it: lora.py (the adapters a config with lora_rank gets), optimizers.py
 (which optimizer trains which parameters), hf.py (Hugging Face and PEFT files). The model never knows about
 training; train.py owns the loop.
@@ -26,8 +26,9 @@ Option = Annotated[Value, "architecture option"]  # GPTConfig's architecture opt
 class GPTConfig:
     """The model's shape and options, one field each as `name: type = default  # meaning`: configurator.py reads
     these lines, so each field can be a key of train.py, with this meaning where train.py declares no key of
-    its own. The architecture options are the fields typed Option[...]; their defaults are GPT-2's, and a
-    string option's Literal type lists its allowed values. A new option is a field here and the code using it."""
+    its own. The architecture options are the fields typed Option[...]; their defaults are the default run's
+    (GPT2_OPTIONS has GPT-2's), and a string option's Literal type lists its allowed values. A new option is a
+    field here and the code using it."""
 
     # the string options' types, named so that each field, default and meaning fit on one line
     Positions = Option[Literal["learned", "rope"]]
@@ -42,10 +43,11 @@ class GPTConfig:
     dropout: float = 0.0  # dropout on attention, residual branches and embeddings
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
     # architecture options (bench/RESULTS.md has each option's measured effect)
-    pos_embedding: Positions = "learned"  # learned (a position table, GPT-2) or rope (rotary embeddings)
+    # (rope, relu2 and qk_norm: with Muon they reach the default run's val loss in under half the time, RESULTS.md)
+    pos_embedding: Positions = "rope"  # learned (a position table, GPT-2) or rope (rotary embeddings)
     norm: Norms = "layernorm"  # layernorm (GPT-2) or rmsnorm
-    mlp: MLPs = "gelu"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
-    qk_norm: Option[bool] = False  # RMS-normalise each head's queries and keys before attention
+    mlp: MLPs = "relu2"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
+    qk_norm: Option[bool] = True  # RMS-normalise each head's queries and keys before attention
     tie_embeddings: Option[bool] = True  # the LM head shares the token embedding's matrix (GPT-2)
     zero_init_proj: Option[bool] = False  # residual branches' output projections start at 0: each block the identity
     logit_softcap: Option[float] = 0.0  # > 0: logits = cap * tanh(logits / cap), kept within (-cap, cap); 0 is off
@@ -62,10 +64,14 @@ class GPTConfig:
 
 
 def architecture_options():
-    """{option: GPT-2 default} for each architecture option (a GPTConfig field typed Option[...]), in field order."""
+    """{option: default} for each architecture option (a GPTConfig field typed Option[...]), in field order."""
     hints = get_type_hints(GPTConfig, include_extras=True)
     return {f.name: f.default for f in fields(GPTConfig)
             if getattr(hints[f.name], "__metadata__", ()) == Option.__metadata__}
+
+
+# GPT-2's architecture options: all the GPT-2 layout holds, and what a checkpoint older than an option ran with
+GPT2_OPTIONS = {**architecture_options(), "pos_embedding": "learned", "mlp": "gelu", "qk_norm": False}
 
 
 def option_choices():

@@ -184,7 +184,7 @@ def write_sample(run):
     # eager: compiled blocks (FSDP compiles each) would recompile for every cache position and layer
     with rt.autocast(), torch.compiler.set_stance("force_eager"):
         ids = setup.gpt.generate(torch.tensor([start], device=rt.device), cfg.sample_tokens,
-                                 temperature=cfg.sample_temperature, top_k=200,
+                                 temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None,
                                  vocab_limit=setup.meta["vocab_size"], generator=generator)
     text = tokenizer.decode(ids[0, len(start):].tolist())
     run.log.log({"step": step, "sample": text}, f"step {step}: sample\n{text}\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from checkpoint import load_optimizer_state, load_sharded_state
+from checkpoint import load_optimizer_state, load_sharded_state, saved_config
 from configurator import ConfigError
 from data import DataError, Examples, Windows, has_split, is_gpt2_bpe, prepare_default, read_meta
 from devices import is_out_of_memory
@@ -38,7 +38,7 @@ def architecture(cfg, meta, weights_from, ckpt):
     tuning = {"dropout": cfg.dropout, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
               "lora_dropout": cfg.lora_dropout, "lora_targets": cfg.lora_targets}
     if ckpt is not None:
-        return replace(GPTConfig(**ckpt["model_config"]), **tuning), None
+        return replace(saved_config(ckpt["model_config"]), **tuning), None
     if weights_from == "scratch":
         vocab = cfg.vocab_size or meta["vocab_size"]
         if vocab < meta["vocab_size"]:

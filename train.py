@@ -37,8 +37,8 @@ from checkpoint import (
     load_weights,
     write_checkpoint,
 )
-from checks import check_config, check_precision, check_same_data, describe_resume, resume_changes
-from configurator import ConfigError, load_config
+from checks import check_config, check_precision, check_same_data, describe_changes, describe_resume, resume_changes
+from configurator import ConfigError, all_keys, load_config
 from data import DataError, Examples, Tokenizer, Windows, get_tokenizer
 from devices import Runtime, RuntimeConfig, is_out_of_memory, runtime
 from eval import load_task
@@ -59,81 +59,85 @@ from start import architecture, load_batches, load_data, restore_optimizer
 from validation import record_evaluation, score_task, score_test, stop_reason
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
+# {...} ends a meaning where a key has allowed values or a resume class (configurator.RESUME_CLASSES):
+# `changeable` keys may change when a run resumes; a key with no class is fixed (its change refused)
+
 # the run and its data
-out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl
-init_from = "scratch"  # scratch, resume (continue out_dir/last.pt), or GPT-2 weights: gpt2 ... gpt2-xl, a HF folder
-data_root = "data"  # folder that holds the prepared datasets
-dataset = "python_stdlib"  # data_root/<dataset>, written by prepare.py (the default is prepared on first use)
-seed = 1337  # seeds weights, dropout and the order of training batches
+out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl {changeable}
+init_from = "scratch"  # scratch, resume (out_dir/last.pt), GPT-2 weights: gpt2 ... gpt2-xl, a HF folder {control}
+data_root = "data"  # folder that holds the prepared datasets {changeable}
+dataset = "python_stdlib"  # data_root/<dataset>, from prepare.py (the default is prepared on first use) {changeable}
+seed = 1337  # seeds weights, dropout and the order of training batches {>= 0; changeable}
 # batches
-batch_size = 16  # sequences per micro-batch, per process
-block_size = 128  # context length in tokens
-gradient_accumulation_steps = 1  # micro-batches per optimizer step over all processes (divided by world size)
-# model
-# (the architecture options are model.GPTConfig's, listed last in --help with GPT-2's values as defaults;
-# these three are set here: with Muon they reach the default run's val loss in under half the time, RESULTS.md)
-pos_embedding = "rope"  # learned (a position table, GPT-2) or rope (rotary embeddings)
-mlp = "relu2"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
-qk_norm = True  # RMS-normalise each head's queries and keys before attention
-n_layer = 4  # transformer blocks
-n_head = 4  # attention heads per block
-n_embd = 128  # width of the residual stream
-dropout = 0.0  # dropout on attention, residual branches and embeddings
+batch_size = 16  # sequences per micro-batch, per process {> 0; val batches}
+block_size = 128  # context length in tokens {> 0}
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, all processes together {> 0; changeable}
+# model (the architecture options are model.GPTConfig's, listed last in --help)
+n_layer = 4  # transformer blocks {> 0}
+n_head = 4  # attention heads per block {> 0}
+n_embd = 128  # width of the residual stream {> 0}
+dropout = 0.0  # dropout on attention, residual branches and embeddings {[0, 1); changeable}
 bias = False  # biases in Linear layers and LayerNorms
-vocab_size = 0  # model vocabulary; 0 takes the dataset's, a larger value pads it (e.g. 50304 for GPT-2 BPE)
+vocab_size = 0  # model vocabulary; 0 takes the dataset's, more pads it (50304 for GPT-2 BPE) {>= 0}
 # optimizer: Muon and AdamW, with warmup and decay
-learning_rate = 3e-3  # peak learning rate, reached after warmup
-min_lr = 1e-4  # floor the decay ends at
-max_iters = 1100  # optimizer steps in the run
-warmup_iters = 50  # steps of linear warmup from 0
-lr_decay_iters = 0  # step where the decay reaches min_lr; 0 means max_iters
-lr_schedule = "cosine"  # after warmup: cosine (decays all the way) or wsd (constant, then a linear cooldown)
-cooldown_frac = 0.4  # wsd: share of the steps between warmup and lr_decay_iters that the linear cooldown takes
-embedding_lr = 0.0  # peak lr of the token, position and value embeddings; 0 means learning_rate
-head_lr = 0.0  # peak lr of an untied LM head (tie_embeddings=False); 0 means learning_rate
-weight_decay = 0.1  # applied to 2-D weights and embeddings only
-beta1 = 0.9  # AdamW beta1
-beta2 = 0.99  # AdamW beta2
-optimizer = "muon"  # muon: Muon for the blocks' weight matrices, AdamW for embeddings, head and 1-D weights; or adamw
-muon_lr = 0.02  # with optimizer=muon: the peak learning rate of the Muon matrices (same warmup and decay)
-muon_split = "head"  # with optimizer=muon: orthogonalise strips one head wide (less work on a CPU), or whole matrices
-grad_clip = 1.0  # clip the global gradient norm to this; 0 disables clipping (the norm is still logged)
+learning_rate = 3e-3  # peak learning rate, reached after warmup {> 0; optimizer}
+min_lr = 1e-4  # floor the decay ends at {>= 0; changeable}
+max_iters = 1100  # optimizer steps in the run {> 0; changeable}
+warmup_iters = 50  # steps of linear warmup from 0 {>= 0; changeable}
+lr_decay_iters = 0  # step where the decay reaches min_lr; 0 means max_iters {>= 0; changeable}
+lr_schedule = "cosine"  # after warmup: cosine decay, or wsd: constant, then a linear cooldown {cosine|wsd; changeable}
+cooldown_frac = 0.4  # wsd: the cooldown's share of the steps from warmup to lr_decay_iters {(0, 1]; changeable}
+embedding_lr = 0.0  # peak lr of the token, position and value embeddings; 0 means learning_rate {>= 0; optimizer}
+head_lr = 0.0  # peak lr of an untied LM head (tie_embeddings=False); 0 means learning_rate {>= 0; optimizer}
+weight_decay = 0.1  # applied to 2-D weights and embeddings only {>= 0; optimizer}
+beta1 = 0.9  # AdamW beta1 {[0, 1); optimizer}
+beta2 = 0.99  # AdamW beta2 {[0, 1); optimizer}
+optimizer = "muon"  # muon: Muon for the blocks' matrices, AdamW for the rest; or adamw {muon|adamw}
+muon_lr = 0.02  # with optimizer=muon: the peak learning rate of the Muon matrices {> 0; optimizer}
+muon_split = "head"  # Muon orthogonalises strips one head wide (less work on a CPU) or whole {head|whole; optimizer}
+grad_clip = 1.0  # clip the global gradient norm to this; 0: no clipping (the norm is logged) {>= 0; changeable}
 # evaluation, logging, checkpoints
-eval_interval = 250  # steps between evaluations on the fixed held-out batches (best.pt, weights only, follows val)
-eval_iters = 20  # batches per split in each evaluation
-val_tokens = 0  # > 0: val is the val split's first val_tokens tokens in contiguous windows (the speedrun measure)
-allow_new_eval_batches = False  # resume with other batch_size, eval_iters or val_tokens (so other val batches)
-log_interval = 10  # steps between train lines in the console and log.jsonl
-ckpt_interval = 250  # steps between saves of last.pt (it is also saved when the run ends or stops)
-sample_interval = 500  # steps between text samples written to the log; 0 turns them off
-sample_tokens = 200  # length of each sample in tokens
-sample_temperature = 0.8  # temperature of those samples (top-k 200); 0 is greedy
-stop_iter = 0  # stop after this step (saving last.pt) without changing the schedule; 0 runs to max_iters
-target_val_loss = 0.0  # stop at the first evaluation whose val loss is at or below this (time to target); 0 is off
-early_stop_patience = 0  # stop after this many evaluations without a new best val loss (by min_delta); 0 is off
-early_stop_min_delta = 0.0  # how much lower than the best so far a val loss must be to count as improving
-task_eval = ""  # multiple-choice task scored while training: hellaswag or a JSON Lines file (see eval.py); empty: off
-task_eval_interval = 0  # steps between task evaluations; 0 means eval_interval
-task_eval_examples = 200  # the task's first N examples are scored each time; 0 scores all
-# system
-# (the device keys are devices.RuntimeConfig's, listed after train.py's own in --help)
-parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2 shards parameters, grads, optimizer)
+eval_interval = 250  # steps between evaluations on the fixed held-out batches {> 0; changeable}
+eval_iters = 20  # batches per split in each evaluation {> 0; val batches}
+val_tokens = 0  # > 0: val is the val split's first val_tokens tokens (the speedrun measure) {>= 0; val batches}
+allow_new_eval_batches = False  # resume with other batch_size, eval_iters or val_tokens (other val batches) {control}
+log_interval = 10  # steps between train lines in the console and log.jsonl {> 0; changeable}
+ckpt_interval = 250  # steps between saves of last.pt (also saved when the run ends or stops) {> 0; changeable}
+sample_interval = 500  # steps between text samples written to the log; 0 turns them off {>= 0; changeable}
+sample_tokens = 200  # length of each sample in tokens {> 0; changeable}
+sample_temperature = 0.8  # temperature of those samples; 0 is greedy {>= 0; changeable}
+sample_top_k = 200  # those samples are drawn among the k likeliest tokens; 0 keeps all {>= 0; changeable}
+stop_iter = 0  # stop after this step, saving last.pt, with the same schedule; 0 is off {>= 0; changeable}
+target_val_loss = 0.0  # stop at the first val loss at or below this (time to target); 0 is off {>= 0; changeable}
+early_stop_patience = 0  # stop after this many evaluations without a new best; 0 is off {>= 0; changeable}
+early_stop_min_delta = 0.0  # how much below the best so far a val loss must be to count {>= 0; changeable}
+task_eval = ""  # multiple-choice task scored while training: hellaswag or a JSON Lines file; empty: off {changeable}
+task_eval_interval = 0  # steps between task evaluations; 0 means eval_interval {>= 0; changeable}
+task_eval_examples = 200  # the task's first N examples are scored each time; 0 scores all {>= 0; changeable}
+# system (the device keys are devices.RuntimeConfig's, listed after train.py's own in --help)
+parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2 shards) {ddp|fsdp; changeable}
 # safety and records
-checkpoint_format = "full"  # full: files rank 0 writes (last.pt, best.pt); sharded: folders (last, best) of all shards
-keep_last_k = 0  # also keep the k newest periodic checkpoints (ckpt_<step>.pt; sharded: last.<step>); 0 keeps the last
-max_skipped_steps = 25  # stop the run after this many consecutive updates skipped for non-finite values
-loss_spike_factor = 1.5  # warn when a step's loss exceeds this multiple of its running average
+checkpoint_format = "full"  # full: last.pt, best.pt; sharded: folders of all shards {full|sharded; changeable}
+keep_last_k = 0  # also keep the k newest periodic checkpoints (ckpt_<step>.pt, last.<step>) {>= 0; changeable}
+max_skipped_steps = 25  # stop after this many updates in a row skipped as non-finite {> 0; changeable}
+loss_spike_factor = 1.5  # warn when a step's loss exceeds this multiple of its running average {> 1; changeable}
 # fine-tuning (SFT data comes from `prepare.py sft`; its prompt tokens are never trained)
-lora_rank = 0  # > 0 trains low-rank adapters (LoRA) of this rank and freezes every other weight
-lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
-lora_dropout = 0.0  # dropout on the adapters' input
+lora_rank = 0  # > 0 trains low-rank adapters (LoRA) of this rank and freezes every other weight {>= 0}
+lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank {> 0}
+lora_dropout = 0.0  # dropout on the adapters' input {[0, 1); changeable}
 lora_targets = "attn,mlp"  # projections that get adapters: attn (c_attn, c_proj), mlp (c_fc, c_proj), or both
-pack_examples = False  # SFT: rows of whole examples back to back (attention crosses them), not one padded per row
+pack_examples = False  # SFT: rows of whole examples back to back, not one padded per row {changeable}
 # Weights & Biases
-wandb_log = False  # also send the logged metrics to Weights & Biases (needs `pip install wandb`)
-wandb_project = "gpt"  # wandb project name
-wandb_run_name = ""  # wandb run name; empty lets wandb choose
+wandb_log = False  # also send the logged metrics to Weights & Biases (pip install wandb) {changeable}
+wandb_project = "gpt"  # wandb project name {changeable}
+wandb_run_name = ""  # wandb run name; empty lets wandb choose {changeable}
 # ---- end of config ----
+KEYS_FROM = (RuntimeConfig, GPTConfig)  # whose fields are keys too, after the block's (configurator.all_keys)
+
+
+def resume_classes():
+    """{key: its resume class} as the keys' tags declare them."""
+    return {key: declared.resume for key, declared in all_keys(__file__, *KEYS_FROM).items()}
 
 
 # ---- schedule ----
@@ -323,7 +327,7 @@ def begin(run, changed, end_step):
     run.log.log({"step": state.step, "event": "resumed", "changed": changed},
                 f"resumed from {last} at step {state.step}")
     if run.rank == 0:
-        describe_resume(last, changed, done, state.step, end_step, cfg.max_iters)
+        describe_resume(last, done, state.step, end_step, cfg.max_iters)
     return done
 
 
@@ -427,7 +431,10 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
         ckpt = checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
         if ckpt is None and rank == 0:
             runlog.check_fresh_folder(cfg.out_dir)
-        changed = resume_changes(cfg, ckpt) if ckpt else None
+        classes = resume_classes()
+        changed = resume_changes(cfg, ckpt, classes) if ckpt else None
+        if changed and rank == 0:
+            describe_changes(changed, classes)
         setup = set_up(cfg, ckpt, rt, rank, local_rank, world_size)
         state = TrainingState.start(cfg, ckpt, rank, world_size)
         log = runlog.RunLog(cfg.out_dir, rank == 0)  # the first write of the run: everything is checked by now
@@ -454,7 +461,7 @@ def main(argv=None):
     # signal killing the process mid-write
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        train(load_config(__file__, sys.argv[1:] if argv is None else argv, RuntimeConfig, GPTConfig))
+        train(load_config(__file__, sys.argv[1:] if argv is None else argv, *KEYS_FROM))
     except (ConfigError, DataError, CheckpointError, runlog.RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,7 @@ import torch
 import devices
 import train
 from configurator import ConfigError
-from model import GPT, GPTConfig
+from model import GPT, GPT2_OPTIONS, GPTConfig
 from optimizers import configure_optimizer
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
@@ -39,8 +39,10 @@ def check_model_shape(cfg):
 
 
 def model_config(cfg, vocab):
-    """The model from a script's shape keys (GPTConfig's defaults fill any it lacks, e.g. dropout) and vocab."""
-    return GPTConfig(vocab_size=vocab, **{key: getattr(cfg, key) for key in MODEL_KEYS if hasattr(cfg, key)})
+    """A GPT-2 model (its options) of a script's shape keys (GPTConfig's defaults fill any it lacks, e.g.
+    dropout) and vocab."""
+    shape = {key: getattr(cfg, key) for key in MODEL_KEYS if hasattr(cfg, key)}
+    return GPTConfig(vocab_size=vocab, **GPT2_OPTIONS, **shape)
 
 
 def random_batch(vocab_size, batch_size, block_size, device, generator):

@@ -46,7 +46,7 @@ import train
 from bench import common, optimizer_speed, sample_speed
 from checkpoint import full_state, load_checkpoint, load_sharded_state, save_sharded
 from configurator import ConfigError, load_config, run_main
-from model import GPT, GPTConfig, generation_attention
+from model import GPT, GPT2_OPTIONS, GPTConfig, generation_attention
 from muon import orthogonalize
 from optimizers import configure_optimizer
 from parallel import shard
@@ -132,7 +132,7 @@ def runtime(cfg):
 
 
 def gpt2_config(cfg, **options):
-    return GPTConfig(**(TINY_GPT2 if cfg.tiny else GPT2), bias=False, dropout=0.0, **options)
+    return GPTConfig(**(TINY_GPT2 if cfg.tiny else GPT2), bias=False, dropout=0.0, **{**GPT2_OPTIONS, **options})
 
 
 def random_batch(config, batch_size, device, seed=1337):
@@ -287,7 +287,7 @@ def section_fsdp(cfg, rt, started):
 def fsdp_steps(cfg, rt):
     config = GPTConfig(**({"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 128} if cfg.tiny
                           else {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "vocab_size": 512}),
-                       bias=False, dropout=0.0)
+                       bias=False, dropout=0.0, **GPT2_OPTIONS)
     batches = random_batch(config, 4 if cfg.tiny else 16, rt.device)
     models = {}
     for name, seed in (("sharded", 1), ("reference", 1), ("loaded", 2)):

@@ -36,7 +36,7 @@ import parallel
 import train
 from bench import common
 from configurator import ConfigError, run_main
-from model import GPTConfig
+from model import GPT2_OPTIONS, GPTConfig
 from optimizers import configure_optimizer
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -107,7 +107,7 @@ def time_shape(sizes, cfg, rt):
     """Both optimizers at one shape: (settings, steps per round, each round's record)."""
     layers, heads, width, block, batch, vocab = sizes
     config = GPTConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=block, vocab_size=vocab, bias=False,
-                       dropout=0.0)
+                       dropout=0.0, **GPT2_OPTIONS)
     settings = [Setting(config, cfg.seed, rt, name, cfg.muon_split) for name in ("adamw", "muon")]
     batches = [common.random_batch(vocab, batch, block, rt.device, torch.Generator().manual_seed(cfg.seed))]
     for setting in settings:

@@ -29,19 +29,40 @@ def test_the_config_reference_is_train_help():
 
 @pytest.mark.slow
 def test_a_key_appended_to_the_config_block_needs_no_other_edit(tmp_path):
-    """The "Add a config key" recipe's first step alone: --help lists the key under its group, and the docs
-    check still holds (the resume check treats it as fixed: tests/test_robustness.py)."""
+    """The "Add a config key" recipe's first step alone: --help lists the key under its group, the docs check
+    still holds, a value outside its tag's range is refused in one line, and the resume check reads its class
+    from the tag (a changeable key's change is accepted and said)."""
     source = (ROOT / "train.py").read_text()
-    line = 'sample_top_k = 200  # top-k of the logged samples\n'
-    anchor = "sample_temperature = 0.8"
+    line = "sample_top_p = 1.0  # nucleus of the logged samples {(0, 1]; changeable}\n"
+    anchor = "sample_top_k = 200"
     at = source.index("\n", source.index(anchor)) + 1
-    (tmp_path / "train.py").write_text(source[:at] + line + source[at:])
-    help_text = subprocess.run([sys.executable, str(tmp_path / "train.py"), "--help"], cwd=ROOT, text=True,
-                               capture_output=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
-    assert re.search(r"--sample_temperature=0.8 .*\n  --sample_top_k=200 +top-k of the logged samples\n", help_text)
+    copy = tmp_path / "train.py"
+    copy.write_text(source[:at] + line + source[at:])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    help_text = subprocess.run([sys.executable, str(copy), "--help"], cwd=ROOT, text=True, capture_output=True,
+                               check=True, env=env).stdout
+    assert re.search(r"--sample_top_k=200 .*\n  --sample_top_p=1.0 +nucleus of the logged samples \{", help_text)
     reference = (ROOT / "docs" / "config.md").read_text()
     block = re.search(r"`python train.py --help` printed:\n\n```\n(.*?)```", reference, re.DOTALL).group(1)
     assert in_order(block.splitlines(), help_text.splitlines())
+    refused = subprocess.run([sys.executable, str(copy), "--sample_top_p=0"], cwd=ROOT, text=True,
+                             capture_output=True, env=env)
+    assert (refused.returncode, refused.stderr) == (2, "error: sample_top_p must be in (0, 1], got 0.0\n")
+    resumed = subprocess.run([sys.executable, "-c", RESUME_WITH_A_CHANGE, str(copy)], cwd=ROOT, text=True,
+                             capture_output=True, check=True, env=env)
+    assert resumed.stdout == "{'sample_top_p': [1.0, 0.5]}\n"
+
+
+RESUME_WITH_A_CHANGE = """
+import importlib.util, sys
+import checks
+spec = importlib.util.spec_from_file_location("train_copy", sys.argv[1])
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+cfg = train.load_config(sys.argv[1], ["--sample_top_p=0.5"], *train.KEYS_FROM)
+ckpt = {"path": "out/last.pt", "config": {**vars(cfg), "sample_top_p": 1.0}}
+print(checks.resume_changes(cfg, ckpt, train.resume_classes()))
+"""
 
 
 def test_in_order_accepts_an_added_line_and_refuses_a_changed_or_moved_one():

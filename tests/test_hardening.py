@@ -195,7 +195,7 @@ def test_a_negative_seed_is_refused_before_anything_is_written(data_root, tmp_pa
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(data_root, out, seed=-1))
-    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: seed must be 0 or more, got -1\n"
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: seed must be >= 0, got -1\n"
     assert not out.exists()
 
 

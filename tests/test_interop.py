@@ -13,7 +13,7 @@ from conftest import PLAY, ROOT, read_log, run_script, tiny_args
 import export
 from checkpoint import load_checkpoint
 from hf import WeightsError, load_gpt2, read_safetensors, save_gpt2, write_safetensors
-from model import GPT, GPTConfig
+from model import GPT, GPT2_OPTIONS, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -62,8 +62,8 @@ def test_loads_transformers_safetensors(hf_dir):
     folder, hf = hf_dir
     assert (folder / "model.safetensors").is_file()
     ours = load_gpt2(folder)
-    assert ours.config == GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
-                                    bias=True)
+    assert ours.config == GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32,
+                                    dropout=0.0, bias=True)
     assert ours.lm_head.weight is ours.transformer.wte.weight
     assert max_logit_difference(ours, hf) <= TOLERANCE
     assert load_gpt2(folder, dropout=0.1).config.dropout == 0.1
@@ -85,7 +85,8 @@ def test_loads_original_gpt2_pickle_layout(hf_dir):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_round_trip_through_transformers(tmp_path, bias):
-    ours = randomize(GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32, bias=bias)))
+    ours = randomize(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32,
+                                   bias=bias)))
     save_gpt2(ours, tmp_path)
     written = pytest.importorskip("safetensors.torch").load_file(tmp_path / "model.safetensors")
     assert "lm_head.weight" not in written and all(t.dtype == torch.float32 for t in written.values())
@@ -98,7 +99,7 @@ def test_round_trip_through_transformers(tmp_path, bias):
 
 
 def test_cropped_vocabulary_keeps_the_real_tokens_logits(tmp_path):
-    ours = randomize(GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32)))
+    ours = randomize(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32)))
     save_gpt2(ours, tmp_path, vocab_size=100, eot_id=99)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["vocab_size"], config["eos_token_id"], config["bos_token_id"]) == (100, 99, 99)
@@ -206,7 +207,8 @@ def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
     sample.py --init_from samples from them directly; GPT-2 BPE comes from tiktoken's cache."""
     torch.manual_seed(0)
     hf = tmp_path / "tiny-gpt2"
-    save_gpt2(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, bias=True)), hf)
+    save_gpt2(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32,
+                            bias=True)), hf)
     data = tmp_path / "data"
     run_script("prepare.py", ["text", "--input", str(PLAY), "--tokenizer", "gpt2", "--name", "play_gpt2",
                               "--data_root", str(data)])
@@ -227,6 +229,6 @@ def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
 @pytest.mark.slow
 def test_pretrained_weights_need_gpt2_tokens(data_root, tmp_path):
     hf = tmp_path / "tiny-gpt2"
-    save_gpt2(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), hf)
+    save_gpt2(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), hf)
     result = run_script("train.py", tiny_args(data_root, tmp_path / "run", init_from=hf), check=False)
     assert result.returncode == 2 and "prepare the data with --tokenizer gpt2" in result.stderr

@@ -9,9 +9,9 @@ import prepare
 from checkpoint import load_checkpoint, model_from_checkpoint
 from hf import WeightsError, load_adapters, load_gpt2, save_adapters, save_gpt2
 from lora import LoRALinear, merge_lora
-from model import GPT, GPTConfig
+from model import GPT, GPT2_OPTIONS, GPTConfig
 
-BASE = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)
+BASE = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)
 
 
 def lora_model(targets="attn,mlp", rank=4):
@@ -89,7 +89,8 @@ def gpt2_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     prepare.prepare("text", inputs=[str(PLAY)], tokenizer="gpt2", name="play_gpt2", data_root=tmp / "data")
     torch.manual_seed(0)
-    save_gpt2(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), tmp / "hf")
+    gpt2 = GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
+    save_gpt2(gpt2, tmp / "hf")
     args = tiny_args(tmp / "data", tmp / "run", dataset="play_gpt2", init_from=tmp / "hf", lora_rank=4,
                      lora_targets="attn,mlp", learning_rate=1e-2, max_iters=20, lr_decay_iters=20,
                      eval_interval=10, sample_interval=20)

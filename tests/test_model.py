@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPT2_OPTIONS, GPTConfig, sample_next
 from optimizers import optimizer_groups
 
-TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+TINY = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
 
 
 def tiny_model(seed=0, **overrides):
@@ -61,7 +61,7 @@ def test_parameter_counts_and_flops():
 
 @pytest.mark.slow
 def test_gpt2_124m_figures():
-    model = GPT(GPTConfig(vocab_size=50257))
+    model = GPT(GPTConfig(**GPT2_OPTIONS, vocab_size=50257))
     assert model.num_params() == 124_439_808  # GPT-2 small, the tied head counted once
 
 

@@ -15,11 +15,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 import train
 from bench import optimizer_speed
-from model import GPT, GPTConfig
+from model import GPT, GPT2_OPTIONS, GPTConfig
 from muon import BATCH_ELEMENTS, batches, default_ns_dtype, newton_schulz_flops, orthogonalize, to_strips, use_gram_form
 from optimizers import configure_optimizer
 
-CONFIG = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
+CONFIG = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
 
 
 def model_and_optimizer(muon_split="whole"):

@@ -11,11 +11,11 @@ from conftest import read_log, run_script, tiny_args
 
 from data import Windows
 from hf import WeightsError, save_gpt2
-from model import GPT, GPTConfig, KVCache, value_table
+from model import GPT, GPT2_OPTIONS, GPTConfig, KVCache, value_table
 from muon import orthogonalize
 from optimizers import configure_optimizer
 
-BASE = {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 48, "bias": False}
+BASE = {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 48, "bias": False, **GPT2_OPTIONS}
 SPEEDRUN = {"zero_init_proj": True, "logit_softcap": 5.0, "value_embeddings": 1, "unet_skips": True}
 OPTIONS = [{}, {"pos_embedding": "rope"}, {"norm": "rmsnorm"}, {"mlp": "relu2"}, {"mlp": "swiglu"},
            {"qk_norm": True}, {"tie_embeddings": False}, {"zero_init_proj": True}, {"logit_softcap": 5.0},
@@ -118,7 +118,7 @@ def test_logit_softcap_bounds_the_logits_on_every_path():
     huge, _ = with_weights_of(capped, {"logit_softcap": 1e6})
     assert abs(huge(x, y)[1].item() - plain(x, y)[1].item()) < 1e-5
     with pytest.raises(ValueError, match="logit_softcap must be 0"):
-        GPTConfig(**BASE, logit_softcap=-1.0)
+        GPTConfig(**{**BASE, "logit_softcap": -1.0})
 
 
 def test_value_embeddings_feed_the_first_and_last_layers_and_add_only_their_mix():

@@ -1,11 +1,13 @@
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import read_log, run_script, tiny_args
 
+import configurator
 import data
 import devices
 import train
@@ -88,11 +90,11 @@ def test_help_lists_every_key_with_default_and_meaning():
 @pytest.mark.parametrize(("args", "message"), [
     (["--no_such_key=1"], "unknown key --no_such_key"),
     (["--batch_size=twelve"], "--batch_size=twelve is not a valid int"),
-    (["--batch_size=0"], "batch_size must be positive"),
+    (["--batch_size=0"], "batch_size must be > 0, got 0"),
     (["config/missing.py"], "config file config/missing.py cannot be read"),
-    (["--gradient_accumulation_steps=-1"], "gradient_accumulation_steps must be positive"),
+    (["--gradient_accumulation_steps=-1"], "gradient_accumulation_steps must be > 0"),
     (["--device=cuda:7"], "device cuda:7 does not exist"),
-    (["--sample_temperature=-1"], "sample_temperature must be 0 (greedy) or more, got -1.0"),
+    (["--sample_temperature=-1"], "sample_temperature must be >= 0, got -1.0"),
 ])
 @pytest.mark.slow
 def test_config_errors_are_one_line(args, message, capsys):
@@ -111,6 +113,24 @@ def test_config_file_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.main([str(path)])
         assert message in capsys.readouterr().err
+
+
+def test_a_keys_tag_declares_its_allowed_values_and_resume_class(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("rate = 0.5  # share {(0, 1]; changeable}\nmode = \"a\"  # a mode {a|b}\n"
+                      "steps = 3  # count {>= 1}\nname = \"x\"  # untagged\n")
+    keys = configurator.all_keys(script)
+    assert [(k.allowed, k.resume) for k in keys.values()] == [
+        ("(0, 1]", "changeable"), ("a|b", "fixed"), (">= 1", "fixed"), ("", "fixed")]
+    assert vars(configurator.load_config(script, ["--rate=1", "--mode=b", "--steps=1"])) == {
+        "rate": 1.0, "mode": "b", "steps": 1, "name": "x"}
+    for arg, message in (("--rate=0", "rate must be in (0, 1], got 0.0"), ("--mode=c", "mode must be a or b, got 'c'"),
+                         ("--steps=0", "steps must be >= 1, got 0")):
+        with pytest.raises(configurator.ConfigError, match=re.escape(message)):
+            configurator.load_config(script, [arg])
+    script.write_text("rate = 0.5  # share {changable}\n")
+    with pytest.raises(ValueError, match="rate's tag part 'changable' is neither"):
+        configurator.all_keys(script)
 
 
 @pytest.mark.slow
@@ -203,9 +223,9 @@ def test_sample_prints_text_from_a_run(data_root, tmp_path):
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    ("--top_p=0", "top_p must be in (0, 1]"),
-    ("--temperature=-1", "temperature must be 0"),
-    ("--num_samples=0", "num_samples must be positive"),
+    ("--top_p=0", "top_p must be in (0, 1], got 0.0"),
+    ("--temperature=-1", "temperature must be >= 0"),
+    ("--num_samples=0", "num_samples must be > 0"),
     ("--device=cuda:x", "unknown device 'cuda:x'"),
 ])
 @pytest.mark.slow
