@@ -3,11 +3,13 @@ draws from. `prepare.py` writes what this module reads; training, sampling, expo
 this module alone, never the preparation pipeline.
 
 Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header of 256
-little-endian int32 -- magic 20240520, version 1, token count, then zeros -- followed by the tokens as
-uint16. A split is every `*{split}_NNNNNN.bin` of a dataset folder, in name order: train, val, and test when
-prepare made one (has_split tells; it opens like val). Fine-tuning data (`prepare.py sft`) is instead
-`{split}_tokens.npy`, `{split}_mask.npy` and `{split}_offsets.npy`. meta.json's "leakage" is prepare's count of
-held-out documents also found verbatim in train (leaked_documents reads it).
+little-endian int32 -- magic, version, token count, then zeros -- followed by the tokens: magic 20240520 and
+version 1 for uint16 tokens (llm.c's GPT-2 shards), magic 20240801 and version 7 for uint32 ones (its Llama 3
+shards), which a vocabulary of more than 65,536 ids needs. A split is every `*{split}_NNNNNN.bin` of a dataset
+folder, in name order: train, val, and test when prepare made one (has_split tells; it opens like val).
+Fine-tuning data (`prepare.py sft`) is instead `{split}_tokens.npy` (uint16 or uint32, as shards),
+`{split}_mask.npy` and `{split}_offsets.npy`. meta.json's "leakage" is prepare's count of held-out documents also
+found verbatim in train (leaked_documents reads it).
 """
 
 import errno
@@ -21,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+import tiktoken.load
 
-MAGIC = 20240520
-VERSION = 1
+# a shard's (magic, version) per token dtype: llm.c's for GPT-2 (uint16) and for Llama 3 (uint32) tokens
+SHARD_HEADERS = {np.dtype("<u2"): (20240520, 1), np.dtype("<u4"): (20240801, 7)}
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-MAX_VOCAB = 2**16  # token ids are stored as uint16
 MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as int32
+EOT_TEXT = "<|endoftext|>"  # a tiktoken encoding's end-of-text token, where it has one
 TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}  # same ranks; r50k's single cached file serves gpt2 offline
 NAMED_DATASETS = ("shakespeare_char", "fineweb10B", "fineweb_edu10B", "openwebtext")  # `python prepare.py <name>`
 
@@ -39,13 +42,19 @@ class DataError(Exception):
 # ---- shard files -------------------------------------------------------------------------------
 
 
+def shard_format(dtype: np.dtype) -> str:
+    """meta.json's name for shards of this dtype."""
+    return f"llm.c v{SHARD_HEADERS[dtype][1]} {dtype.name}"
+
+
 def write_shard(path, tokens) -> None:
-    """Write tokens as an llm.c v1 shard, atomically, so a reader never sees a half-written file."""
-    tokens = _as_uint16(tokens)
+    """Write tokens as an llm.c shard, atomically, so a reader never sees a half-written file: as uint32 when
+    given a uint32 array (a vocabulary over 65,536 ids), else as uint16."""
+    tokens = _as_shard_dtype(tokens)
     if len(tokens) > MAX_SHARD_TOKENS:
         raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS:,} tokens, got {len(tokens):,}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
+    header[:3] = *SHARD_HEADERS[tokens.dtype], len(tokens)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden, so shard globs skip it
     try:
@@ -60,15 +69,17 @@ def write_shard(path, tokens) -> None:
         raise
 
 
-def _as_uint16(tokens) -> np.ndarray:
+def _as_shard_dtype(tokens) -> np.ndarray:
     tokens = np.asarray(tokens)
-    if tokens.dtype != np.uint16 and tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
-        raise ValueError("token ids must fit uint16 (0..65535)")
+    if tokens.dtype == np.uint32:
+        return np.ascontiguousarray(tokens, dtype="<u4")
+    if tokens.dtype != np.uint16 and tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError("token ids must fit uint16 (0..65535); pass a uint32 array for larger ones")
     return np.ascontiguousarray(tokens, dtype="<u2")
 
 
 def open_shard(path):
-    """(the shard's file, open for reading, and its token count), after checking its header against its
+    """(the shard's file, open for reading, its token count and their dtype), after checking its header against its
     size. Memory-mapping the open file (not the path) reads the data it held when opened, even after
     prepare.py has swapped a new folder in under the same name."""
     path = Path(path)
@@ -87,11 +98,14 @@ def open_shard(path):
             raise DataError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header; "
                             "re-create it")
         magic, version, count = (int(x) for x in np.frombuffer(file.read(12), dtype="<i4"))
-        if magic != MAGIC:
-            raise DataError(f"{path} has magic {magic}, not {MAGIC}, so it is not a token shard; re-create it")
-        if version != VERSION:
-            raise DataError(f"shard {path} is version {version}, but only {VERSION} is supported; re-create it")
-        expected = HEADER_BYTES + 2 * count
+        versions = dict(SHARD_HEADERS.values())  # magic: version
+        if magic not in versions:
+            magics = " or ".join(f"{known} ({dtype.name} tokens)" for dtype, (known, _) in SHARD_HEADERS.items())
+            raise DataError(f"{path} has magic {magic}, not {magics}, so it is not a token shard; re-create it")
+        if version != versions[magic]:
+            raise DataError(f"shard {path} is version {version}, but only {versions[magic]} is supported; re-create it")
+        dtype = next(dtype for dtype, header in SHARD_HEADERS.items() if header == (magic, version))
+        expected = HEADER_BYTES + dtype.itemsize * count
         if count < 0 or size != expected:
             raise DataError(
                 f"shard {path} is {size:,} bytes but its header promises {count:,} tokens ({expected:,} bytes),"
@@ -100,7 +114,7 @@ def open_shard(path):
     except BaseException:
         file.close()
         raise
-    return file, count
+    return file, count, dtype
 
 
 def allow_open_files(count):
@@ -117,16 +131,16 @@ def allow_open_files(count):
                                                     hard))
 
 
-def map_tokens(file, count) -> np.memmap:
+def map_tokens(file, count, dtype) -> np.memmap:
     """An open shard's tokens, memory-mapped read-only."""
-    return np.memmap(file, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    return np.memmap(file, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
 def load_shard(path) -> np.memmap:
     """Memory-map a shard's tokens read-only, after checking its header against the file size."""
-    file, count = open_shard(path)
+    file, count, dtype = open_shard(path)
     with file:  # the map keeps its own handle
-        return map_tokens(file, count)
+        return map_tokens(file, count, dtype)
 
 
 def shard_paths(data_dir, split: str) -> list[Path]:
@@ -226,8 +240,13 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    @property
+    def dtype(self) -> np.dtype:
+        """What its ids are stored as: uint16, or uint32 for a vocabulary over 65,536 ids."""
+        return np.dtype("<u2") if self.vocab_size <= 2**16 else np.dtype("<u4")
+
     def encode_chunks(self, chunks: list) -> list[np.ndarray]:
-        """Tokenize a batch of chunks into uint16 arrays; prepare's fast path."""
+        """Tokenize a batch of chunks into arrays of self.dtype; prepare's fast path."""
         raise NotImplementedError
 
     def document_start(self) -> list[int]:
@@ -256,7 +275,7 @@ class ByteTokenizer(Tokenizer):
         return list(text.encode())
 
     def encode_chunks(self, chunks: list) -> list[np.ndarray]:
-        return [np.frombuffer(chunk, dtype=np.uint8).astype(np.uint16) for chunk in chunks]
+        return [np.frombuffer(chunk, dtype=np.uint8).astype(self.dtype) for chunk in chunks]
 
     def _decode_text_ids(self, ids: np.ndarray) -> str:
         return ids.astype(np.uint8).tobytes().decode(errors="replace")
@@ -283,7 +302,7 @@ class CharTokenizer(Tokenizer):
         if unknown.any():
             missing = "".join(sorted({chr(c) for c in code_points[unknown]}))
             raise DataError(f"characters {missing!r} are not in this char vocabulary; leave them out of the text")
-        return ids.astype(np.uint16)
+        return ids.astype(self.dtype)
 
     def _decode_text_ids(self, ids: np.ndarray) -> str:
         return self._code_points[ids].tobytes().decode("utf-32-le")
@@ -294,35 +313,55 @@ def _code_points(text: str) -> np.ndarray:
 
 
 class TiktokenTokenizer(Tokenizer):
-    """A tiktoken BPE encoding; batches are tokenized on all cores."""
+    """A tiktoken BPE encoding, any that tiktoken knows by name; batches are tokenized on all cores."""
 
     def __init__(self, encoding_name: str):
         self.encoding = _load_tiktoken(encoding_name)
         self.vocab_size = self.encoding.n_vocab
-        self.eot_id = self.encoding.eot_token
+        self.eot_id = self.encoding.eot_token if EOT_TEXT in self.encoding.special_tokens_set else None
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
     def encode_chunks(self, chunks: list) -> list[np.ndarray]:
         batch = self.encoding.encode_ordinary_batch(chunks, num_threads=os.cpu_count() or 1)
-        return [np.array(ids, dtype=np.uint16) for ids in batch]
+        return [np.array(ids, dtype=self.dtype) for ids in batch]
 
     def _decode_text_ids(self, ids: np.ndarray) -> str:
-        return self.encoding.decode(ids.tolist())
+        return b"".join(map(self._token_bytes, ids.tolist())).decode(errors="replace")
+
+    def _token_bytes(self, token: int) -> bytes:
+        """A token's bytes; none for an id the encoding leaves unassigned (cl100k_base's 100256), which a model
+        can still sample."""
+        try:
+            return self.encoding.decode_single_token_bytes(token)
+        except KeyError:
+            return b""
 
 
 def _load_tiktoken(name: str):
+    """The encoding from tiktoken's cache (TIKTOKEN_CACHE_DIR), else downloaded into it, saying so."""
     if name not in tiktoken.list_encoding_names():
         known = ", ".join(tiktoken.list_encoding_names())
         raise DataError(f"unknown tokenizer {name!r}; use byte, char, gpt2 or a tiktoken encoding ({known})")
+    download = tiktoken.load.read_file  # which tiktoken calls, silently, only for a file its cache lacks
+
+    def announced_download(url):
+        print(f"downloading {url} for tiktoken encoding {name}, once: tiktoken keeps it in TIKTOKEN_CACHE_DIR"
+              " (if unset, the temporary folder's data-gym-cache)")
+        return download(url)
+
+    tiktoken.load.read_file = announced_download
     try:
         return tiktoken.get_encoding(name)
     except (OSError, ValueError) as e:  # a cache miss means a download: network errors, or a hash mismatch
+        reason = " ".join(str(e).split())  # one line
         raise DataError(
-            f"could not load tiktoken encoding {name!r} ({e}); set TIKTOKEN_CACHE_DIR to a folder that holds it"
-            " or allow the download"
+            f"tiktoken encoding {name!r} is not in tiktoken's cache and could not be downloaded ({reason}); connect "
+            "to the internet once, or set TIKTOKEN_CACHE_DIR to a folder that holds its file"
         ) from None
+    finally:
+        tiktoken.load.read_file = download
 
 
 def get_tokenizer(meta: dict) -> Tokenizer:
@@ -402,7 +441,7 @@ class Windows:
         self.paths = shard_paths(data_dir, split)
         self.block_size, self.vocab_size = block_size, vocab_size
         allow_open_files(len(self.paths))
-        self.files, counts = zip(*(open_shard(p) for p in self.paths))
+        self.files, counts, self.dtypes = zip(*(open_shard(p) for p in self.paths))
         self.lengths = np.array(counts, dtype=np.int64)
         self.starts_per_shard = np.maximum(self.lengths - block_size, 0)
         self.total_starts, self.tokens = int(self.starts_per_shard.sum()), int(self.lengths.sum())
@@ -426,7 +465,8 @@ class Windows:
         columns = np.arange(self.block_size + 1)
         for s in np.unique(shard_of):
             rows = shard_of == s
-            tokens = map_tokens(self.files[s], self.lengths[s]).view(np.ndarray)  # (memmap slicing is slow)
+            tokens = map_tokens(self.files[s], self.lengths[s], self.dtypes[s])
+            tokens = tokens.view(np.ndarray)  # no copy (memmap slicing is slow)
             window[rows] = tokens[(starts[rows] - first_start[s])[:, None] + columns]
         if int(window.max()) >= self.vocab_size:
             raise DataError(f"token id {int(window.max())} in the data is >= the model's vocab_size "

@@ -54,9 +54,9 @@ token or its prompt). Split: of the n records, v = max(1, round(val_fraction * n
 With --test_fraction, t = max(1, round(test_fraction * n)) of those v records, spread evenly among them by the
 same rule, are test instead. The split is decided before any record is dropped, so it does not depend on the
 tokenizer or --block_size.
-Output: {split}_tokens.npy (uint16), {split}_mask.npy (uint8, 1 where the token is a trained target) and
-{split}_offsets.npy (int64: example i is tokens[offsets[i]:offsets[i + 1]]) per split, and meta.json with
-"format": "sft".
+Output: {split}_tokens.npy (uint16, or uint32 as for shards), {split}_mask.npy (uint8, 1 where the token is a
+trained target) and {split}_offsets.npy (int64: example i is tokens[offsets[i]:offsets[i + 1]]) per split, and
+meta.json with "format": "sft".
 
 Leakage audit: prepare hashes every document (64-bit blake2b of its bytes: exact, verbatim matches only,
 near-duplicates are not found) and says on the console and in meta.json's "leakage" -- {"unit", "val_docs",
@@ -66,12 +66,18 @@ single file, which straddles the cut anyway, a paragraph, a block of non-blank l
 around it (one speech in tiny shakespeare); for web datasets a document; for sft a record as rendered (its token
 ids). Empty documents are not counted.
 
+Tokenizers (--tokenizer): byte, char, gpt2 (tiktoken's r50k_base, under the name meta.json has always given it)
+or any encoding tiktoken knows by name (cl100k_base, o200k_base, p50k_base, r50k_base, ..., and those of an
+installed tiktoken_ext plugin), read from tiktoken's cache (TIKTOKEN_CACHE_DIR) or else downloaded into it once.
+End-of-text is the encoding's own <|endoftext|> (meta.json's eot_id; none where an encoding lacks it).
+
 Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header
-of 256 little-endian int32 -- magic 20240520, version 1, token count, then zeros -- followed by the
-tokens as uint16. Shards made by llm.c or modded-nanogpt (e.g. their published FineWeb ones) need
-no tokenizing: put the .bin files in <data_root>/<name>/ and run `python prepare.py meta --name
-<name>`, which checks every shard's header and writes a meta.json saying they hold GPT-2 tokens
-(--tokenizer names another).
+of 256 little-endian int32 -- magic, version, token count, then zeros -- followed by the tokens: as
+uint16 under magic 20240520, version 1 (llm.c's GPT-2 shards), or, for a vocabulary of more than
+65,536 ids (cl100k_base, o200k_base), as uint32 under magic 20240801, version 7 (its Llama 3 shards).
+Shards made by llm.c or modded-nanogpt (e.g. their published FineWeb ones) need no tokenizing: put
+the .bin files in <data_root>/<name>/ and run `python prepare.py meta --name <name>`, which checks
+every shard's header and writes a meta.json saying they hold GPT-2 tokens (--tokenizer names another).
 """
 
 import inspect
@@ -212,8 +218,9 @@ def _parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--tokenizer",
-        help="byte, char, gpt2 or any tiktoken encoding name (default: char for shakespeare_char, gpt2 for web"
-        " datasets, sft and meta, else byte)",
+        help="byte, char, gpt2 or any tiktoken encoding name (cl100k_base, o200k_base, ...: from tiktoken's cache,"
+        " TIKTOKEN_CACHE_DIR, else downloaded once) (default: char for shakespeare_char, gpt2 for web datasets, sft"
+        " and meta, else byte)",
     )
     parser.add_argument(
         "--data_root", default=defaults["data_root"], help="folder of prepared datasets (default: %(default)s)"

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from data import (
-    MAX_VOCAB,
     DataError,
     Tokenizer,
     get_tokenizer,
+    shard_format,
     tokenizer_meta,
     write_shard,
 )
@@ -87,30 +87,20 @@ def check_inputs_survive(documents: list[Path], out_dir: Path) -> None:
             )
 
 
-def build_tokenizer(name: str, chars: str | None = None) -> Tokenizer:
-    """The named tokenizer (char needs the source's characters), checked to fit uint16 shards."""
-    tokenizer = get_tokenizer({"tokenizer": name, "chars": chars})
-    if tokenizer.vocab_size > MAX_VOCAB:
-        raise DataError(
-            f"tokenizer {name!r} has {tokenizer.vocab_size:,} ids, more than the {MAX_VOCAB:,} that fit"
-            " uint16 shards; use gpt2 or another smaller tokenizer"
-        )
-    return tokenizer
-
-
 def tokenizer_without_source(name: str) -> Tokenizer:
     """A tokenizer that needs nothing from the source up front: any but char."""
     if name == "char":
         raise DataError("the char tokenizer takes its vocabulary from a whole source, not a stream; use gpt2 or byte")
-    return build_tokenizer(name)
+    return get_tokenizer({"tokenizer": name})
 
 
 class ShardWriter:
-    """Packs token arrays into a preallocated buffer and writes it out as a shard whenever it fills."""
+    """Packs token arrays into a preallocated buffer of the tokenizer's dtype and writes it out as a shard whenever
+    it fills."""
 
-    def __init__(self, folder: Path, split: str, shard_tokens: int, started: float, log=print):
+    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype, started: float, log=print):
         self.folder, self.split, self.started, self.log = folder, split, started, log
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.buffer = np.empty(shard_tokens, dtype=dtype)
         self.filled = 0
         self.shards = 0
         self.tokens = 0  # added so far, written or not
@@ -225,4 +215,4 @@ class LeakageAudit:
 def dataset_meta(dataset: str, tokenizer_name: str, tokenizer: Tokenizer, **fields) -> dict:
     """meta.json's content: what the shards hold and how to decode them."""
     return {"dataset": dataset, "tokenizer": tokenizer_name, **tokenizer_meta(tokenizer), **fields,
-            "shard_format": "llm.c v1 uint16"}
+            "shard_format": shard_format(tokenizer.dtype)}

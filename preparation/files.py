@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data import DataError, Tokenizer
+from data import DataError, Tokenizer, get_tokenizer
 from preparation.common import (
     BATCH_BYTES,
     CHUNK_BYTES,
     DOWNLOAD_CACHE,
     LeakageAudit,
     ShardWriter,
-    build_tokenizer,
     check_inputs_survive,
     dataset_meta,
     document_hash,
@@ -175,7 +174,7 @@ def source_chars(documents: list[Path]) -> str:
 
 def _split_tokens(segments: list[tuple], tokenizer: Tokenizer, source_hash):
     """Token arrays of one split in source order, with end-of-text after each document ending in it."""
-    eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=np.uint16)
+    eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=tokenizer.dtype)
     batch, batch_bytes = [], 0  # chunks, and the eot array where a document ends
     for path, start, end, ends_document in segments:
         for chunk in _read_chunks(path, start, end):
@@ -202,7 +201,7 @@ def _write_splits(folder: Path, splits: dict, tokenizer: Tokenizer, shard_tokens
     source_hash = hashlib.sha256()
     tokens = {}
     for split, segments in splits.items():
-        writer = ShardWriter(folder, split, shard_tokens, started)
+        writer = ShardWriter(folder, split, shard_tokens, tokenizer.dtype, started)
         for array in _split_tokens(segments, tokenizer, source_hash):
             writer.add(array)
         writer.flush()
@@ -259,7 +258,8 @@ def prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fract
     documents = _source_documents(dataset, inputs, data_root)
     check_inputs_survive(documents, out_dir)
     source_bytes, splits = _plan_splits(documents, val_fraction, test_fraction)
-    tok = build_tokenizer(tokenizer_name, source_chars(documents) if tokenizer_name == "char" else None)
+    chars = source_chars(documents) if tokenizer_name == "char" else None  # char's vocabulary is the source's
+    tok = get_tokenizer({"tokenizer": tokenizer_name, "chars": chars})
     print(
         f"{dataset}: {source_bytes:,} bytes in {len(documents):,} file(s),"
         f" tokenizer {tokenizer_name} (vocab {tok.vocab_size:,})"

@@ -150,9 +150,9 @@ def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, val_fraction: float,
     audit = LeakageAudit("record", kept)  # a record as rendered: its token ids
     for split, examples in kept.items():
         for ids, _ in examples:
-            audit.add(split, document_hash(np.asarray(ids, dtype=np.uint16).tobytes()))
+            audit.add(split, document_hash(np.asarray(ids, dtype=tok.dtype).tobytes()))
     with new_folder(out_dir) as folder:
-        counts = {split: _write_sft_split(folder, split, examples) for split, examples in kept.items()}
+        counts = {split: _write_sft_split(folder, split, examples, tok.dtype) for split, examples in kept.items()}
         source_hash = hashlib.sha256()
         for path in files:
             source_hash.update(path.read_bytes())
@@ -174,9 +174,9 @@ def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, val_fraction: float,
     return meta
 
 
-def _write_sft_split(folder: Path, split: str, examples: list) -> tuple[int, int, int]:
-    """Write a split's three arrays; (examples, tokens, trained tokens)."""
-    ids = np.concatenate([np.asarray(ids, dtype=np.uint16) for ids, _ in examples])
+def _write_sft_split(folder: Path, split: str, examples: list, dtype: np.dtype) -> tuple[int, int, int]:
+    """Write a split's three arrays, the tokens as `dtype`; (examples, tokens, trained tokens)."""
+    ids = np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in examples])
     mask = np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in examples])
     offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in examples])]).astype(np.int64)
     for name, array in (("tokens", ids), ("mask", mask), ("offsets", offsets)):

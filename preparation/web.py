@@ -114,7 +114,7 @@ def _document_batches(documents):
 
 def _document_tokens(documents, tokenizer: Tokenizer):
     """(UTF-8 text, tokens led by end-of-text as in llm.c) per document, tokenized a batch at a time on all cores."""
-    eot = np.array([tokenizer.eot_id], dtype=np.uint16)
+    eot = np.array([tokenizer.eot_id], dtype=tokenizer.dtype)
     for batch in _document_batches(documents):
         encoded = [text.encode() for text in batch]
         for data, tokens in zip(encoded, tokenizer.encode_chunks(batch if tokenizer.reads_text else encoded)):
@@ -130,7 +130,8 @@ def _write_stream(folder: Path, documents, tokenizer: Tokenizer, shard_tokens: i
     progress = _Progress()
     ends = {"val": val_tokens - test_tokens, "test": val_tokens} if test_tokens else {"val": val_tokens}
     splits = ["train", *ends]
-    writers = {split: ShardWriter(folder, split, shard_tokens, started, progress.log) for split in splits}
+    writers = {split: ShardWriter(folder, split, shard_tokens, tokenizer.dtype, started, progress.log)
+               for split in splits}
     documents_per_split = dict.fromkeys(splits, 0)
     audit = LeakageAudit("document", splits)
     source_hash, source_bytes, held_out = hashlib.sha256(), 0, 0  # held_out: the stream's tokens before train
@@ -194,6 +195,9 @@ def prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_t
     check_inputs_survive(files, out_dir)
     documents = _local_documents(files) if inputs else _hub_documents(dataset)
     tok = tokenizer_without_source(tokenizer_name)
+    if tok.eot_id is None:
+        raise DataError(f"tokenizer {tokenizer_name} has no end-of-text token to put before each document; use gpt2 "
+                        "or byte")
     source = f"{len(files):,} file(s)" if inputs else f"the Hugging Face hub ({WEB_DATASETS[dataset][0]})"
     print(f"{dataset}: documents from {source}, tokenizer {tokenizer_name} (vocab {tok.vocab_size:,})")
     with new_folder(out_dir) as folder:
