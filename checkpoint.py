@@ -14,6 +14,7 @@ Both load through load_checkpoint; a sharded checkpoint's tensors are read with 
 """
 
 import contextlib
+import hashlib
 import os
 import pickle
 import random
@@ -323,6 +324,30 @@ def load_checkpoint(path, map_location="cpu"):
     return {**ckpt, "path": Path(path), **({"sharded": Path(path).resolve()} if Path(path).is_dir() else {})}
 
 
+def parent_checkpoint(init_from):
+    """The checkpoint of this trainer that init_from names, for a new run to start from: a checkpoint file, a
+    sharded checkpoint folder, or a run folder (its best checkpoint); None where it names none (a Hugging
+    Face folder holds config.json)."""
+    path = Path(init_from)
+    if path.is_file() or (path / "trainer_state.pt").is_file():
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        return saved_checkpoint(path, "best")
+    return None
+
+
+def lineage(path, ckpt):
+    """What a run started from a checkpoint records of it: the parent run's folder, the checkpoint, its step
+    and sha256 (of the file; of a sharded folder's files in name order)."""
+    digest, path = hashlib.sha256(), Path(path).resolve()
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return {"run": str(path.parent), "checkpoint": str(path), "step": ckpt["step"], "sha256": digest.hexdigest()}
+
+
 def saved_config(model_config):
     """The GPTConfig of a checkpoint's model_config: an option it lacks is newer than it, so GPT-2's."""
     return GPTConfig(**{**GPT2_OPTIONS, **model_config})
@@ -410,9 +435,9 @@ def write_checkpoint(name, run):
     cfg, setup, state, rank, world_size = run.cfg, run.setup, run.state, run.rank, run.world_size
     start = time.perf_counter()
     path, last = checkpoint_path(cfg.out_dir, name, cfg.checkpoint_format), name == "last"
-    described = {"weights_from": setup.weights_from, "config": vars(cfg), "model_config": asdict(setup.gpt.config),
-                 "meta": setup.meta, **(state.to_checkpoint(world_size) if last else
-                                        {"step": state.step, "best_val_loss": state.best_val_loss})}
+    progress = state.to_checkpoint(world_size) if last else {"step": state.step, "best_val_loss": state.best_val_loss}
+    described = {"weights_from": setup.weights_from, "parent": setup.parent, "config": vars(cfg),
+                 "model_config": asdict(setup.gpt.config), "meta": setup.meta, **progress}
     if last:
         described["scaler"] = setup.scaler.state_dict() if setup.scaler.is_enabled() else None
     if cfg.checkpoint_format == "sharded":

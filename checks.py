@@ -27,10 +27,10 @@ def check_config(cfg, world_size):
     if world_size > 1 and cfg.device.startswith("cuda:"):
         raise ConfigError(f"device {cfg.device} would put every process on one GPU; under torchrun use "
                           "--device=cuda (each process takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick GPUs")
-    if cfg.init_from not in ("scratch", "resume", *HUB_REPOS) and not Path(cfg.init_from).is_dir():
+    if cfg.init_from not in ("scratch", "resume", *HUB_REPOS) and not Path(cfg.init_from).exists():
         raise ConfigError(f"init_from {cfg.init_from} is neither scratch, resume, one of {', '.join(HUB_REPOS)} nor "
-                          "an existing folder; pass a folder in the Hugging Face layout (config.json plus "
-                          "model.safetensors)")
+                          "an existing run folder, checkpoint or folder in the Hugging Face layout (config.json "
+                          "plus model.safetensors)")
     if cfg.task_eval and cfg.parallel == "fsdp" and world_size > 1:
         raise ConfigError("task_eval scores with whole weights in every process, which FSDP does not keep; use "
                           "--parallel=ddp, or score checkpoints afterwards with eval.py")
@@ -80,16 +80,17 @@ NOTES = {"optimizer": " (set in the optimizer)", "val batches": " (new val batch
 BEFORE_THE_KEY = {**GPT2_OPTIONS, "val_tokens": 0, "muon_split": "whole"}
 
 
-def resume_changes(cfg, ckpt, classes):
+def resume_changes(cfg, ckpt, declared):
     """{key: [checkpoint's value, config's value]} for each key this resume changes; ConfigError for a change
-    the checkpoint cannot follow. `classes` holds each key's resume class. A key the checkpoint's config lacks
-    (older than the key) is compared with BEFORE_THE_KEY's value where it has one, and otherwise not at all;
-    Muon's settings are not compared for an AdamW run."""
+    the checkpoint cannot follow, by each key's resume class (`declared`: configurator.Key). A key the
+    checkpoint's config lacks (older than the key) is compared with BEFORE_THE_KEY's value where it has one,
+    and otherwise not at all; Muon's settings are not compared for an AdamW run."""
     saved = {**BEFORE_THE_KEY, **ckpt["config"]}
     unused = ("muon_lr", "muon_split") if cfg.optimizer != "muon" else ()  # settings of an optimizer not in use
+    classes = {key: declared[key].resume if key in declared else "fixed" for key in vars(cfg)}
     changed = {key: [saved[key], value] for key, value in vars(cfg).items()
-               if key in saved and key not in unused and classes.get(key) != "control" and saved[key] != value}
-    fixed = [key for key in changed if classes.get(key, "fixed") == "fixed"]
+               if key in saved and key not in unused and classes[key] != "control" and saved[key] != value}
+    fixed = [key for key in changed if classes[key] == "fixed"]
     if fixed:
         raise ConfigError(f"{ckpt['path']} was trained with {', '.join(f'{k}={changed[k][0]}' for k in fixed)}, which "
                           f"a resume cannot change (the config asks for "
@@ -104,9 +105,9 @@ def resume_changes(cfg, ckpt, classes):
     return changed
 
 
-def describe_changes(changed, classes):
+def describe_changes(changed, declared):
     """The console line of what a resume changed."""
-    print("changed on resume: " + ", ".join(f"{key} {old} -> {new}{NOTES.get(classes[key], '')}"
+    print("changed on resume: " + ", ".join(f"{key} {old} -> {new}{NOTES.get(declared[key].resume, '')}"
                                              for key, (old, new) in changed.items()))
 
 

@@ -1,13 +1,16 @@
 """Several processes (torchrun): how the model is spread over them, applied from outside the model as torchtitan's
-parallelize is: DDP replicas or FSDP2 shards, and which micro-batches exchange gradients."""
+parallelize is: DDP replicas or FSDP2 shards, and which micro-batches exchange gradients; and, applied the same
+way in one process or several, activation checkpointing."""
 
 import contextlib
+import functools
 import os
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from devices import process_group_backend
 
@@ -30,10 +33,14 @@ def join(rt, rank):
         dist.init_process_group(backend=backend)
 
 
-def distribute(gpt, rt, parallel, world_size):
-    """The module that runs `gpt` over the processes: under torchrun with parallel=fsdp, gpt itself, sharded in
-    place (shard); else gpt compiled (where rt says so) and, under torchrun, wrapped in DDP."""
-    if world_size > 1 and parallel == "fsdp":
+def distribute(gpt, rt, cfg, world_size):
+    """The module that runs `gpt` over the processes: under torchrun with cfg.parallel=fsdp, gpt itself, sharded
+    in place (shard); else gpt compiled (where rt says so) and, under torchrun, wrapped in DDP. With
+    cfg.activation_checkpointing its blocks are checkpointed first, then compiled, then sharded: torchtitan's
+    order (apply_ac, apply_compile, apply_fsdp in its parallelize_llama)."""
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(gpt)
+    if world_size > 1 and cfg.parallel == "fsdp":
         shard(gpt, rt)
         return gpt  # its blocks are compiled one by one, in shard()
     model = rt.compiled(gpt)
@@ -53,6 +60,25 @@ def shard(gpt, rt):
             block.compile()
         fully_shard(block, mp_policy=policy)
     fully_shard(gpt, mp_policy=policy)
+
+
+def checkpoint_blocks(gpt):
+    """Activation checkpointing, each block whole (torchtitan's apply_ac in its "full" mode): a block keeps only
+    its input for the backward, which reruns the block's forward to get the rest back, so the blocks' inner
+    activations are held one block at a time, for one more forward's compute. Each block's forward is wrapped in
+    place, where torchtitan wraps the block in torch's CheckpointWrapper, so that no parameter's name gains a
+    level (checkpoints, optimizer groups and exports go by name). The rerun draws the same dropout masks:
+    checkpoint restores the RNG state the forward had (preserve_rng_state, its default)."""
+    for block in gpt.transformer.h:
+        block.forward = functools.partial(recomputed_in_backward, block.forward)
+
+
+def recomputed_in_backward(forward, *args, **kwargs):
+    """forward(*args, **kwargs), its activations recomputed in the backward; where no backward can follow
+    (evaluation, generation), run as it is, so a KV cache is written once."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def gradient_sync(model, enabled):

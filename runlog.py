@@ -98,10 +98,11 @@ class RunLog:
         self.wandb = None
         self.said_no_plot = False  # a plot that cannot be drawn is said once, not at every evaluation
 
-    def start(self, cfg, meta, device, dtype, world_size, resumed_from, wandb_id, changed=None):
+    def start(self, cfg, meta, device, dtype, world_size, resumed_from, wandb_id, changed=None, parent=None):
         """Write run.json's opening state and, with wandb_log, open (or reopen) the wandb run. A resumed
         run keeps what run.json already says about the run's start, progress and best checkpoint, and records
-        the config keys this resume changed ({key: [old, new]})."""
+        the config keys this resume changed ({key: [old, new]}). `parent`: the checkpoint the run started
+        from (checkpoint.lineage), or None."""
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +116,7 @@ class RunLog:
             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
             "dtype": str(dtype).removeprefix("torch."), "world_size": world_size,
             "command": shlex.join(["python", *sys.argv]), "started": now(), "resumed_from_step": resumed_from,
-            "changed_on_resume": changed,
+            "changed_on_resume": changed, "parent": parent,
             "ended": None, "end_reason": "running", "step": resumed_from or 0, "tokens_seen": 0,
             "final_val_loss": None, "best_val_loss": None, "best_step": None,
             "selected_checkpoint": None, "selection_rule": SELECTION_RULE,

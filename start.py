@@ -7,11 +7,20 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from checkpoint import load_optimizer_state, load_sharded_state, saved_config
+from checkpoint import (
+    lineage,
+    load_checkpoint,
+    load_optimizer_state,
+    load_sharded_state,
+    model_from_checkpoint,
+    parent_checkpoint,
+    saved_config,
+)
 from configurator import ConfigError
-from data import DataError, Examples, Windows, has_split, is_gpt2_bpe, prepare_default, read_meta
+from data import TIKTOKEN_ALIASES, DataError, Examples, Windows, has_split, is_gpt2_bpe, prepare_default, read_meta
 from devices import is_out_of_memory
 from hf import WeightsError, load_gpt2
+from lora import merge_lora
 from model import GPTConfig, architecture_options
 
 
@@ -30,15 +39,16 @@ def load_data(cfg, local_rank, world_size):
     return data_dir, read_meta(data_dir)
 
 
-def architecture(cfg, meta, weights_from, ckpt):
-    """(GPTConfig, pretrained state dict or None). A resume keeps the checkpoint's (resume_changes has
-    refused a config asking for another); from scratch the config's keys decide; with GPT-2 weights their
-    config.json does, the position table cropped to block_size. Dropout and the LoRA keys always come from
-    the config."""
+def architecture(cfg, meta, weights_from, ckpt, declared):
+    """(GPTConfig, first weights (a state dict) or None, parent). A resume keeps the checkpoint's architecture
+    (resume_changes has refused a config asking for another) and parent; from scratch the config's keys decide;
+    from another run's checkpoint (parent_checkpoint) or GPT-2 weights, theirs do, the position table cropped
+    to block_size, and a shape key or option set to another value (than its default, `declared`) is refused.
+    Dropout and the LoRA keys always come from the config."""
     tuning = {"dropout": cfg.dropout, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
               "lora_dropout": cfg.lora_dropout, "lora_targets": cfg.lora_targets}
     if ckpt is not None:
-        return replace(saved_config(ckpt["model_config"]), **tuning), None
+        return replace(saved_config(ckpt["model_config"]), **tuning), None, ckpt.get("parent")
     if weights_from == "scratch":
         vocab = cfg.vocab_size or meta["vocab_size"]
         if vocab < meta["vocab_size"]:
@@ -46,20 +56,64 @@ def architecture(cfg, meta, weights_from, ckpt):
                               "use 0 or more")
         options = {option: getattr(cfg, option) for option in architecture_options()}
         return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, bias=cfg.bias, **options, **tuning), None
-    if not is_gpt2_bpe(meta):
-        raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} "
-                          "tokens; prepare the data with --tokenizer gpt2")
-    try:
-        pretrained = load_gpt2(weights_from, dropout=cfg.dropout)
-    except WeightsError as e:
-        raise ConfigError(str(e)) from None
+                         n_embd=cfg.n_embd, bias=cfg.bias, **options, **tuning), None, None
+    pretrained, parent = first_weights(cfg, meta, weights_from)
+    check_architecture_kept(cfg, pretrained.config, declared, weights_from)
     if cfg.block_size > pretrained.config.block_size:
         raise ConfigError(f"block_size {cfg.block_size} exceeds the {pretrained.config.block_size} positions "
                           f"of {weights_from}; use --block_size={pretrained.config.block_size} or less")
     state = pretrained.state_dict()
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.block_size]
-    return replace(pretrained.config, block_size=cfg.block_size, **tuning), state
+    if "transformer.wpe.weight" in state:
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.block_size]
+    return replace(pretrained.config, block_size=cfg.block_size, **tuning), state, parent
+
+
+def first_weights(cfg, meta, weights_from):
+    """(the model a new run starts from, its lineage or None): another run's checkpoint, its LoRA adapters
+    merged into the weights (the new run gets its own), on data of the same tokenizer; or GPT-2's weights."""
+    path = parent_checkpoint(weights_from)
+    if path is not None:
+        parent = load_checkpoint(path)
+        check_same_tokenizer(parent["meta"], meta, path, cfg.dataset)
+        return merge_lora(model_from_checkpoint(parent)), lineage(path, parent)
+    if not is_gpt2_bpe(meta):
+        raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} "
+                          "tokens; prepare the data with --tokenizer gpt2")
+    try:
+        return load_gpt2(weights_from, dropout=cfg.dropout), None
+    except WeightsError as e:
+        raise ConfigError(str(e)) from None
+
+
+def tokenizer_identity(meta):
+    """What makes two datasets' token ids mean the same: the tiktoken encoding (under any of its names) or the
+    tokenizer's kind with its characters, and the vocabulary size."""
+    kind = meta["tokenizer"]
+    return meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind), meta.get("chars"), meta["vocab_size"]
+
+
+def check_same_tokenizer(parent_meta, meta, path, dataset):
+    if tokenizer_identity(parent_meta) != tokenizer_identity(meta):
+        raise DataError(f"{path} was trained on {describe_tokenizer(parent_meta)}, but {dataset} holds "
+                        f"{describe_tokenizer(meta)}, whose ids mean other tokens; prepare the data with the "
+                        "parent's tokenizer (prepare.py --tokenizer), or start from scratch")
+
+
+def describe_tokenizer(meta):
+    chars = f" of {len(meta['chars'])} characters" if meta.get("chars") else ""
+    return f"{meta['tokenizer']} tokens{chars} (vocab {meta['vocab_size']})"
+
+
+def check_architecture_kept(cfg, config, declared, source):
+    """ConfigError where the config sets a shape key or architecture option (to another value than its
+    default) that the weights from `source` have otherwise."""
+    keys = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", *architecture_options())
+    asked = [key for key in keys if getattr(cfg, key) != declared[key].default
+             and getattr(cfg, key) != getattr(config, key)]
+    if asked:
+        raise ConfigError(f"{source} fixes the architecture ({', '.join(f'{k}={getattr(config, k)}' for k in asked)}"
+                          f"), but the config asks for {', '.join(f'{k}={getattr(cfg, k)}' for k in asked)}; leave "
+                          f"{', '.join(asked)} unset to take the weights' own, or start from scratch")
 
 
 def load_batches(cfg, data_dir, meta, model_config, device, rank=0, world_size=1):

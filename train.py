@@ -116,6 +116,7 @@ task_eval_interval = 0  # steps between task evaluations; 0 means eval_interval 
 task_eval_examples = 200  # the task's first N examples are scored each time; 0 scores all {>= 0; changeable}
 # system (the device keys are devices.RuntimeConfig's, listed after train.py's own in --help)
 parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2 shards) {ddp|fsdp; changeable}
+activation_checkpointing = False  # recompute each block's activations in the backward: less memory {changeable}
 # safety and records
 checkpoint_format = "full"  # full: last.pt, best.pt; sharded: folders of all shards {full|sharded; changeable}
 keep_last_k = 0  # also keep the k newest periodic checkpoints (ckpt_<step>.pt, last.<step>) {>= 0; changeable}
@@ -135,9 +136,9 @@ wandb_run_name = ""  # wandb run name; empty lets wandb choose {changeable}
 KEYS_FROM = (RuntimeConfig, GPTConfig)  # whose fields are keys too, after the block's (configurator.all_keys)
 
 
-def resume_classes():
-    """{key: its resume class} as the keys' tags declare them."""
-    return {key: declared.resume for key, declared in all_keys(__file__, *KEYS_FROM).items()}
+def declared():
+    """{key: configurator.Key} as declared: default, meaning, allowed values and resume class."""
+    return all_keys(__file__, *KEYS_FROM)
 
 
 # ---- schedule ----
@@ -174,7 +175,8 @@ class Setup:
     task_examples: list  # task_eval's examples (eval.load_task), or [] without task_eval
     meta: dict  # the dataset's meta.json
     tokenizer: Tokenizer | None  # the data's, for samples and task_eval; None when the run uses neither
-    weights_from: str  # scratch or the GPT-2 source the run's weights started from (a resume keeps it)
+    weights_from: str  # scratch, or the GPT-2 weights or run checkpoint the run started from (a resume keeps it)
+    parent: dict | None  # the checkpoint the run started from: its run, path, step, sha256 (checkpoint.lineage)
     tokens_per_step: int  # over all micro-batches and processes
     best_saver: BackgroundSaver  # writes best.pt off the training thread
 
@@ -186,7 +188,7 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     if ckpt is not None:
         check_same_data(ckpt, meta, data_dir)
     weights_from = ckpt["weights_from"] if ckpt else cfg.init_from
-    model_config, pretrained_state = architecture(cfg, meta, weights_from, ckpt)
+    model_config, pretrained_state, parent = architecture(cfg, meta, weights_from, ckpt, declared())
     train_data, val_data, eval_batches, test_batches = load_batches(cfg, data_dir, meta, model_config,
                                                                     rt.device, rank, world_size)
     # a tokenizer that cannot load (an unknown one, GPT-2's offline without a cache) fails now, not at a sample
@@ -199,7 +201,7 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
         gpt.load_state_dict({**gpt.state_dict(), **pretrained_state})
     if ckpt is not None and not ckpt.get("sharded"):
         load_weights(gpt, ckpt["model"], ckpt["path"])
-    model = distribute(gpt, rt, cfg.parallel, world_size)  # (before the optimizer: FSDP's shards are its params)
+    model = distribute(gpt, rt, cfg, world_size)  # (before the optimizer: FSDP's shards are its params)
     try:
         optimizer = configure_optimizer(gpt, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                         rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None,
@@ -211,31 +213,40 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
         restore_optimizer(ckpt, gpt, optimizer, scaler)
     tokens_per_step = cfg.batch_size * model_config.block_size * cfg.gradient_accumulation_steps
     return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches, task_examples,
-                 meta, tokenizer, weights_from, tokens_per_step, BackgroundSaver())
+                 meta, tokenizer, weights_from, parent, tokens_per_step, BackgroundSaver())
 
 
 # ---- one optimizer step ----
 
 def train_step(model, optimizer, scaler, autocast, batches, grad_clip):
     """One optimizer step over a list of (x, y) micro-batches at the lr set in the optimizer (set_lr), in
-    four moves: zero the gradients, forward and backward each micro-batch (its loss scaled by their count),
-    clip, step the optimizer.
+    four moves: zero the gradients, forward and backward each micro-batch, clip, step the optimizer. The loss
+    is the mean over every trained target (y != -100) of all micro-batches and processes, as one large batch
+    would have it: each micro-batch's mean weighs by its share of those targets (nanochat #59).
 
     Returns (mean loss, gradient norm before clipping, whether the update was applied). A non-finite loss
     or gradient skips the update, so a divergence never reaches the weights; reading the two values for
     that check is the step's one host-device sync. Gradients stay in place until the next call.
     """
     optimizer.zero_grad(set_to_none=True)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    counts = torch.stack([(y != -100).sum() for _, y in batches])  # trained targets per micro-batch
+    total = counts.sum()
+    if world > 1:
+        dist.all_reduce(total)
     loss_sum = torch.zeros((), device=batches[0][0].device)
     for micro, (x, y) in enumerate(batches):
         with gradient_sync(model, enabled=micro == len(batches) - 1):
             with autocast:
                 _, loss = model(x, y)
-            scaler.scale(loss / len(batches)).backward()
+            # its share times the processes, whose gradients are averaged; a micro-batch with no trained target
+            # (its mean is 0/0) adds nothing. With every target trained, the divisor is the micro-batch count.
+            loss = torch.where(counts[micro] > 0, loss, 0.0) / (total / (counts[micro] * world))
+            scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world > 1:
         dist.all_reduce(loss_sum)  # every process then takes the same skip decision
-        loss_sum /= dist.get_world_size()  # (a sum: gloo has no average)
+        loss_sum /= world  # (a sum: gloo has no average)
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -243,7 +254,7 @@ def train_step(model, optimizer, scaler, autocast, batches, grad_clip):
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
     if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards
         grad_norm = grad_norm.full_tensor()
-    loss_value, norm = torch.stack([loss_sum / len(batches), grad_norm.float()]).tolist()
+    loss_value, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
     applied = math.isfinite(loss_value) and math.isfinite(norm)
     if applied:
         scaler.step(optimizer)
@@ -431,17 +442,17 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
         ckpt = checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
         if ckpt is None and rank == 0:
             runlog.check_fresh_folder(cfg.out_dir)
-        classes = resume_classes()
-        changed = resume_changes(cfg, ckpt, classes) if ckpt else None
+        keys = declared()
+        changed = resume_changes(cfg, ckpt, keys) if ckpt else None
         if changed and rank == 0:
-            describe_changes(changed, classes)
+            describe_changes(changed, keys)
         setup = set_up(cfg, ckpt, rt, rank, local_rank, world_size)
         state = TrainingState.start(cfg, ckpt, rank, world_size)
         log = runlog.RunLog(cfg.out_dir, rank == 0)  # the first write of the run: everything is checked by now
         run = Run(cfg, rt, setup, state, log, rank, world_size)
         try:
             log.start(cfg, setup.meta, rt.device, rt.dtype, world_size, ckpt["step"] if ckpt else None,
-                      state.wandb_id, changed)
+                      state.wandb_id, changed, setup.parent)
             if rank == 0:
                 runlog.describe(cfg, setup, rt, world_size)
             train_loop(run, changed)

@@ -76,7 +76,7 @@ def run_record(out_dir):
 # ---- the classification of config keys on resume ----
 
 def test_the_model_and_the_optimizer_are_fixed_on_resume():
-    classes = train.resume_classes()
+    classes = {key: declared.resume for key, declared in train.declared().items()}
     fixed = {key for key, resume in classes.items() if resume == "fixed"}
     assert fixed == {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", *architecture_options(),
                      "lora_rank", "lora_alpha", "lora_targets", "optimizer"}
@@ -90,9 +90,9 @@ def test_a_key_no_class_declares_is_fixed_on_resume():
     cfg.new_key = 2
     ckpt = {"path": "out/last.pt", "config": {**vars(cfg), "new_key": 1}}
     with pytest.raises(ConfigError, match="was trained with new_key=1, which a resume cannot change"):
-        checks.resume_changes(cfg, ckpt, train.resume_classes())
+        checks.resume_changes(cfg, ckpt, train.declared())
     cfg.new_key = 1
-    assert checks.resume_changes(cfg, ckpt, train.resume_classes()) == {}
+    assert checks.resume_changes(cfg, ckpt, train.declared()) == {}
 
 
 # ---- 1. a torn last line of log.jsonl (acceptance 2) ----
