@@ -242,8 +242,9 @@ def all_keys(script_path, *shared):
 def load_config(script_path, argv, *shared):
     """Resolved config for a script: defaults <- config files (in order) <- --key=value, as a namespace.
 
-    `shared` names dataclasses whose fields are keys too (all_keys). Prints the key list and exits on
-    -h/--help. Raises ConfigError for anything unknown, mistyped or not among its tag's allowed values.
+    `shared` names dataclasses whose fields are keys too (all_keys); a true/false key given bare (--chat)
+    is true. Prints the key list and exits on -h/--help. Raises ConfigError for anything unknown, mistyped
+    or not among its tag's allowed values.
     """
     keys = all_keys(script_path, *shared)
     if "-h" in argv or "--help" in argv:
@@ -257,9 +258,9 @@ def load_config(script_path, argv, *shared):
         key, eq, text = arg[2:].partition("=")
         if key not in keys:
             raise ConfigError(f"unknown key --{key}; see --help for the keys")
-        if not eq:
+        if not eq and not isinstance(keys[key].default, bool):
             raise ConfigError(f"--{key} needs a value, as --{key}=VALUE")
-        values[key] = parse_cli_value(key, text, keys[key].default)
+        values[key] = parse_cli_value(key, text, keys[key].default) if eq else True  # a bare --flag is True
     for k, value in values.items():
         check_allowed(k, value, keys[k].allowed)
     return SimpleNamespace(**values)

@@ -32,6 +32,8 @@ HEADER_BYTES = HEADER_INTS * 4
 MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as int32
 EOT_TEXT = "<|endoftext|>"  # a tiktoken encoding's end-of-text token, where it has one
 TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}  # same ranks; r50k's single cached file serves gpt2 offline
+SFT_TEMPLATE = "sft v1"  # fine-tuning records' rendering, in prepare.py's docstring; sample.py --chat follows it
+SFT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}  # its turns' headers
 NAMED_DATASETS = ("shakespeare_char", "fineweb10B", "fineweb_edu10B", "openwebtext")  # `python prepare.py <name>`
 
 

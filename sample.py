@@ -1,8 +1,12 @@
-"""Sample text from a trained run: `python sample.py [--out_dir=out] [--start="Once"] [--key=value ...]`.
+"""Sample text from a trained run: `python sample.py [--out_dir=out] [--start="Once"] [--key=value ...]`, or
+talk to a fine-tuned one: `python sample.py --out_dir=out-sft --chat` (turns read from the console, or from a
+file: `python sample.py --chat < turns.txt`, one user turn per line).
 
-The tokenizer is rebuilt from the meta stored in the checkpoint, so no data folder is needed.
+The tokenizer is rebuilt from the meta stored in the checkpoint, so no data folder is needed. Text streams to
+the console as it is sampled (engine.py).
 """
 
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +15,7 @@ import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, saved_checkpoint
 from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
+from engine import Session, Streamer, stream
 from hf import WeightsError, load_adapters, load_gpt2
 from lora import merge_lora
 
@@ -26,6 +31,8 @@ temperature = 0.8  # below 1 sharpens, above 1 flattens the distribution; 0 is g
 top_k = 200  # sample only among the k most likely tokens; 0 keeps all {>= 0}
 top_p = 1.0  # nucleus sampling: keep the fewest likeliest tokens holding this much probability {(0, 1]}
 stop_at_eot = True  # end a sample at the first end-of-text token it generates (where its document ends)
+stop = ""  # also end a sample where it writes this text (several: separated by |), which is not shown
+chat = False  # talk to a model fine-tuned on prepare.py sft's template: each input line a user turn
 seed = 1337  # makes the samples reproducible
 # device and dtype are devices.DeviceConfig's keys (--help lists them last)
 # ---- end of config ----
@@ -76,23 +83,60 @@ def sample(cfg):
     model, meta = load_model(cfg)
     model = model.to(rt.device).eval()
     tokenizer = data.get_tokenizer(meta)
-    text, ids = prompt(tokenizer, cfg.start)
-    if not ids:
-        raise ConfigError("the prompt encodes to no tokens; give a longer --start")
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    x = torch.tensor([ids], device=rt.device).repeat(cfg.num_samples, 1)
+    sampling = (cfg.temperature, cfg.top_k or None, cfg.top_p, meta["vocab_size"], generator)
     with rt.autocast():
-        out = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                             top_p=cfg.top_p, vocab_limit=meta["vocab_size"], generator=generator)
-    for row in out[:, len(ids):].tolist():
-        if cfg.stop_at_eot and tokenizer.eot_id in row:
-            row = row[:row.index(tokenizer.eot_id)]
-        print(text + tokenizer.decode(row))
-        print("---------------")
+        if cfg.chat:
+            return converse(cfg, model, meta, tokenizer, rt, sampling)
+        text, ids = prompt(tokenizer, cfg.start)
+        if not ids:
+            raise ConfigError("the prompt encodes to no tokens; give a longer --start")
+        for _ in range(cfg.num_samples):
+            session = Session(model, rt.device)
+            session.feed(ids)
+            print(text, end="", flush=True)
+            stream(session, streamer(cfg, tokenizer), sampling, cfg.max_new_tokens,
+                   tokenizer.eot_id if cfg.stop_at_eot else None)
+            print("\n---------------")
+
+
+def streamer(cfg, tokenizer):
+    return Streamer(tokenizer, cfg.stop.split("|"), lambda text: print(text, end="", flush=True))
+
+
+def converse(cfg, model, meta, tokenizer, rt, sampling):
+    """A chat in the template of prepare.py sft (data.SFT_HEADERS): each line read is a user turn, each reply
+    streamed until the model's end-of-text token, the conversation kept in one session's KV cache (returned)."""
+    if meta.get("template") != data.SFT_TEMPLATE:
+        raise ConfigError(f"--chat talks in prepare.py sft's template ({data.SFT_TEMPLATE}), but this model was "
+                          f"trained on {meta.get('dataset')}, not on data in it; fine-tune it on `prepare.py sft` "
+                          "data first (docs/sft.md)")
+    session = Session(model, rt.device)
+    session.feed(tokenizer.document_start())
+    console = sys.stdin.isatty()
+    while line := read_turn(console):
+        session.feed(tokenizer.encode(f"{data.SFT_HEADERS['user']}{line}\n\n")
+                     + tokenizer.encode(data.SFT_HEADERS["assistant"]))
+        stream(session, streamer(cfg, tokenizer), sampling, cfg.max_new_tokens, tokenizer.eot_id)
+        if session.ids[-1] != tokenizer.eot_id:  # cut short: the turn still ends as the template ends it
+            session.feed([tokenizer.eot_id])
+        print()
+    return session
+
+
+def read_turn(console):
+    """The next user turn: a line from the console (after a prompt) or from a file on stdin; "" at the end."""
+    try:
+        line = input("> " if console else "")
+    except EOFError:
+        return ""
+    if not console:
+        print(f"> {line}")
+    return line.strip() or read_turn(console)
 
 
 def main(argv=None):
-    run_main(sample, __file__, argv, DeviceConfig, errors=(CheckpointError, data.DataError))
+    return run_main(sample, __file__, argv, DeviceConfig, errors=(CheckpointError, data.DataError))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import DataError, Tokenizer
+from data import SFT_HEADERS, SFT_TEMPLATE, DataError, Tokenizer
 from preparation.common import (
     LeakageAudit,
     check_inputs_survive,
@@ -20,12 +20,6 @@ from preparation.common import (
 )
 
 DEFAULT_SFT_BLOCK_SIZE = 1024  # GPT-2's context
-
-
-SFT_TEMPLATE = "sft v1"  # the rendering in the module docstring
-
-
-SFT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 
 
 def _sft_records(files: list[Path]):

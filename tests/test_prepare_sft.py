@@ -46,7 +46,7 @@ def test_prompt_completion_rendering_and_mask_by_hand(tmp_path):
     assert meta["format"] == "sft" and meta["examples"] == {"train": 1, "val": 1}
     assert meta["tokens"] == {"train": 7, "val": 4} and meta["trained_tokens"] == {"train": 3, "val": 2}
     assert meta["max_example_tokens"] == 7 and meta["eot_id"] == EOT
-    assert meta["template"] == preparation.sft.SFT_TEMPLATE
+    assert meta["template"] == data.SFT_TEMPLATE
 
 
 def test_chat_rendering_with_gpt2_tokens(tmp_path):
