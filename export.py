@@ -1,9 +1,11 @@
-"""Export a run's checkpoint in the Hugging Face GPT-2 layout: `python export.py out/best.pt hf-dir/`.
+"""Export a run's checkpoint in a Hugging Face layout: `python export.py out/best.pt hf-dir/`.
 
-The folder gets config.json and model.safetensors, which transformers' GPT2LMHeadModel loads with the same
-logits (and hf.load_gpt2 loads back), plus the run's meta.json, from which data.get_tokenizer
-rebuilds its tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go with them. A LoRA run's
-adapters are merged into the weights; with --adapters_only they are written alone instead, in PEFT's layout.
+The layout follows the run's architecture options (hf.LAYOUTS): GPT-2's (GPT2LMHeadModel), Llama's
+(LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU) or Qwen3's (Qwen3ForCausalLM: those with QK-norm); options
+none holds are refused. The folder gets config.json and model.safetensors, which transformers loads with the same
+logits (and hf.load_gpt2 loads back), plus the run's meta.json, from which data.get_tokenizer rebuilds its
+tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go with them. A LoRA run's adapters are merged
+into the weights; with --adapters_only they are written alone instead, in PEFT's layout.
 """
 
 import json
@@ -14,7 +16,7 @@ from pathlib import Path
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ArgumentParser
-from hf import WeightsError, save_adapters, save_gpt2
+from hf import WeightsError, layout_for, save_adapters, save_gpt2
 from lora import adapter_state
 
 
@@ -44,8 +46,8 @@ def check_destination(folder, force):
 
 
 def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=False):
-    """Write the checkpoint's model in the Hugging Face layout (or its LoRA adapters alone), and its tokenizer
-    meta, to `folder`."""
+    """Write the checkpoint's model in the Hugging Face layout its options fit (or its LoRA adapters alone), and its
+    tokenizer meta, to `folder`."""
     folder = Path(folder)
     check_destination(folder, force)
     ckpt = load_checkpoint(checkpoint)
@@ -75,12 +77,12 @@ def report_adapters(folder, model, base):
 
 
 def report(folder, model, meta, crop_vocab):
-    cfg = model.config
+    cfg, layout = model.config, layout_for(model.config)
     vocab = meta["vocab_size"] if crop_vocab else cfg.vocab_size
     print(f"wrote {folder}/config.json, model.safetensors and meta.json: {cfg.n_layer} layers, {cfg.n_head} "
           f"heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} ({meta['vocab_size']} tokens)")
-    print(f"load it with transformers: GPT2LMHeadModel.from_pretrained({str(folder)!r}), or here: "
-          f"hf.load_gpt2({str(folder)!r})")
+    print(f"load it with transformers: {layout.architecture}.from_pretrained({str(folder)!r}) (the {layout.name} "
+          f"layout), or here: hf.load_gpt2({str(folder)!r})")
     if data.is_gpt2_bpe(meta):
         print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
     else:

@@ -1,42 +1,38 @@
-"""The file formats of Hugging Face: a GPT-2 folder (hub lookup, config.json <-> GPTConfig fields, tensor names
-and shapes) and PEFT's LoRA adapters, with a safetensors reader and writer.
+"""The file formats of Hugging Face: a model folder in one of three transformers layouts (hub lookup, config.json
+<-> GPTConfig fields, tensor names and shapes) and PEFT's LoRA adapters, with a safetensors reader and writer.
 
-Reading order: the GPT-2 layout's pieces, then load_gpt2 / save_gpt2 that put them together, then
-save_adapters / load_adapters (PEFT), then safetensors.
+The layouts: GPT-2's (GPT2LMHeadModel) for GPT-2's options; Llama's (LlamaForCausalLM) for rotary positions,
+RMSNorm and SwiGLU; Qwen3's (Qwen3ForCausalLM) for those with QK-norm. LAYOUTS says which options each holds.
+
+Reading order: reading a folder, the GPT-2 layout's pieces, the Llama and Qwen3 layouts' pieces, the table of
+layouts, then load_gpt2 / save_gpt2 that put them together, then save_adapters / load_adapters (PEFT), then
+safetensors.
 """
 
 import json
 import os
 import pickle
 import struct
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lora import adapter_state, merge_lora
-from model import GPT, GPT2_OPTIONS, GPTConfig
-
-# Parameter names match GPT-2's in transformers; three things differ. Its Conv1D layers store weights as
-# (in, out), nn.Linear as (out, in); it always has biases; its head is tied to wte and stored at most once.
+from model import GPT, GPT2_OPTIONS, MLP, GPTConfig
 
 HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks older transformers saved with the weights
-ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
-# GPT-2 options this model hard-codes, and the values it reproduces exactly (the first is also HF's default);
-# gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation.
-SUPPORTED_HF_OPTIONS = {"model_type": ("gpt2",), "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-                        "layer_norm_epsilon": (1e-5,), "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
-                        "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,),
-                        "add_cross_attention": (False,)}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+VOCABULARY_ROWS = ("transformer.wte.weight", "lm_head.weight")  # the tensors --crop_vocab crops
 
 
 class WeightsError(Exception):
     """Weights that cannot be loaded exactly; the message names the problem and the fix."""
 
+
+# ---- reading a folder ----
 
 def hf_folder(name_or_dir):
     """The local folder of a model: `name_or_dir` itself, or a GPT-2 size fetched through huggingface_hub."""
@@ -66,37 +62,6 @@ def read_hf_config(folder):
     return json.loads(path.read_text())
 
 
-def config_from_hf(hf, dropout):
-    """The GPTConfig fields of a GPT-2 config.json, or WeightsError where this model would compute other logits."""
-    for key, supported in SUPPORTED_HF_OPTIONS.items():
-        if hf.get(key, supported[0]) not in supported:
-            raise WeightsError(f"config.json sets {key}={hf[key]!r}, which this GPT cannot reproduce (it needs "
-                               f"{' or '.join(map(repr, supported))})")
-    missing = [key for key in ARCHITECTURE_KEYS if key not in hf]
-    if missing:
-        raise WeightsError(f"config.json lacks {', '.join(missing)}; it is not a GPT-2 config")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise WeightsError(f"config.json sets n_inner={hf['n_inner']}, but this GPT's MLP is 4 * n_embd wide "
-                           f"({4 * hf['n_embd']})")
-    return {"block_size": hf["n_positions"], "vocab_size": hf["vocab_size"], "n_layer": hf["n_layer"],
-            "n_head": hf["n_head"], "n_embd": hf["n_embd"], "dropout": dropout, "bias": True, **GPT2_OPTIONS}
-
-
-def config_to_hf(config, eot_id):
-    """A config.json for transformers' GPT2LMHeadModel with this model's architecture and computation."""
-    options = {key: supported[0] for key, supported in SUPPORTED_HF_OPTIONS.items()}
-    return {**options, "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
-            "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
-            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None, "resid_pdrop": config.dropout,
-            "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "bos_token_id": eot_id,
-            "eos_token_id": eot_id}
-
-
-def hf_layout(name, tensor):
-    """A tensor in the other layout: Conv1D weights are transposed (the same move in either direction)."""
-    return tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
-
-
 def read_hf_tensors(folder):
     safetensors, pickled = folder / "model.safetensors", folder / "pytorch_model.bin"
     path = safetensors if safetensors.is_file() else pickled
@@ -111,77 +76,307 @@ def read_hf_tensors(folder):
         raise WeightsError(f"{path} cannot be read: it is truncated or corrupt; download or export it again") from None
 
 
-def state_from_hf(tensors, expected, folder):
-    """Our state dict from a GPT-2's tensors, each checked against `expected` (our state dict) by name and shape."""
+def check_hf_settings(hf, needed):
+    """WeightsError for the first config.json key whose value (or, absent, transformers' default) is not one
+    this GPT computes with: `needed` maps each key to those values, its default first."""
+    for key, values in needed.items():
+        if hf.get(key, values[0]) not in values:
+            raise WeightsError(f"config.json's {key} is {hf[key]!r}, which this GPT cannot reproduce (it needs "
+                               f"{' or '.join(map(repr, values))})")
+
+
+def check_shape_keys(hf, keys, layout):
+    missing = [key for key in keys if key not in hf]
+    if missing:
+        raise WeightsError(f"config.json lacks {', '.join(missing)}; it is not a {layout.name} config")
+
+
+def take_tensor(tensors, name, shape, folder, layout):
+    """tensors.pop(name), WeightsError where it is missing or has another shape than `shape`."""
+    if name not in tensors:
+        raise WeightsError(f"{folder} lacks the tensor {name}; it is not a complete {layout.name} checkpoint")
+    if tuple(tensors[name].shape) != tuple(shape):
+        raise WeightsError(f"{name} in {folder} has shape {tuple(tensors[name].shape)}, but config.json implies "
+                           f"{tuple(shape)}")
+    return tensors.pop(name)
+
+
+def check_all_taken(tensors, folder, layout):
+    if tensors:
+        raise WeightsError(f"{folder} holds tensors {layout.name} does not have ({', '.join(sorted(tensors)[:3])}); "
+                           "it is another architecture")
+
+
+# ---- the GPT-2 layout (GPT2LMHeadModel) ----
+# Parameter names match GPT-2's in transformers; three things differ. Its Conv1D layers store weights as
+# (in, out), nn.Linear as (out, in); it always has biases; its head is tied to wte and stored at most once.
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks older transformers saved with the weights
+GPT2_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+# GPT-2 settings this model hard-codes, and the values it reproduces exactly (the first is also HF's default);
+# gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation.
+GPT2_SETTINGS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+                 "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
+                 "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,),
+                 "add_cross_attention": (False,)}
+
+
+def gpt2_config_from_hf(layout, hf, dropout):
+    """The GPTConfig of a GPT-2 config.json, or WeightsError where this model would compute other logits."""
+    check_hf_settings(hf, GPT2_SETTINGS)
+    check_shape_keys(hf, GPT2_SHAPE_KEYS, layout)
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise WeightsError(f"config.json sets n_inner={hf['n_inner']}, but this GPT's MLP is 4 * n_embd wide "
+                           f"({4 * hf['n_embd']})")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, **GPT2_OPTIONS)
+
+
+def gpt2_config_to_hf(config, eot_id):
+    """A config.json for transformers' GPT2LMHeadModel with this model's architecture and computation."""
+    settings = {key: values[0] for key, values in GPT2_SETTINGS.items()}
+    return {**settings, "vocab_size": config.vocab_size, "n_positions": config.block_size,
+            "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+            "n_inner": None, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout, "bos_token_id": eot_id, "eos_token_id": eot_id}
+
+
+def conv1d_layout(name, tensor):
+    """A tensor in the other layout: Conv1D weights are transposed (the same move in either direction)."""
+    return tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+
+
+def gpt2_state_from_hf(layout, tensors, model, folder):
+    """`model`'s state dict from a GPT-2's tensors, each checked by name and shape."""
     # the head is tied to wte; checkpoints saved from GPT2Model (the hub's gpt2) lack the `transformer.` prefix
     tensors = {name if name.startswith("transformer.") else f"transformer.{name}": tensor
                for name, tensor in tensors.items() if name != "lm_head.weight" and not name.endswith(HF_MASK_BUFFERS)}
+    state = {name: conv1d_layout(name, take_tensor(tensors, name, conv1d_layout(name, like).shape, folder, layout))
+             for name, like in model.state_dict().items() if name != "lm_head.weight"}
+    check_all_taken(tensors, folder, layout)
+    return {**state, "lm_head.weight": state["transformer.wte.weight"]}
+
+
+def gpt2_state_to_hf(state, config):
+    """GPT-2's tensors for our state dict: Conv1D layout, zero biases where the model has none, the tied head
+    left out (transformers ties it on loading)."""
+    with torch.device("meta"):  # a GPT-2 shaped reference: every name and shape, no memory
+        reference = GPT(replace(config, bias=True)).state_dict()
+    return {name: conv1d_layout(name, state[name] if name in state else torch.zeros(like.shape))
+            for name, like in reference.items() if name != "lm_head.weight"}
+
+
+# ---- the Llama and Qwen3 layouts (LlamaForCausalLM, Qwen3ForCausalLM) ----
+# Their blocks compute what ours do with rope, rmsnorm and swiglu: rotate_half turns the same pairs of halves as
+# model.rotate, with the same frequencies (so q and k need no permutation), Qwen3RMSNorm normalises each head's
+# queries and keys before the rotation as our qk_norm does, and the scale is 1/sqrt(head_dim). Our fused
+# projections are theirs stacked by rows: c_attn is q, k, v; SwiGLU's c_fc is gate, then up (MLP.forward).
+
+ROTARY_BLOCK_NAMES = {"ln_1": ("input_layernorm",), "ln_2": ("post_attention_layernorm",),
+                      "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                      "attn.c_proj": ("self_attn.o_proj",), "attn.q_norm": ("self_attn.q_norm",),
+                      "attn.k_norm": ("self_attn.k_norm",), "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
+                      "mlp.c_proj": ("mlp.down_proj",)}
+ROTARY_OUTER_NAMES = {"transformer.wte": "model.embed_tokens", "transformer.ln_f": "model.norm", "lm_head": "lm_head"}
+ROTARY_SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size")
+RMS_NORM_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm's eps when none is given, for fp32 inputs
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}  # model.rotary_tables' frequencies
+# what LlamaConfig and Qwen3Config assume for a key config.json leaves out (None: derived from the shape keys)
+ROTARY_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False,
+                   "use_sliding_window": False}
+ROTARY_COMPUTING_KEYS = ("intermediate_size", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+                         "rope_parameters", "attention_bias", "mlp_bias", "use_sliding_window")
+
+
+def swiglu_width(config):
+    """The SwiGLU MLP's hidden width (intermediate_size), as model.MLP sizes it."""
+    with torch.device("meta"):
+        return MLP(config).c_proj.in_features
+
+
+def rotary_config_to_hf(config, eot_id):
+    """config.json entries LlamaConfig and Qwen3Config share, for this model's architecture and computation."""
+    return {"vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,
+            "hidden_size": config.n_embd, "intermediate_size": swiglu_width(config),
+            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+            "num_key_value_heads": config.n_head, "head_dim": config.n_embd // config.n_head, "hidden_act": "silu",
+            "rms_norm_eps": RMS_NORM_EPS, "rope_parameters": ROPE, "attention_bias": config.bias,
+            "tie_word_embeddings": config.tie_embeddings, "attention_dropout": config.dropout,
+            "bos_token_id": eot_id, "eos_token_id": eot_id}
+
+
+def llama_config_to_hf(config, eot_id):
+    return {**rotary_config_to_hf(config, eot_id), "mlp_bias": config.bias}
+
+
+def qwen3_config_to_hf(config, eot_id):
+    return {**rotary_config_to_hf(config, eot_id), "use_sliding_window": False}
+
+
+def rope_parameters(hf):
+    """config.json's rotary settings as transformers 5 writes them, from its rope_parameters or transformers 4's
+    rope_theta and rope_scaling."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf.get("rope_theta", ROPE["rope_theta"]))
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    return rope
+
+
+def rotary_config_from_hf(layout, hf, dropout):
+    """The GPTConfig of a Llama or Qwen3 config.json, or WeightsError where this model would compute other logits:
+    its computing keys must be those config_to_hf writes for the GPTConfig its shape keys describe."""
+    check_shape_keys(hf, ROTARY_SHAPE_KEYS, layout)
+    free = {"bias": hf.get("attention_bias", False), "tie_embeddings": hf.get("tie_word_embeddings", False)}
+    config = GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                       n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                       dropout=dropout, **{**free, **layout.fixed_options()})
+    needed = layout.config_to_hf(config, None)
+    given = {**ROTARY_DEFAULTS, **{key: value for key, value in hf.items() if value is not None},
+             "rope_parameters": rope_parameters(hf)}
+    check_hf_settings(given, {key: (needed[key],) for key in ROTARY_COMPUTING_KEYS if key in needed})
+    return config
+
+
+def rotary_names(name):
+    """The Llama-layout names of the tensors our tensor `name` stacks by rows."""
+    module, kind = name.rsplit(".", 1)
+    if not module.startswith("transformer.h."):
+        return [f"{ROTARY_OUTER_NAMES[module]}.{kind}"]
+    layer, part = module.removeprefix("transformer.h.").split(".", 1)
+    return [f"model.layers.{layer}.{theirs}.{kind}" for theirs in ROTARY_BLOCK_NAMES[part]]
+
+
+def rotary_state_from_hf(layout, tensors, model, folder):
+    """`model`'s state dict from a Llama or Qwen3's tensors, each checked by name and shape."""
+    tied = model.config.tie_embeddings
+    tensors = {name: tensor for name, tensor in tensors.items() if not (tied and name == "lm_head.weight")}
     state = {}
-    for name, like in expected.items():
-        if name == "lm_head.weight":
-            continue
-        if name not in tensors:
-            raise WeightsError(f"{folder} lacks the tensor {name}; it is not a complete GPT-2 checkpoint")
-        tensor, shape = tensors.pop(name), tuple(hf_layout(name, like).shape)
-        if tuple(tensor.shape) != shape:
-            raise WeightsError(f"{name} in {folder} has shape {tuple(tensor.shape)}, but config.json implies {shape}")
-        state[name] = hf_layout(name, tensor)
-    if tensors:
-        raise WeightsError(f"{folder} holds tensors GPT-2 does not have ({', '.join(sorted(tensors)[:3])}); it is "
-                           "another architecture")
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
+    for name, like in model.state_dict().items():
+        if not (tied and name == "lm_head.weight"):
+            names = rotary_names(name)
+            state[name] = torch.cat([take_tensor(tensors, theirs, part.shape, folder, layout)
+                                     for theirs, part in zip(names, like.chunk(len(names)))])
+    check_all_taken(tensors, folder, layout)
+    return {**state, "lm_head.weight": state["transformer.wte.weight"]} if tied else state
 
 
-def state_to_hf(ours, reference, vocab_size):
-    """GPT-2's tensors for our state dict, fp32 on the CPU: Conv1D layout, zero biases where the model has none,
-    the vocabulary cropped to `vocab_size`, the tied head left out (transformers ties it on loading).
-    `reference` is the state dict of the same model with GPT-2's biases and that vocabulary: every name and
-    shape GPT-2 has."""
-    ours = {**ours, "transformer.wte.weight": ours["transformer.wte.weight"][:vocab_size]}
+def rotary_state_to_hf(state, config):
+    """Llama's or Qwen3's tensors for our state dict, the tied head left out (transformers ties it on loading)."""
     tensors = {}
-    for name, like in reference.items():
-        if name != "lm_head.weight":
-            tensor = ours[name].to("cpu", torch.float32) if name in ours else torch.zeros(like.shape)
-            tensors[name] = hf_layout(name, tensor).contiguous()
+    for name, tensor in state.items():
+        if not (config.tie_embeddings and name == "lm_head.weight"):
+            names = rotary_names(name)
+            tensors.update(zip(names, tensor.chunk(len(names))))
     return tensors
 
 
-# ---- a GPT-2 folder in and out ----
+# ---- the layouts ----
+
+@dataclass(frozen=True)
+class Layout:
+    """A transformers architecture that holds some of our option sets with no custom code."""
+    name: str  # in messages
+    model_type: str  # config.json's, which picks the layout on loading
+    architecture: str  # the class transformers loads it as
+    holds: dict  # GPTConfig field -> the values it holds (zero_init_proj, only an initialisation, is never in the way)
+    config_to_hf: Callable  # (GPTConfig, eot_id) -> config.json, but for architectures and model_type
+    config_from_hf: Callable  # (layout, config.json, dropout) -> GPTConfig
+    state_to_hf: Callable  # (our state dict, GPTConfig) -> its tensors
+    state_from_hf: Callable  # (layout, its tensors, our model, folder) -> our state dict
+
+    def fixed_options(self):
+        """The GPTConfig fields this layout holds one value of, with that value: what a model loaded from it has."""
+        return {key: values[0] for key, values in self.holds.items() if len(values) == 1}
+
+    def misfits(self, config):
+        """The GPTConfig fields whose value in `config` this layout does not hold."""
+        return [key for key, values in self.holds.items() if getattr(config, key) not in values]
+
+    def why_not(self, config):
+        found = ", ".join(f"{key}={getattr(config, key)}" for key in self.misfits(config))
+        needed = ", ".join(f"{key}={'/'.join(map(str, self.holds[key]))}" for key in self.misfits(config))
+        return f"the {self.name} layout cannot hold {found} ({self.architecture} needs {needed})"
+
+
+def holding(**changes):
+    """A layout's `holds`: GPT-2's options (any bias: a model without gets zeros), with `changes`."""
+    gpt2 = {option: (value,) for option, value in GPT2_OPTIONS.items() if option != "zero_init_proj"}
+    return {**gpt2, "bias": (True, False), **changes}
+
+
+ROTARY_OPTIONS = {"pos_embedding": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",), "tie_embeddings": (True, False)}
+LAYOUTS = (  # at most one holds a model's options
+    Layout("GPT-2", "gpt2", "GPT2LMHeadModel", holding(), gpt2_config_to_hf, gpt2_config_from_hf, gpt2_state_to_hf,
+           gpt2_state_from_hf),
+    Layout("Llama", "llama", "LlamaForCausalLM", holding(**ROTARY_OPTIONS), llama_config_to_hf,
+           rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf),
+    # Qwen3MLP has no biases, so a model with biases has no place there
+    Layout("Qwen3", "qwen3", "Qwen3ForCausalLM", holding(**ROTARY_OPTIONS, qk_norm=(True,), bias=(False,)),
+           qwen3_config_to_hf, rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf),
+)
+
+
+def layout_for(config):
+    """The layout that holds `config`'s options, or WeightsError naming those that the nearest layouts (the fewest
+    options off) cannot hold."""
+    fewest = min(len(layout.misfits(config)) for layout in LAYOUTS)
+    nearest = [layout for layout in LAYOUTS if len(layout.misfits(config)) == fewest]
+    if fewest:
+        raise WeightsError(f"no Hugging Face layout holds this model's options; nearest: "
+                           f"{', and '.join(layout.why_not(config) for layout in nearest)}; docs/gpt2.md lists the "
+                           "options each layout holds")
+    return nearest[0]
+
+
+def layout_of_hf(hf):
+    """The layout config.json's model_type names (GPT-2's when it names none, as in the oldest GPT-2 configs)."""
+    layouts = {layout.model_type: layout for layout in LAYOUTS}
+    model_type = hf.get("model_type", "gpt2")
+    if model_type not in layouts:
+        raise WeightsError(f"config.json's model_type is {model_type!r}, but this GPT reads only "
+                           f"{', '.join(layouts)}")
+    return layouts[model_type]
+
+
+# ---- a Hugging Face folder in and out ----
 
 def load_gpt2(name_or_dir, dropout=None):
-    """A GPT (with biases; dropout None means 0) holding the weights of a Hugging Face GPT-2: a folder with
-    config.json and model.safetensors or pytorch_model.bin, or gpt2, gpt2-medium, gpt2-large or gpt2-xl from
-    the Hugging Face cache or hub (needs `pip install huggingface_hub`). WeightsError where the weights
-    cannot be loaded or this model would not compute the same logits."""
+    """A GPT (dropout None means 0) holding the weights of a Hugging Face model in the GPT-2, Llama or Qwen3
+    layout: a folder with config.json and model.safetensors or pytorch_model.bin, or gpt2, gpt2-medium,
+    gpt2-large or gpt2-xl from the Hugging Face cache or hub (needs `pip install huggingface_hub`). A GPT-2 gets
+    biases. WeightsError where the weights cannot be loaded or this model would not compute the same logits."""
     folder = hf_folder(name_or_dir)
-    model = GPT(GPTConfig(**config_from_hf(read_hf_config(folder), dropout or 0.0)))
-    model.load_state_dict(state_from_hf(read_hf_tensors(folder), model.state_dict(), folder))
+    hf = read_hf_config(folder)
+    layout = layout_of_hf(hf)
+    model = GPT(layout.config_from_hf(layout, hf, dropout or 0.0))
+    model.load_state_dict(layout.state_from_hf(layout, read_hf_tensors(folder), model, folder))
     return model
 
 
 def save_gpt2(gpt, folder, vocab_size=None, eot_id=None):
-    """Write config.json and model.safetensors (fp32) that transformers' GPT2LMHeadModel loads with the same
-    logits, as does load_gpt2. GPT-2 always has biases: a model without them gets zeros. The vocabulary is
-    written as is, padding included (e.g. 50304 rows for GPT-2's 50257 tokens), unless `vocab_size` crops it to
-    the tokenizer's (the kept tokens' logits stay the same). `eot_id`, the tokenizer's end-of-text id, becomes
-    the config's bos/eos ids (where HF's generate stops). WeightsError for a model with architecture options
-    other than GPT-2's."""
+    """Write config.json and model.safetensors (fp32) in the layout that holds the model's options (layout_for),
+    which transformers loads with the same logits, as does load_gpt2. A GPT-2 without biases gets zeros. The
+    vocabulary is written as is, padding included (e.g. 50304 rows for GPT-2's 50257 tokens), unless
+    `vocab_size` crops it to the tokenizer's (the kept tokens' logits stay the same). `eot_id`, the tokenizer's
+    end-of-text id, becomes the config's bos/eos ids (where HF's generate stops). WeightsError, before anything
+    is written, for options no layout holds."""
     if gpt.config.lora_rank > 0:
-        gpt = merge_lora(gpt)  # the layout has no place for adapters
-    options = {key: getattr(gpt.config, key) for key, gpt2 in GPT2_OPTIONS.items() if getattr(gpt.config, key) != gpt2}
-    if options:
-        raise WeightsError(f"this model uses {options}, which the GPT-2 layout cannot hold; only models with "
-                           "GPT-2's architecture options export")
+        gpt = merge_lora(gpt)  # the layouts have no place for adapters
+    layout = layout_for(gpt.config)
     vocab_size = vocab_size or gpt.config.vocab_size
     assert vocab_size <= gpt.config.vocab_size, f"cannot crop vocab {gpt.config.vocab_size} to {vocab_size}"
+    config = replace(gpt.config, vocab_size=vocab_size)
+    state = {name: (t[:vocab_size] if name in VOCABULARY_ROWS else t).to("cpu", torch.float32)
+             for name, t in gpt.state_dict().items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hf_config = config_to_hf(replace(gpt.config, vocab_size=vocab_size), eot_id)
+    hf_config = {"architectures": [layout.architecture], "model_type": layout.model_type,
+                 **layout.config_to_hf(config, eot_id)}
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    with torch.device("meta"):  # a GPT-2 shaped reference: every name and shape, no memory
-        reference = type(gpt)(replace(gpt.config, bias=True, vocab_size=vocab_size)).state_dict()
-    write_safetensors(folder / "model.safetensors", state_to_hf(gpt.state_dict(), reference, vocab_size))
+    tensors = {name: t.contiguous() for name, t in layout.state_to_hf(state, config).items()}
+    write_safetensors(folder / "model.safetensors", tensors)
 
 
 # ---- PEFT's LoRA adapters ----

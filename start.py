@@ -70,13 +70,17 @@ def architecture(cfg, meta, weights_from, ckpt, declared):
 
 def first_weights(cfg, meta, weights_from):
     """(the model a new run starts from, its lineage or None): another run's checkpoint, its LoRA adapters
-    merged into the weights (the new run gets its own), on data of the same tokenizer; or GPT-2's weights."""
+    merged into the weights (the new run gets its own), on data of the same tokenizer; or a Hugging Face
+    model's weights, on data of the tokenizer its meta.json names (export.py writes one), else GPT-2 BPE."""
     path = parent_checkpoint(weights_from)
     if path is not None:
         parent = load_checkpoint(path)
         check_same_tokenizer(parent["meta"], meta, path, cfg.dataset)
         return merge_lora(model_from_checkpoint(parent)), lineage(path, parent)
-    if not is_gpt2_bpe(meta):
+    exported_meta = Path(weights_from) / "meta.json"
+    if exported_meta.is_file():
+        check_same_tokenizer(read_meta(exported_meta.parent), meta, weights_from, cfg.dataset)
+    elif not is_gpt2_bpe(meta):
         raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} "
                           "tokens; prepare the data with --tokenizer gpt2")
     try:

@@ -213,7 +213,8 @@ def test_every_trainable_parameter_is_in_exactly_one_group(options, muon_lr):
     assert all(group["params"] and "lr_scale" in group for group in optimizer.param_groups)
 
 
-@pytest.mark.parametrize("options", [{"norm": "rmsnorm"}, *({key: value} for key, value in SPEEDRUN.items())], ids=str)
+@pytest.mark.parametrize("options", [{"norm": "rmsnorm"}, *({key: value} for key, value in SPEEDRUN.items()
+                                                            if key != "zero_init_proj")], ids=str)  # (init only)
 def test_options_do_not_export_to_gpt2_layout(options, tmp_path):
     with pytest.raises(WeightsError, match="GPT-2 layout cannot hold"):
         save_gpt2(model_with(options), tmp_path)
