@@ -64,7 +64,7 @@ from validation import record_evaluation, score_task, score_test, stop_reason
 
 # the run and its data
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl {changeable}
-init_from = "scratch"  # scratch, resume (out_dir/last.pt), GPT-2 weights: gpt2 ... gpt2-xl, a HF folder {control}
+init_from = "scratch"  # scratch, resume (out_dir/last.pt), a run or checkpoint, gpt2 ... gpt2-xl, a HF folder {control}
 data_root = "data"  # folder that holds the prepared datasets {changeable}
 dataset = "python_stdlib"  # data_root/<dataset>, from prepare.py (the default is prepared on first use) {changeable}
 seed = 1337  # seeds weights, dropout and the order of training batches {>= 0; changeable}
@@ -326,7 +326,7 @@ def begin(run, changed, end_step):
     or None."""
     cfg, state = run.cfg, run.state
     if changed is None:
-        if run.rank == 0:
+        if run.rank == 0 and run.setup.weights_from == "scratch":  # (trained weights start far below it)
             vocab = run.setup.gpt.config.vocab_size
             print(f"expected loss at init: ln({vocab}) = {math.log(vocab):.4f}")
         evaluate(run)
