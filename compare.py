@@ -22,7 +22,7 @@ import plot
 from configurator import ArgumentParser
 
 TASK_KEY = re.compile(r"(best_|final_)?task_")  # run.json's task accuracy fields: task_acc, best_task_acc_norm, ...
-DATA_KEYS = ("dataset", "tokenizer", "source_sha256")  # losses on other data or tokens are not comparable
+DATA_KEYS = ("dataset", "tokenizer", "vocab_size", "tokenizer_sha256", "source_sha256")  # not comparable
 
 
 def fail(message):

@@ -9,10 +9,13 @@ shards), which a vocabulary of more than 65,536 ids needs. A split is every `*{s
 folder, in name order: train, val, and test when prepare made one (has_split tells; it opens like val).
 Fine-tuning data (`prepare.py sft`) is instead `{split}_tokens.npy` (uint16 or uint32, as shards),
 `{split}_mask.npy` and `{split}_offsets.npy`. meta.json's "leakage" is prepare's count of held-out documents also
-found verbatim in train (leaked_documents reads it).
+found verbatim in train (leaked_documents reads it). A tokenizer that prepare trained (bpe) lies beside meta.json
+as tokenizer.json, Hugging Face's format, which meta.json names with its sha256; read_meta puts its text into the
+meta it returns (as "tokenizer_json"), so that a checkpoint, which stores that meta, carries its tokenizer.
 """
 
 import errno
+import hashlib
 import json
 import os
 import shlex
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 import tiktoken.load
+import tokenizers
 
 # a shard's (magic, version) per token dtype: llm.c's for GPT-2 (uint16) and for Llama 3 (uint32) tokens
 SHARD_HEADERS = {np.dtype("<u2"): (20240520, 1), np.dtype("<u4"): (20240801, 7)}
@@ -31,6 +35,8 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as int32
 EOT_TEXT = "<|endoftext|>"  # a tiktoken encoding's end-of-text token, where it has one
+SPECIAL_TOKENS = (EOT_TEXT,)  # a trained (bpe) tokenizer's, ids 0...; the sft template (SFT_TEMPLATE) needs no other
+TOKENIZER_FILE = "tokenizer.json"  # a trained tokenizer's file, beside meta.json (Hugging Face reads it too)
 TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}  # same ranks; r50k's single cached file serves gpt2 offline
 SFT_TEMPLATE = "sft v1"  # fine-tuning records' rendering, in prepare.py's docstring; sample.py --chat follows it
 SFT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}  # its turns' headers
@@ -177,21 +183,55 @@ def read_meta(data_dir) -> dict:
         raise DataError(f"{meta_path} is not JSON ({e}); re-create it with `{prepare_command(data_dir)}`") from None
     if not well_formed(meta):
         raise DataError(f"{meta_path} is not a dataset's meta (an object with its tokenizer, vocab_size and, for char "
-                        f"tokens, chars); re-create it with `{prepare_command(data_dir)}`")
+                        f"tokens, chars; for bpe tokens, tokenizer_file and tokenizer_sha256); re-create it with "
+                        f"`{prepare_command(data_dir)}`")
+    if meta["tokenizer"] == "bpe":
+        meta["tokenizer_json"] = _tokenizer_json(Path(data_dir), meta)
     return meta
 
 
 def well_formed(meta) -> bool:
     """Whether a meta holds what reading its data needs: an object naming its tokenizer, a positive vocab_size,
-    and a char tokenizer's chars."""
+    a char tokenizer's chars, and a bpe tokenizer's file and sha256."""
     if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), str):
         return False
     vocab = meta.get("vocab_size")
     chars_ok = meta["tokenizer"] != "char" or isinstance(meta.get("chars"), str)
-    return type(vocab) is int and vocab > 0 and chars_ok
+    file_ok = meta["tokenizer"] != "bpe" or all(isinstance(meta.get(key), str)
+                                                for key in ("tokenizer_file", "tokenizer_sha256"))
+    return type(vocab) is int and vocab > 0 and chars_ok and file_ok
 
 
-IDENTITY = ("dataset", "tokenizer", "encoding", "vocab_size", "chars", "source_sha256", "tokens")  # tell data apart
+def _tokenizer_json(data_dir: Path, meta: dict) -> str:
+    """A trained tokenizer's JSON text, from the file meta.json names, checked against the sha256 it gives: the
+    token ids of the data mean what that very file says."""
+    path = data_dir / meta["tokenizer_file"]
+    try:
+        content = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"the tokenizer {path} that meta.json names cannot be read ({e.strerror}); re-create the data "
+                        f"with `{prepare_command(data_dir)}`") from None
+    if hashlib.sha256(content).hexdigest() != meta["tokenizer_sha256"]:
+        raise DataError(f"{path} does not match meta.json's tokenizer_sha256: it changed after it was written, so the "
+                        f"token ids no longer mean its tokens; put back the original, or re-create the data with "
+                        f"`{prepare_command(data_dir)}`")
+    return content.decode()
+
+
+def write_meta(folder, meta: dict) -> None:
+    """Write meta.json (atomically, so it is never half-written) and a trained tokenizer's file beside it: meta.json
+    keeps its name and sha256, not its text (read_meta puts that back)."""
+    folder = Path(folder)
+    if "tokenizer_json" in meta:
+        (folder / meta["tokenizer_file"]).write_bytes(meta["tokenizer_json"].encode())
+        meta = {key: value for key, value in meta.items() if key != "tokenizer_json"}
+    tmp = folder / f".meta.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, folder / "meta.json")
+
+
+# what tells data apart; tokenizer_sha256 tells two trained (bpe) tokenizers apart
+IDENTITY = ("dataset", "tokenizer", "encoding", "vocab_size", "chars", "tokenizer_sha256", "source_sha256", "tokens")
 
 
 def data_differences(saved: dict, meta: dict) -> list[str]:
@@ -345,7 +385,7 @@ def _load_tiktoken(name: str):
     """The encoding from tiktoken's cache (TIKTOKEN_CACHE_DIR), else downloaded into it, saying so."""
     if name not in tiktoken.list_encoding_names():
         known = ", ".join(tiktoken.list_encoding_names())
-        raise DataError(f"unknown tokenizer {name!r}; use byte, char, gpt2 or a tiktoken encoding ({known})")
+        raise DataError(f"unknown tokenizer {name!r}; use byte, char, bpe, gpt2 or a tiktoken encoding ({known})")
     download = tiktoken.load.read_file  # which tiktoken calls, silently, only for a file its cache lacks
 
     def announced_download(url):
@@ -366,13 +406,37 @@ def _load_tiktoken(name: str):
         tiktoken.load.read_file = download
 
 
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE tokenizer that prepare.py trained (preparation/bpe.py), run by Hugging Face tokenizers from
+    its tokenizer.json text; batches are tokenized on all cores."""
+
+    def __init__(self, tokenizer_json: str):
+        self.tokenizer_json = tokenizer_json
+        self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
+        self.backend.encode_special_tokens = True  # text is text: a literal "<|endoftext|>" is not the special token
+        self.vocab_size = self.backend.get_vocab_size()
+        self.eot_id = self.backend.token_to_id(EOT_TEXT)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_chunks(self, chunks: list) -> list[np.ndarray]:
+        encodings = self.backend.encode_batch(chunks, add_special_tokens=False)
+        return [np.array(encoding.ids, dtype=self.dtype) for encoding in encodings]
+
+    def _decode_text_ids(self, ids: np.ndarray) -> str:
+        return self.backend.decode(ids.tolist())
+
+
 def get_tokenizer(meta: dict) -> Tokenizer:
-    """Rebuild the tokenizer from meta.json alone."""
+    """Rebuild the tokenizer from meta alone (read_meta's, or a checkpoint's copy of it)."""
     kind = meta["tokenizer"]
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer(meta["chars"])
+    if kind == "bpe":
+        return BPETokenizer(meta["tokenizer_json"])
     return TiktokenTokenizer(meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind))
 
 
@@ -389,6 +453,10 @@ def tokenizer_meta(tokenizer: Tokenizer) -> dict:
     }
     if isinstance(tokenizer, CharTokenizer):
         meta["chars"] = tokenizer.chars
+    if isinstance(tokenizer, BPETokenizer):
+        text = tokenizer.tokenizer_json
+        meta.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                    tokenizer_json=text)
     return meta
 
 

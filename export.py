@@ -4,11 +4,12 @@ The layout follows the run's architecture options (hf.LAYOUTS): GPT-2's (GPT2LMH
 (LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU) or Qwen3's (Qwen3ForCausalLM: those with QK-norm); options
 none holds are refused. The folder gets config.json and model.safetensors, which transformers loads with the same
 logits (and hf.load_gpt2 loads back), plus the run's meta.json, from which data.get_tokenizer rebuilds its
-tokenizer: only GPT-2 BPE runs have a Hugging Face tokenizer to go with them. A LoRA run's adapters are merged
-into the weights; with --adapters_only they are written alone instead, in PEFT's layout.
+tokenizer. A tokenizer that prepare.py trained (bpe) goes with it as tokenizer.json and tokenizer_config.json,
+which transformers' AutoTokenizer loads; GPT-2 BPE runs take GPT-2's own; byte and char tokens have none in
+Hugging Face. A LoRA run's adapters are merged into the weights; with --adapters_only they are written alone
+instead, in PEFT's layout.
 """
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ArgumentParser
-from hf import WeightsError, layout_for, save_adapters, save_gpt2
+from hf import WeightsError, layout_for, save_adapters, save_gpt2, save_tokenizer_config
 from lora import adapter_state
 
 
@@ -64,7 +65,9 @@ def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=Fals
         save_adapters(model, folder, base_model=ckpt["weights_from"])
     else:
         save_gpt2(model, folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    data.write_meta(folder, meta)
+    if "tokenizer_json" in meta:
+        save_tokenizer_config(folder, data.EOT_TEXT)
     return model, meta, ckpt["weights_from"]
 
 
@@ -85,6 +88,8 @@ def report(folder, model, meta, crop_vocab):
           f"layout), or here: hf.load_gpt2({str(folder)!r})")
     if data.is_gpt2_bpe(meta):
         print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
+    elif "tokenizer_json" in meta:
+        print(f"tokenizer: the data's own BPE (tokenizer.json), AutoTokenizer.from_pretrained({str(folder)!r})")
     else:
         print(f"tokenizer: {meta['tokenizer']}, not a Hugging Face one; rebuild it with "
               f"data.get_tokenizer(data.read_meta({str(folder)!r}))")

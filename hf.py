@@ -5,8 +5,8 @@ The layouts: GPT-2's (GPT2LMHeadModel) for GPT-2's options; Llama's (LlamaForCau
 RMSNorm and SwiGLU; Qwen3's (Qwen3ForCausalLM) for those with QK-norm. LAYOUTS says which options each holds.
 
 Reading order: reading a folder, the GPT-2 layout's pieces, the Llama and Qwen3 layouts' pieces, the table of
-layouts, then load_gpt2 / save_gpt2 that put them together, then save_adapters / load_adapters (PEFT), then
-safetensors.
+layouts, then load_gpt2 / save_gpt2 that put them together (and save_tokenizer_config for a trained tokenizer),
+then save_adapters / load_adapters (PEFT), then safetensors.
 """
 
 import json
@@ -377,6 +377,13 @@ def save_gpt2(gpt, folder, vocab_size=None, eot_id=None):
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     tensors = {name: t.contiguous() for name, t in layout.state_to_hf(state, config).items()}
     write_safetensors(folder / "model.safetensors", tensors)
+
+
+def save_tokenizer_config(folder, eos_token):
+    """tokenizer_config.json, which AutoTokenizer reads beside a tokenizer.json: the class that runs that file (any
+    transformers version) and the token that ends a text."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token}
+    (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---- PEFT's LoRA adapters ----

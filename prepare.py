@@ -5,12 +5,14 @@ meta.json and tokenizers, which training reads back without importing any of thi
     python prepare.py                    # Python's own standard library sources, byte-level, no download
     python prepare.py shakespeare_char   # tiny shakespeare, character-level (downloaded once)
     python prepare.py text --input notes/ "docs/*.md" --tokenizer gpt2 --name notes
+    python prepare.py text --input notes/ --tokenizer bpe --vocab_size 8192 --name notes   # a BPE learnt from notes/
     python prepare.py fineweb10B         # FineWeb's 10B-token sample, GPT-2 BPE, streamed (pip install datasets)
     python prepare.py fineweb10B --input local/*.parquet --max_docs 10000 --val_tokens 100000
 
     python prepare.py sft --input data.jsonl     # fine-tuning records, GPT-2 BPE, with a loss mask
 
-The result is <data_root>/<name>/ holding train_000000.bin, ..., val_000000.bin, ... and meta.json.
+The result is <data_root>/<name>/ holding train_000000.bin, ..., val_000000.bin, ... and meta.json (and, with
+--tokenizer bpe, tokenizer.json).
 
 Split rule (deterministic): the source documents (files) are ordered by the sha256 of their path
 relative to their input root (the folder given, or a file's own folder for a file given directly),
@@ -70,6 +72,13 @@ Tokenizers (--tokenizer): byte, char, gpt2 (tiktoken's r50k_base, under the name
 or any encoding tiktoken knows by name (cl100k_base, o200k_base, p50k_base, r50k_base, ..., and those of an
 installed tiktoken_ext plugin), read from tiktoken's cache (TIKTOKEN_CACHE_DIR) or else downloaded into it once.
 End-of-text is the encoding's own <|endoftext|> (meta.json's eot_id; none where an encoding lacks it).
+bpe learns a byte-level BPE vocabulary of --vocab_size ids (GPT-2's byte alphabet and pre-tokenizing, Hugging Face
+tokenizers) from the train split alone -- never from val or test, so the leakage audit stays honest -- for file
+datasets and sft (the train records' texts as the template renders them; web data is split by token counts, so it
+has no train split before tokenizing). Its ids: <|endoftext|> 0 (data.SPECIAL_TOKENS: the template needs no other
+special token), the 256 byte symbols, then the merges. It is saved beside the shards as tokenizer.json, which
+meta.json names with its sha256 (a changed file is refused) and transformers reads; the same text gives the same
+tokenizer.json, byte for byte.
 
 Shard format (llm.c / modded-nanogpt, so their published FineWeb shards load unchanged): a header
 of 256 little-endian int32 -- magic, version, token count, then zeros -- followed by the tokens: as
@@ -86,8 +95,9 @@ import time
 from pathlib import Path
 
 from configurator import ArgumentParser
-from data import MAX_SHARD_TOKENS, DataError, has_split, leaked_documents, load_shard, shard_paths
-from preparation.common import dataset_meta, tokenizer_without_source, write_meta
+from data import MAX_SHARD_TOKENS, DataError, has_split, leaked_documents, load_shard, shard_paths, write_meta
+from preparation.bpe import check_vocab_size
+from preparation.common import dataset_meta, tokenizer_without_source
 from preparation.files import DOWNLOADED, prepare_files
 from preparation.sft import DEFAULT_SFT_BLOCK_SIZE, prepare_sft
 from preparation.web import DEFAULT_VAL_TOKENS, WEB_DATASETS, prepare_stream
@@ -142,27 +152,33 @@ def prepare(
     test_tokens=None,
     max_docs=None,
     block_size=None,
+    vocab_size=None,
 ) -> Path:
     """Tokenize a dataset into shards plus meta.json under <data_root>/<name>/ and return that folder.
 
     val_fraction (default 0.1) and test_fraction (default 0, no test split) split the file datasets and sft;
     val_tokens (default 100M), test_tokens (default 0) and max_docs are for the web datasets; block_size (default
-    1024) is for sft."""
+    1024) is for sft; vocab_size is for (and needed by) tokenizer bpe."""
     started = time.perf_counter()
     _check_options(dataset, val_fraction, test_fraction, shard_tokens, val_tokens, test_tokens, max_docs, block_size)
     tokenizer_name = tokenizer or DEFAULT_TOKENIZER[dataset]
+    if tokenizer_name == "bpe":
+        check_vocab_size(vocab_size)
+    elif vocab_size is not None:
+        raise DataError(f"--vocab_size is the size of the vocabulary that --tokenizer bpe learns; {tokenizer_name} has"
+                        " its own, so drop it")
     out_dir = Path(data_root) / (name or dataset)
     val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     if dataset == "sft":
-        meta = prepare_sft(out_dir, inputs, tokenizer_name, val_fraction, test_fraction or 0,
+        meta = prepare_sft(out_dir, inputs, tokenizer_name, vocab_size, val_fraction, test_fraction or 0,
                            block_size or DEFAULT_SFT_BLOCK_SIZE)
     elif dataset in WEB_DATASETS:
         val_tokens = DEFAULT_VAL_TOKENS if val_tokens is None else val_tokens
         meta = prepare_stream(out_dir, dataset, inputs, tokenizer_name, shard_tokens, val_tokens, test_tokens or 0,
                               max_docs, started)
     else:
-        meta = prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, test_fraction or 0,
-                             shard_tokens, started)
+        meta = prepare_files(out_dir, dataset, inputs, tokenizer_name, vocab_size, data_root, val_fraction,
+                             test_fraction or 0, shard_tokens, started)
     seconds = time.perf_counter() - started
     tokens = " + ".join(f"{count:,} {split}" for split, count in meta["tokens"].items())
     print(f"{out_dir}: {tokens} tokens in {seconds:.1f}s ({meta['source_bytes'] / 1e6 / seconds:.1f} MB/s)")
@@ -218,9 +234,15 @@ def _parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--tokenizer",
-        help="byte, char, gpt2 or any tiktoken encoding name (cl100k_base, o200k_base, ...: from tiktoken's cache,"
-        " TIKTOKEN_CACHE_DIR, else downloaded once) (default: char for shakespeare_char, gpt2 for web datasets, sft"
-        " and meta, else byte)",
+        help="byte, char, bpe (learnt from the train split: file datasets and sft; needs --vocab_size), gpt2 or any"
+        " tiktoken encoding name (cl100k_base, o200k_base, ...: from tiktoken's cache, TIKTOKEN_CACHE_DIR, else"
+        " downloaded once) (default: char for shakespeare_char, gpt2 for web datasets, sft and meta, else byte)",
+    )
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        help="--tokenizer bpe: the ids to learn, end-of-text and the 256 byte symbols included (at least 257); a small"
+        " text may give fewer",
     )
     parser.add_argument(
         "--data_root", default=defaults["data_root"], help="folder of prepared datasets (default: %(default)s)"

@@ -91,9 +91,10 @@ def first_weights(cfg, meta, weights_from):
 
 def tokenizer_identity(meta):
     """What makes two datasets' token ids mean the same: the tiktoken encoding (under any of its names) or the
-    tokenizer's kind with its characters, and the vocabulary size."""
+    tokenizer's kind with its characters or its trained file's sha256, and the vocabulary size."""
     kind = meta["tokenizer"]
-    return meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind), meta.get("chars"), meta["vocab_size"]
+    return (meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind), meta.get("chars"), meta["vocab_size"],
+            meta.get("tokenizer_sha256"))
 
 
 def check_same_tokenizer(parent_meta, meta, path, dataset):

@@ -1,10 +1,9 @@
 """What the three pipelines share: finding input files, building the tokenizer, writing shards into a fresh
-folder that replaces the old one only when complete, and meta.json."""
+folder that replaces the old one only when complete, and meta.json's content (data.write_meta writes it)."""
 
 import contextlib
 import glob
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -88,9 +87,12 @@ def check_inputs_survive(documents: list[Path], out_dir: Path) -> None:
 
 
 def tokenizer_without_source(name: str) -> Tokenizer:
-    """A tokenizer that needs nothing from the source up front: any but char."""
+    """A tokenizer that needs nothing from the source up front: any but char and bpe."""
     if name == "char":
         raise DataError("the char tokenizer takes its vocabulary from a whole source, not a stream; use gpt2 or byte")
+    if name == "bpe":
+        raise DataError("the bpe tokenizer learns its vocabulary from the train split before tokenizing, but web data"
+                        " is split by token counts and `meta` shards are tokenized already; use gpt2 or byte")
     return get_tokenizer({"tokenizer": name})
 
 
@@ -176,12 +178,6 @@ def _replace_folder(target: Path, new: Path) -> None:
         target.rename(old)
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def write_meta(folder: Path, meta: dict) -> None:
-    tmp = folder / f".meta.json.tmp-{os.getpid()}"  # then renamed, so meta.json is never half-written
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, folder / "meta.json")
 
 
 def document_hash(data: bytes = b""):

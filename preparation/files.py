@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data import DataError, Tokenizer, get_tokenizer
+from data import DataError, Tokenizer, get_tokenizer, write_meta
+from preparation.bpe import train_bpe
 from preparation.common import (
     BATCH_BYTES,
     CHUNK_BYTES,
@@ -25,7 +26,6 @@ from preparation.common import (
     files_under,
     input_files,
     new_folder,
-    write_meta,
 )
 
 STDLIB_SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
@@ -172,6 +172,21 @@ def source_chars(documents: list[Path]) -> str:
     return "".join(sorted(chars))
 
 
+def _texts(segments: list[tuple]):
+    """The text of a split's segments, a chunk at a time."""
+    for path, start, end, _ in segments:
+        for chunk in _read_chunks(path, start, end):
+            yield _as_text(chunk, path)
+
+
+def _tokenizer(name: str, vocab_size, documents: list[Path], splits: dict) -> Tokenizer:
+    """char takes its vocabulary from the whole source; bpe learns its own from the train split alone; the others
+    need nothing from the source."""
+    if name == "bpe":
+        return train_bpe(_texts(splits["train"]), vocab_size)
+    return get_tokenizer({"tokenizer": name, "chars": source_chars(documents) if name == "char" else None})
+
+
 def _split_tokens(segments: list[tuple], tokenizer: Tokenizer, source_hash):
     """Token arrays of one split in source order, with end-of-text after each document ending in it."""
     eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=tokenizer.dtype)
@@ -253,13 +268,12 @@ def _paragraph_hashes(path: Path, start: int, end: int):
             yield digest
 
 
-def prepare_files(out_dir, dataset, inputs, tokenizer_name, data_root, val_fraction, test_fraction, shard_tokens,
-                  started) -> dict:
+def prepare_files(out_dir, dataset, inputs, tokenizer_name, vocab_size, data_root, val_fraction, test_fraction,
+                  shard_tokens, started) -> dict:
     documents = _source_documents(dataset, inputs, data_root)
     check_inputs_survive(documents, out_dir)
     source_bytes, splits = _plan_splits(documents, val_fraction, test_fraction)
-    chars = source_chars(documents) if tokenizer_name == "char" else None  # char's vocabulary is the source's
-    tok = get_tokenizer({"tokenizer": tokenizer_name, "chars": chars})
+    tok = _tokenizer(tokenizer_name, vocab_size, documents, splits)
     print(
         f"{dataset}: {source_bytes:,} bytes in {len(documents):,} file(s),"
         f" tokenizer {tokenizer_name} (vocab {tok.vocab_size:,})"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data import SFT_HEADERS, SFT_TEMPLATE, DataError, Tokenizer
+from data import SFT_HEADERS, SFT_TEMPLATE, DataError, Tokenizer, write_meta
+from preparation.bpe import train_bpe
 from preparation.common import (
     LeakageAudit,
     check_inputs_survive,
@@ -16,7 +17,6 @@ from preparation.common import (
     input_files,
     new_folder,
     tokenizer_without_source,
-    write_meta,
 )
 
 DEFAULT_SFT_BLOCK_SIZE = 1024  # GPT-2's context
@@ -39,22 +39,15 @@ def _sft_records(files: list[Path]):
                         raise DataError(f"{where} is not a JSON object ({e.msg}); write one record per line") from None
 
 
-def _render(record, tokenizer: Tokenizer, where: str):
-    """(token ids, loss mask) of one record by the template in the module docstring; None if nothing trains."""
+def _pieces(record, where: str):
+    """One record rendered by the template in prepare.py's docstring, before tokenizing: its (text, trained) pieces,
+    each text tokenized on its own, None standing for end-of-text; None if nothing trains."""
     if not isinstance(record, dict) or ("messages" in record) == ("prompt" in record or "completion" in record):
         raise DataError(f"{where} needs either prompt and completion or messages (not both); see prepare.py's doc")
-    ids, mask, answers = list(tokenizer.document_start()), [0], []
-
-    def add(text, trained):
-        new = tokenizer.encode(text)
-        ids.extend(new)
-        mask.extend([trained] * len(new))
+    pieces = [(None, 0)]
 
     def answer(text):
-        add(text, 1)
-        ids.append(tokenizer.eot_id)
-        mask.append(1)
-        answers.append(text)
+        pieces.extend([(text, 1), (None, 1)])
 
     if "messages" in record:
         turns = record["messages"]
@@ -66,16 +59,26 @@ def _render(record, tokenizer: Tokenizer, where: str):
                 raise DataError(f"{where}: unknown role {role!r}; use system, user or assistant")
             content = _record_text(turn.get("content"), where, f"{role} content")
             if role == "assistant":
-                add(SFT_HEADERS[role], 0)
+                pieces.append((SFT_HEADERS[role], 0))
                 answer(content)
             else:
-                add(f"{SFT_HEADERS[role]}{content}\n\n", 0)
+                pieces.append((f"{SFT_HEADERS[role]}{content}\n\n", 0))
     else:
         if "prompt" not in record or "completion" not in record:
             raise DataError(f"{where} needs both prompt and completion")
-        add(_record_text(record["prompt"], where, "prompt"), 0)
+        pieces.append((_record_text(record["prompt"], where, "prompt"), 0))
         answer(_record_text(record["completion"], where, "completion"))
-    return (ids, mask) if any(answers) else None  # an empty answer would train only its end token
+    return pieces if any(text for text, trained in pieces if trained) else None  # "": only its end token would train
+
+
+def _render(pieces: list, tokenizer: Tokenizer) -> tuple[list, list]:
+    """(token ids, loss mask) of a record's pieces."""
+    ids, mask = [], []
+    for text, trained in pieces:
+        new = [tokenizer.eot_id] if text is None else tokenizer.encode(text)
+        ids.extend(new)
+        mask.extend([trained] * len(new))
+    return ids, mask
 
 
 def _record_text(value, where: str, what: str) -> str:
@@ -115,23 +118,33 @@ def record_splits(n: int, val_fraction: float, test_fraction: float) -> np.ndarr
     return splits
 
 
-def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, val_fraction: float, test_fraction: float,
+def _tokenizer(name: str, vocab_size, train_pieces: list) -> Tokenizer:
+    """bpe learns its vocabulary from the train records' texts alone; the others need nothing from the records."""
+    if name == "bpe":
+        return train_bpe((text for pieces in train_pieces for text, _ in pieces if text), vocab_size)
+    tok = tokenizer_without_source(name)
+    if tok.eot_id is None:
+        raise DataError(f"tokenizer {name} has no end-of-text token to end completions; use gpt2 or byte")
+    return tok
+
+
+def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, vocab_size, val_fraction: float, test_fraction: float,
                 block_size: int) -> dict:
     files = input_files(inputs or [])
     files = sorted(files, key=lambda path: (files[path], path))
     if not files:
         raise DataError("sft needs --input: JSON Lines files of prompt/completion or messages records")
     check_inputs_survive(files, out_dir)
-    tok = tokenizer_without_source(tokenizer_name)
-    if tok.eot_id is None:
-        raise DataError(f"tokenizer {tokenizer_name} has no end-of-text token to end completions; use gpt2 or byte")
     records = list(_sft_records(files))
     if len(records) < 2:
         raise DataError(f"{len(records)} record(s) in the input; sft needs at least 2 (one train, one val)")
+    rendered = [(_pieces(record, where), split)
+                for (where, record), split in zip(records, record_splits(len(records), val_fraction, test_fraction))]
+    tok = _tokenizer(tokenizer_name, vocab_size, [pieces for pieces, split in rendered if pieces and split == "train"])
     kept = {"train": [], "val": [], **({"test": []} if test_fraction else {})}
     dropped = {"nothing_to_train": 0, "too_long": 0}
-    for (where, record), split in zip(records, record_splits(len(records), val_fraction, test_fraction)):
-        example = _render(record, tok, where)
+    for pieces, split in rendered:
+        example = None if pieces is None else _render(pieces, tok)
         if example is None:
             dropped["nothing_to_train"] += 1
         elif len(example[0]) > block_size + 1:

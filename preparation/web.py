@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import DataError, Tokenizer
+from data import DataError, Tokenizer, write_meta
 from preparation.common import (
     BATCH_BYTES,
     LeakageAudit,
@@ -21,7 +21,6 @@ from preparation.common import (
     input_files,
     new_folder,
     tokenizer_without_source,
-    write_meta,
 )
 
 WEB_DATASETS = {  # name: (Hugging Face hub repository, config), streamed unless --input names local files
