@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import memory
 import plot
 from data import leaked_documents
 from preparation.common import alive
@@ -111,7 +112,8 @@ class RunLog:
             set_aside_torn_line(self.out_dir / "log.jsonl")
         self.record = {
             "code": code_version(), "config": vars(cfg), "seed": cfg.seed,
-            "data": {k: meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "source_sha256", "tokens")},
+            "data": {k: meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "tokenizer_sha256",
+                                              "source_sha256", "tokens")},
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda},
             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
             "dtype": str(dtype).removeprefix("torch."), "world_size": world_size,
@@ -307,7 +309,8 @@ def open_wandb(cfg, run_id, record):
 
 
 def describe(cfg, setup, rt, world_size):
-    """The run's opening console lines: model, data, batch, compute, device (train.set_up's Setup, a Runtime)."""
+    """The run's opening console lines: model, data, batch, compute, device, memory (train.set_up's Setup, a
+    Runtime)."""
     gpt, config = setup.gpt, setup.gpt.config
     n_params, T = gpt.num_params(), config.block_size
     print(f"model: {n_params / 1e6:.2f}M parameters ({gpt.num_params(False) / 1e6:.2f}M without embeddings), "
@@ -326,6 +329,7 @@ def describe(cfg, setup, rt, world_size):
     print(f"compute: 6ND = {6 * n_params * tokens_per_step * cfg.max_iters:.2e} FLOPs; "
           f"{gpt.flops_per_token(T) / 1e6:.1f} MFLOPs per token with attention")
     print(f"device: {rt.describe()}")
+    print(*memory.lines(cfg, gpt, rt, world_size), sep="\n")
     if leaked := leaked_documents(setup.meta):
         print(f"warning: {leaked:,} val/test {setup.meta['leakage']['unit']}s of {cfg.dataset} also occur "
               "verbatim in train (meta.json's leakage audit); held-out losses will flatter the model")
