@@ -8,6 +8,7 @@ attention computes in (4 on CPU, where model.py runs bf16 attention in fp32; els
 dropout mask (1 on CUDA, whose fused dropout keeps a bool mask; elsewhere the masked tensor's dtype). What
 autograd saves for the backward, counted with torch.autograd.graph.saved_tensors_hooks on CPU; each block:
     8C        the residual stream (fp32) at the inputs of its two norms
+    8C        rmsnorm: torch's RMSNorm keeps 4 bytes a channel more than LayerNorm, in each of the two norms
     3aC       the inputs of c_attn, c_fc (the norms' outputs, cast to a) and attention's c_proj
     4sC + 4H  q, k, v and the output as the fused attention kernel saves them, and its logsumexp
     2sC       rope, where attention takes its rotated q and k as they are (s = a): new tensors, while the
@@ -133,6 +134,8 @@ def block_bytes_per_token(config, a, device_type):
     total = 8 * C + 3 * a * C + 4 * s * C + 4 * H + (4 if config.mlp == "swiglu" else 2) * a * F
     if config.pos_embedding == "rope" and s == a:
         total += 2 * s * C
+    if config.norm == "rmsnorm":  # torch's RMSNorm keeps 4 more bytes per channel than LayerNorm (measured on CPU)
+        total += 2 * 4 * C
     if config.qk_norm:  # fp32 copies of q and k where a < 4; the normalised ones kept for the norms' weights
         total += (8 * C if a < 4 else 0) + (0 if config.lora_rank else 8 * C)
     if config.dropout:

@@ -23,6 +23,7 @@ bias = True
 
 # GPT-2's architecture and AdamW: train.py's defaults are the modern options and Muon
 pos_embedding = "learned"
+norm = "layernorm"
 mlp = "gelu"
 qk_norm = False
 optimizer = "adamw"

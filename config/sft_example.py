@@ -24,6 +24,7 @@ optimizer = "adamw"  # Muon (train.py's default) is untested for fine-tuning her
 
 # GPT-2's architecture, as the weights are (train.py's defaults are the modern options and Muon)
 pos_embedding = "learned"
+norm = "layernorm"
 mlp = "gelu"
 qk_norm = False
 

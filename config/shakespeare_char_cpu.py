@@ -18,6 +18,7 @@ dropout = 0.0
 
 # GPT-2's architecture and AdamW: train.py's defaults are the modern options and Muon
 pos_embedding = "learned"
+norm = "layernorm"
 mlp = "gelu"
 qk_norm = False
 optimizer = "adamw"

@@ -20,6 +20,7 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 pos_embedding = "rope"
+norm = "layernorm"
 mlp = "relu2"
 qk_norm = True
 

@@ -31,7 +31,8 @@ def data_root(tmp_path_factory):
     return root
 
 
-GPT2_ADAMW = {"pos_embedding": "learned", "mlp": "gelu", "qk_norm": False, "optimizer": "adamw", "learning_rate": 1e-3}
+GPT2_ADAMW = {"pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "optimizer": "adamw",
+              "learning_rate": 1e-3}
 
 
 def tiny_args(data_root, out_dir, recipe=GPT2_ADAMW, **overrides):

@@ -10,6 +10,7 @@ import torch
 from conftest import run_script, tiny_args
 
 import export
+from checkpoint import load_checkpoint, model_from_checkpoint
 from data import DataError, read_meta
 from hf import WeightsError, load_gpt2, read_safetensors, save_gpt2
 from model import GPT, GPT2_OPTIONS, GPTConfig
@@ -114,7 +115,7 @@ def write_checkpoint(path, model, meta):
     ({**LLAMA, "value_embeddings": 1}, "value_embeddings=1"),
     ({**LLAMA, "unet_skips": True}, "unet_skips=True"),
     ({**QWEN3, "bias": True}, "bias=True"),
-    ({"bias": False}, "norm=layernorm, mlp=relu2"),  # train.py's defaults: rope, layernorm, relu2, qk_norm
+    ({"norm": "layernorm", "mlp": "relu2", "bias": False}, "norm=layernorm, mlp=relu2"),  # the speedrun recipes'
 ], ids=str)
 def test_export_refuses_options_no_layout_holds(data_root, tmp_path, capsys, options, named):
     write_checkpoint(tmp_path / "best.pt", random_model(options), read_meta(data_root / "shakespeare_char"))
@@ -152,3 +153,17 @@ def test_exported_qwen3_folder_trains_and_samples(data_root, tmp_path):
     assert ckpt["model_config"]["vocab_size"] == TOKENS
     text = run_script("sample.py", [f"--init_from={folder}", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"])
     assert text.stdout.endswith("---------------\n")
+
+
+@pytest.mark.slow
+def test_the_default_runs_model_exports_as_qwen3_with_the_same_logits(data_root, tmp_path):
+    """train.py's default options (recipe={}: rotary, RMSNorm, SwiGLU, QK-norm, Muon) at a tiny shape, trained,
+    then `python export.py out/best.pt folder`: transformers loads it and computes our logits."""
+    out, folder = tmp_path / "run", tmp_path / "hf"
+    run_script("train.py", tiny_args(data_root, out, recipe={}, max_iters=4, lr_decay_iters=4, warmup_iters=1,
+                                     eval_interval=4, sample_interval=0))
+    run_script("export.py", [str(out / "best.pt"), str(folder)])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(theirs).__name__ == "Qwen3ForCausalLM"
+    ours = model_from_checkpoint(load_checkpoint(out / "best.pt")).eval()
+    assert max_logit_difference(ours, theirs) <= TOLERANCE

@@ -91,8 +91,9 @@ def test_example_config_trains_with_falling_completion_loss(tmp_path):
     save_gpt2(GPT(GPTConfig(**GPT2_OPTIONS, block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)), hf)
     out = tmp_path / "out"
     run_script("train.py", ["config/sft_example.py", f"--init_from={hf}", f"--data_root={data_root}",
-                            f"--out_dir={out}", "--learning_rate=3e-3", "--min_lr=3e-4", "--max_iters=60",
-                            "--lr_decay_iters=60", "--warmup_iters=5", "--eval_interval=30", "--eval_iters=4",
+                            f"--out_dir={out}", "--learning_rate=3e-3", "--min_lr=3e-4", "--max_iters=30",
+                            "--lr_decay_iters=30", "--warmup_iters=5", "--eval_interval=15", "--eval_iters=4",
+                            "--batch_size=4",
                             "--device=cpu", "--dtype=float32", "--compile=false"])
     evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
     assert len(evals) == 3 and evals[2] < evals[1] < evals[0] and evals[2] < 0.8 * evals[0]
