@@ -3,7 +3,7 @@
 The layout follows the run's architecture options (hf.LAYOUTS): GPT-2's (GPT2LMHeadModel), Llama's
 (LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU) or Qwen3's (Qwen3ForCausalLM: those with QK-norm); options
 none holds are refused. The folder gets config.json and model.safetensors, which transformers loads with the same
-logits (and hf.load_gpt2 loads back), plus the run's meta.json, from which data.get_tokenizer rebuilds its
+logits (and hf.load_hf loads back), plus the run's meta.json, from which data.get_tokenizer rebuilds its
 tokenizer. A tokenizer that prepare.py trained (bpe) goes with it as tokenizer.json and tokenizer_config.json,
 which transformers' AutoTokenizer loads; GPT-2 BPE runs take GPT-2's own; byte and char tokens have none in
 Hugging Face. A LoRA run's adapters are merged into the weights; with --adapters_only they are written alone
@@ -17,7 +17,7 @@ from pathlib import Path
 import data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ArgumentParser
-from hf import WeightsError, layout_for, save_adapters, save_gpt2, save_tokenizer_config
+from hf import WeightsError, layout_for, save_adapters, save_hf, save_tokenizer_config
 from lora import adapter_state
 
 
@@ -64,7 +64,7 @@ def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=Fals
                               f"`{shlex.join(['python', 'sample.py', f'--out_dir={Path(checkpoint).parent}'])}`")
         save_adapters(model, folder, base_model=ckpt["weights_from"])
     else:
-        save_gpt2(model, folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
+        save_hf(model, folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
     data.write_meta(folder, meta)
     if "tokenizer_json" in meta:
         save_tokenizer_config(folder, data.EOT_TEXT)
@@ -85,7 +85,7 @@ def report(folder, model, meta, crop_vocab):
     print(f"wrote {folder}/config.json, model.safetensors and meta.json: {cfg.n_layer} layers, {cfg.n_head} "
           f"heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} ({meta['vocab_size']} tokens)")
     print(f"load it with transformers: {layout.architecture}.from_pretrained({str(folder)!r}) (the {layout.name} "
-          f"layout), or here: hf.load_gpt2({str(folder)!r})")
+          f"layout), or here: hf.load_hf({str(folder)!r})")
     if data.is_gpt2_bpe(meta):
         print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
     elif "tokenizer_json" in meta:

@@ -5,7 +5,7 @@ The layouts: GPT-2's (GPT2LMHeadModel) for GPT-2's options; Llama's (LlamaForCau
 RMSNorm and SwiGLU; Qwen3's (Qwen3ForCausalLM) for those with QK-norm. LAYOUTS says which options each holds.
 
 Reading order: reading a folder, the GPT-2 layout's pieces, the Llama and Qwen3 layouts' pieces, the table of
-layouts, then load_gpt2 / save_gpt2 that put them together (and save_tokenizer_config for a trained tokenizer),
+layouts, then load_hf / save_hf that put them together (and save_tokenizer_config for a trained tokenizer),
 then save_adapters / load_adapters (PEFT), then safetensors.
 """
 
@@ -342,7 +342,7 @@ def layout_of_hf(hf):
 
 # ---- a Hugging Face folder in and out ----
 
-def load_gpt2(name_or_dir, dropout=None):
+def load_hf(name_or_dir, dropout=None):
     """A GPT (dropout None means 0) holding the weights of a Hugging Face model in the GPT-2, Llama or Qwen3
     layout: a folder with config.json and model.safetensors or pytorch_model.bin, or gpt2, gpt2-medium,
     gpt2-large or gpt2-xl from the Hugging Face cache or hub (needs `pip install huggingface_hub`). A GPT-2 gets
@@ -355,9 +355,9 @@ def load_gpt2(name_or_dir, dropout=None):
     return model
 
 
-def save_gpt2(gpt, folder, vocab_size=None, eot_id=None):
+def save_hf(gpt, folder, vocab_size=None, eot_id=None):
     """Write config.json and model.safetensors (fp32) in the layout that holds the model's options (layout_for),
-    which transformers loads with the same logits, as does load_gpt2. A GPT-2 without biases gets zeros. The
+    which transformers loads with the same logits, as does load_hf. A GPT-2 without biases gets zeros. The
     vocabulary is written as is, padding included (e.g. 50304 rows for GPT-2's 50257 tokens), unless
     `vocab_size` crops it to the tokenizer's (the kept tokens' logits stay the same). `eot_id`, the tokenizer's
     end-of-text id, becomes the config's bos/eos ids (where HF's generate stops). WeightsError, before anything
@@ -394,7 +394,7 @@ PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora
 def save_adapters(gpt, folder, base_model):
     """Write `gpt`'s LoRA adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors):
     `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), folder)` applies them to
-    transformers' GPT-2, `load_adapters(load_gpt2(base_model), folder)` to this one."""
+    transformers' GPT-2, `load_adapters(load_hf(base_model), folder)` to this one."""
     cfg = gpt.config
     modules = [f"{part}.{name}" for part, names in PEFT_TARGETS.items() if part in cfg.lora_targets.split(",")
                for name in names]

@@ -16,7 +16,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, 
 from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
 from engine import Session, Streamer, stream
-from hf import WeightsError, load_adapters, load_gpt2
+from hf import WeightsError, load_adapters, load_hf
 from lora import merge_lora
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -69,7 +69,7 @@ def load_model(cfg):
         folder = Path(cfg.init_from)
         meta = data.read_meta(folder) if (folder / "meta.json").is_file() else GPT2_META
         try:
-            model = load_gpt2(cfg.init_from)
+            model = load_hf(cfg.init_from)
             return (merge_lora(load_adapters(model, cfg.adapters)) if cfg.adapters else model), meta
         except WeightsError as e:
             raise ConfigError(str(e)) from None

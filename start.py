@@ -19,7 +19,7 @@ from checkpoint import (
 from configurator import ConfigError
 from data import TIKTOKEN_ALIASES, DataError, Examples, Windows, has_split, is_gpt2_bpe, prepare_default, read_meta
 from devices import is_out_of_memory
-from hf import WeightsError, load_gpt2
+from hf import WeightsError, load_hf
 from lora import merge_lora
 from model import GPTConfig, architecture_options
 
@@ -84,7 +84,7 @@ def first_weights(cfg, meta, weights_from):
         raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} "
                           "tokens; prepare the data with --tokenizer gpt2")
     try:
-        return load_gpt2(weights_from, dropout=cfg.dropout), None
+        return load_hf(weights_from, dropout=cfg.dropout), None
     except WeightsError as e:
         raise ConfigError(str(e)) from None
 

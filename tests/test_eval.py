@@ -19,7 +19,7 @@ from conftest import ROOT
 import data
 import eval
 from checkpoint import save_checkpoint
-from hf import save_gpt2
+from hf import save_hf
 from model import GPT, GPT2_OPTIONS, GPTConfig
 from sample import GPT2_META
 
@@ -50,7 +50,7 @@ def tiny(tmp_path_factory):
     with torch.no_grad():  # every parameter random (as tests/test_interop.py): the endings' losses spread apart
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    save_gpt2(model, root / "hf")
+    save_hf(model, root / "hf")
     (root / "run").mkdir()
     save_checkpoint(root / "run" / "best.pt", {"model": model.state_dict(), "model_config": asdict(model.config),
                                                "meta": GPT2_META})

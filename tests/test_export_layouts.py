@@ -12,7 +12,7 @@ from conftest import run_script, tiny_args
 import export
 from checkpoint import load_checkpoint, model_from_checkpoint
 from data import DataError, read_meta
-from hf import WeightsError, load_gpt2, read_safetensors, save_gpt2
+from hf import WeightsError, load_hf, read_safetensors, save_hf
 from model import GPT, GPT2_OPTIONS, GPTConfig
 from start import first_weights
 
@@ -54,12 +54,12 @@ def max_logit_difference(ours, theirs):
 ], ids=["llama-tied", "llama-untied-biases", "llama-zero-init", "qwen3-tied", "qwen3-untied", "gpt2-zero-init"])
 def test_exports_to_the_layout_that_holds_the_options(tmp_path, options, architecture):
     ours = random_model(options)
-    save_gpt2(ours, tmp_path, vocab_size=TOKENS)
+    save_hf(ours, tmp_path, vocab_size=TOKENS)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [architecture]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(theirs).__name__ == architecture
     assert max_logit_difference(ours, theirs) <= TOLERANCE
-    back = load_gpt2(tmp_path)
+    back = load_hf(tmp_path)
     if architecture != "GPT2LMHeadModel":  # (GPT-2's has biases; test_interop checks its weights)
         assert back.config == replace(ours.config, vocab_size=TOKENS, zero_init_proj=False)
         assert (back.lm_head.weight is back.transformer.wte.weight) == ours.config.tie_embeddings
@@ -69,7 +69,7 @@ def test_exports_to_the_layout_that_holds_the_options(tmp_path, options, archite
 
 
 def test_norms_eps_and_rope_are_written_as_the_model_computes(tmp_path):
-    save_gpt2(random_model(QWEN3), tmp_path)
+    save_hf(random_model(QWEN3), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["rms_norm_eps"] == torch.finfo(torch.float32).eps  # nn.RMSNorm's eps=None in fp32
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
@@ -83,22 +83,22 @@ def test_norms_eps_and_rope_are_written_as_the_model_computes(tmp_path):
                                         ("intermediate_size", 64), ("rope_parameters", {"rope_theta": 5e5}),
                                         ("attention_bias", True), ("use_sliding_window", True)])
 def test_loading_refuses_a_config_this_model_computes_otherwise(tmp_path, key, value):
-    save_gpt2(random_model(QWEN3), tmp_path)
+    save_hf(random_model(QWEN3), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(WeightsError, match=key):
-        load_gpt2(tmp_path)
+        load_hf(tmp_path)
 
 
 def test_loading_reads_transformers_4_rope_keys_and_refuses_other_architectures(tmp_path):
-    save_gpt2(random_model(LLAMA), tmp_path)
+    save_hf(random_model(LLAMA), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["rope_parameters"]
     (tmp_path / "config.json").write_text(json.dumps({**config, "rope_theta": 10000.0, "rope_scaling": None}))
-    load_gpt2(tmp_path)
+    load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     with pytest.raises(WeightsError, match="model_type is 'mistral'"):
-        load_gpt2(tmp_path)
+        load_hf(tmp_path)
 
 
 def write_checkpoint(path, model, meta):
@@ -129,7 +129,7 @@ def test_export_refuses_options_no_layout_holds(data_root, tmp_path, capsys, opt
 
 def test_a_folder_with_meta_json_needs_data_of_its_tokenizer(data_root, tmp_path):
     meta = read_meta(data_root / "shakespeare_char")
-    save_gpt2(random_model(LLAMA), tmp_path, vocab_size=TOKENS)
+    save_hf(random_model(LLAMA), tmp_path, vocab_size=TOKENS)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     cfg = SimpleNamespace(dataset="shakespeare_char", dropout=0.0)
     model, lineage = first_weights(cfg, meta, str(tmp_path))

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 interop, checked against transformers itself: hf.load_gpt2, hf.save_gpt2,
+"""Hugging Face GPT-2 interop, checked against transformers itself: hf.load_hf, hf.save_hf,
 the safetensors reader and writer, and export.py."""
 
 import json
@@ -12,7 +12,7 @@ from conftest import PLAY, ROOT, read_log, run_script, tiny_args
 
 import export
 from checkpoint import load_checkpoint
-from hf import WeightsError, load_gpt2, read_safetensors, save_gpt2, write_safetensors
+from hf import WeightsError, load_hf, read_safetensors, save_hf, write_safetensors
 from model import GPT, GPT2_OPTIONS, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -61,12 +61,12 @@ def hf_dir(tmp_path):
 def test_loads_transformers_safetensors(hf_dir):
     folder, hf = hf_dir
     assert (folder / "model.safetensors").is_file()
-    ours = load_gpt2(folder)
+    ours = load_hf(folder)
     assert ours.config == GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32,
                                     dropout=0.0, bias=True)
     assert ours.lm_head.weight is ours.transformer.wte.weight
     assert max_logit_difference(ours, hf) <= TOLERANCE
-    assert load_gpt2(folder, dropout=0.1).config.dropout == 0.1
+    assert load_hf(folder, dropout=0.1).config.dropout == 0.1
 
 
 def test_loads_original_gpt2_pickle_layout(hf_dir):
@@ -80,19 +80,19 @@ def test_loads_original_gpt2_pickle_layout(hf_dir):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, folder / "pytorch_model.bin")
-    assert max_logit_difference(load_gpt2(folder), hf) <= TOLERANCE
+    assert max_logit_difference(load_hf(folder), hf) <= TOLERANCE
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_round_trip_through_transformers(tmp_path, bias):
     ours = randomize(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32,
                                    bias=bias)))
-    save_gpt2(ours, tmp_path)
+    save_hf(ours, tmp_path)
     written = pytest.importorskip("safetensors.torch").load_file(tmp_path / "model.safetensors")
     assert "lm_head.weight" not in written and all(t.dtype == torch.float32 for t in written.values())
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert max_logit_difference(ours, hf) <= TOLERANCE
-    back = load_gpt2(tmp_path)
+    back = load_hf(tmp_path)
     original = ours.state_dict()
     for name, tensor in back.state_dict().items():  # without biases: the same weights, zero biases
         assert torch.equal(tensor, original.get(name, torch.zeros_like(tensor))), name
@@ -100,7 +100,7 @@ def test_round_trip_through_transformers(tmp_path, bias):
 
 def test_cropped_vocabulary_keeps_the_real_tokens_logits(tmp_path):
     ours = randomize(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32)))
-    save_gpt2(ours, tmp_path, vocab_size=100, eot_id=99)
+    save_hf(ours, tmp_path, vocab_size=100, eot_id=99)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["vocab_size"], config["eos_token_id"], config["bos_token_id"]) == (100, 99, 99)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
@@ -148,7 +148,7 @@ def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(tmp_path, ca
 
 def expect_weights_error(name_or_dir, match):
     with pytest.raises(WeightsError, match=match) as error:
-        load_gpt2(name_or_dir)
+        load_hf(name_or_dir)
     assert "\n" not in str(error.value)
 
 
@@ -194,7 +194,7 @@ def test_named_model_without_huggingface_hub(tmp_path, monkeypatch):
 def test_named_model_offline_and_not_cached(tmp_path):
     pytest.importorskip("huggingface_hub")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
-    code = "from hf import WeightsError, load_gpt2\ntry: load_gpt2('gpt2')\nexcept WeightsError as e: print(e)"
+    code = "from hf import WeightsError, load_hf\ntry: load_hf('gpt2')\nexcept WeightsError as e: print(e)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120, check=True)
     assert result.stdout.startswith("gpt2 is not in the Hugging Face cache and could not be downloaded")
@@ -207,7 +207,7 @@ def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
     sample.py --init_from samples from them directly; GPT-2 BPE comes from tiktoken's cache."""
     torch.manual_seed(0)
     hf = tmp_path / "tiny-gpt2"
-    save_gpt2(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32,
+    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32,
                             bias=True)), hf)
     data = tmp_path / "data"
     run_script("prepare.py", ["text", "--input", str(PLAY), "--tokenizer", "gpt2", "--name", "play_gpt2",
@@ -229,6 +229,6 @@ def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
 @pytest.mark.slow
 def test_pretrained_weights_need_gpt2_tokens(data_root, tmp_path):
     hf = tmp_path / "tiny-gpt2"
-    save_gpt2(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), hf)
+    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), hf)
     result = run_script("train.py", tiny_args(data_root, tmp_path / "run", init_from=hf), check=False)
     assert result.returncode == 2 and "prepare the data with --tokenizer gpt2" in result.stderr

@@ -7,7 +7,7 @@ from conftest import PLAY, run_script, tiny_args
 
 import prepare
 from checkpoint import load_checkpoint, model_from_checkpoint
-from hf import WeightsError, load_adapters, load_gpt2, save_adapters, save_gpt2
+from hf import WeightsError, load_adapters, load_hf, save_adapters, save_hf
 from lora import LoRALinear, merge_lora
 from model import GPT, GPT2_OPTIONS, GPTConfig
 
@@ -73,7 +73,7 @@ def test_peft_applies_our_adapters_to_transformers_gpt2(tmp_path):
     base = merge_lora(model)
     plain = GPT(BASE)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
-    save_gpt2(plain, tmp_path / "base")
+    save_hf(plain, tmp_path / "base")
     save_adapters(model, tmp_path / "adapters", base_model=tmp_path / "base")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapters").eval()
@@ -90,7 +90,7 @@ def gpt2_run(tmp_path_factory):
     prepare.prepare("text", inputs=[str(PLAY)], tokenizer="gpt2", name="play_gpt2", data_root=tmp / "data")
     torch.manual_seed(0)
     gpt2 = GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
-    save_gpt2(gpt2, tmp / "hf")
+    save_hf(gpt2, tmp / "hf")
     args = tiny_args(tmp / "data", tmp / "run", dataset="play_gpt2", init_from=tmp / "hf", lora_rank=4,
                      lora_targets="attn,mlp", learning_rate=1e-2, max_iters=20, lr_decay_iters=20,
                      eval_interval=10, sample_interval=20)
@@ -103,7 +103,7 @@ def test_a_lora_run_changes_only_the_adapters(gpt2_run):
     tmp, result = gpt2_run
     assert "LoRA: rank 4 adapters on attn,mlp; 4,096 trainable of" in result.stdout
     ckpt = load_checkpoint(tmp / "run" / "last.pt")
-    base = load_gpt2(tmp / "hf").state_dict()
+    base = load_hf(tmp / "hf").state_dict()
     base["transformer.wpe.weight"] = base["transformer.wpe.weight"][:32]
     saved = ckpt["model"]
     assert all(torch.equal(saved[k], base[k]) for k in base)

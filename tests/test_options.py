@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import read_log, run_script, tiny_args
 
 from data import Windows
-from hf import WeightsError, save_gpt2
+from hf import WeightsError, save_hf
 from model import GPT, GPT2_OPTIONS, GPTConfig, KVCache, value_table
 from muon import orthogonalize
 from optimizers import configure_optimizer
@@ -217,7 +217,7 @@ def test_every_trainable_parameter_is_in_exactly_one_group(options, muon_lr):
                                                             if key != "zero_init_proj")], ids=str)  # (init only)
 def test_options_do_not_export_to_gpt2_layout(options, tmp_path):
     with pytest.raises(WeightsError, match="GPT-2 layout cannot hold"):
-        save_gpt2(model_with(options), tmp_path)
+        save_hf(model_with(options), tmp_path)
 
 
 @pytest.mark.slow

@@ -478,7 +478,7 @@ def test_commands_quote_paths_with_spaces(data_root, tmp_path, monkeypatch, caps
     train.main(args)
     assert shlex.split(run_record(out)["command"]) == ["python", "train.py", *args]
     export.main([str(out / "best.pt"), str(tmp_path / "hf dir")])
-    assert f"hf.load_gpt2({str(tmp_path / 'hf dir')!r})" in capsys.readouterr().out
+    assert f"hf.load_hf({str(tmp_path / 'hf dir')!r})" in capsys.readouterr().out
     missing = tmp_path / "other data" / "my set"
     err = refused(train.main, short_args(missing.parent, tmp_path / "run", dataset="my set"), capsys)
     command = err[err.index("`") + 1:err.rindex("`")]

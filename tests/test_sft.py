@@ -11,7 +11,7 @@ from conftest import ROOT, read_log, run_script
 
 import data
 import prepare
-from hf import save_gpt2
+from hf import save_hf
 from model import GPT, GPT2_OPTIONS, GPTConfig
 from train import Examples
 
@@ -88,7 +88,7 @@ def test_example_config_trains_with_falling_completion_loss(tmp_path):
                               "--data_root", str(data_root)])
     torch.manual_seed(0)
     hf = tmp_path / "tiny-gpt2"
-    save_gpt2(GPT(GPTConfig(**GPT2_OPTIONS, block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)), hf)
+    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)), hf)
     out = tmp_path / "out"
     run_script("train.py", ["config/sft_example.py", f"--init_from={hf}", f"--data_root={data_root}",
                             f"--out_dir={out}", "--learning_rate=3e-3", "--min_lr=3e-4", "--max_iters=30",
