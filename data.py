@@ -481,6 +481,25 @@ def prepare_default(data_dir):
 # ---- fine-tuning examples --------------------------------------------------------------------
 
 
+def sft_turn(role: str, content: str | None) -> list:
+    """One chat turn as the sft template renders it: (text, trained) pieces, each text tokenized on its own, None
+    standing for the end-of-text token. An assistant's content and its end token are trained; content None is the
+    assistant's header alone, where a reply starts (sample.py --chat)."""
+    if role != "assistant":
+        return [(f"{SFT_HEADERS[role]}{content}\n\n", 0)]
+    return [(SFT_HEADERS[role], 0), *([] if content is None else [(content, 1), (None, 1)])]
+
+
+def render_sft(pieces: list, tokenizer) -> tuple[list, list]:
+    """(token ids, loss mask) of the sft template's (text, trained) pieces."""
+    ids, mask = [], []
+    for text, trained in pieces:
+        new = [tokenizer.eot_id] if text is None else tokenizer.encode(text)
+        ids.extend(new)
+        mask.extend([trained] * len(new))
+    return ids, mask
+
+
 def load_sft(data_dir, split: str):
     """(tokens, loss mask, offsets) of an sft split, memory-mapped; see the module docstring."""
     data_dir = Path(data_dir)

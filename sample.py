@@ -105,7 +105,7 @@ def streamer(cfg, tokenizer):
 
 
 def converse(cfg, model, meta, tokenizer, rt, sampling):
-    """A chat in the template of prepare.py sft (data.SFT_HEADERS): each line read is a user turn, each reply
+    """A chat in the template of prepare.py sft (data.sft_turn): each line read is a user turn, each reply
     streamed until the model's end-of-text token, the conversation kept in one session's KV cache (returned)."""
     if meta.get("template") != data.SFT_TEMPLATE:
         raise ConfigError(f"--chat talks in prepare.py sft's template ({data.SFT_TEMPLATE}), but this model was "
@@ -115,8 +115,8 @@ def converse(cfg, model, meta, tokenizer, rt, sampling):
     session.feed(tokenizer.document_start())
     console = sys.stdin.isatty()
     while line := read_turn(console):
-        session.feed(tokenizer.encode(f"{data.SFT_HEADERS['user']}{line}\n\n")
-                     + tokenizer.encode(data.SFT_HEADERS["assistant"]))
+        turn, _ = data.render_sft(data.sft_turn("user", line) + data.sft_turn("assistant", None), tokenizer)
+        session.feed(turn)
         stream(session, streamer(cfg, tokenizer), sampling, cfg.max_new_tokens, tokenizer.eot_id)
         if session.ids[-1] != tokenizer.eot_id:  # cut short: the turn still ends as the template ends it
             session.feed([tokenizer.eot_id])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import SFT_HEADERS, SFT_TEMPLATE, DataError, Tokenizer, write_meta
+from data import SFT_HEADERS, SFT_TEMPLATE, DataError, Tokenizer, render_sft, sft_turn, write_meta
 from preparation.bpe import train_bpe
 from preparation.common import (
     LeakageAudit,
@@ -45,10 +45,6 @@ def _pieces(record, where: str):
     if not isinstance(record, dict) or ("messages" in record) == ("prompt" in record or "completion" in record):
         raise DataError(f"{where} needs either prompt and completion or messages (not both); see prepare.py's doc")
     pieces = [(None, 0)]
-
-    def answer(text):
-        pieces.extend([(text, 1), (None, 1)])
-
     if "messages" in record:
         turns = record["messages"]
         if not isinstance(turns, list):
@@ -57,28 +53,13 @@ def _pieces(record, where: str):
             role = turn.get("role") if isinstance(turn, dict) else None
             if role not in SFT_HEADERS:
                 raise DataError(f"{where}: unknown role {role!r}; use system, user or assistant")
-            content = _record_text(turn.get("content"), where, f"{role} content")
-            if role == "assistant":
-                pieces.append((SFT_HEADERS[role], 0))
-                answer(content)
-            else:
-                pieces.append((f"{SFT_HEADERS[role]}{content}\n\n", 0))
+            pieces += sft_turn(role, _record_text(turn.get("content"), where, f"{role} content"))
     else:
         if "prompt" not in record or "completion" not in record:
             raise DataError(f"{where} needs both prompt and completion")
-        pieces.append((_record_text(record["prompt"], where, "prompt"), 0))
-        answer(_record_text(record["completion"], where, "completion"))
+        pieces += [(_record_text(record["prompt"], where, "prompt"), 0),
+                   (_record_text(record["completion"], where, "completion"), 1), (None, 1)]
     return pieces if any(text for text, trained in pieces if trained) else None  # "": only its end token would train
-
-
-def _render(pieces: list, tokenizer: Tokenizer) -> tuple[list, list]:
-    """(token ids, loss mask) of a record's pieces."""
-    ids, mask = [], []
-    for text, trained in pieces:
-        new = [tokenizer.eot_id] if text is None else tokenizer.encode(text)
-        ids.extend(new)
-        mask.extend([trained] * len(new))
-    return ids, mask
 
 
 def _record_text(value, where: str, what: str) -> str:
@@ -144,7 +125,7 @@ def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, vocab_size, val_frac
     kept = {"train": [], "val": [], **({"test": []} if test_fraction else {})}
     dropped = {"nothing_to_train": 0, "too_long": 0}
     for pieces, split in rendered:
-        example = None if pieces is None else _render(pieces, tok)
+        example = None if pieces is None else render_sft(pieces, tok)
         if example is None:
             dropped["nothing_to_train"] += 1
         elif len(example[0]) > block_size + 1:

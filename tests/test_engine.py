@@ -80,7 +80,7 @@ def test_chat_feeds_the_conversation_in_the_sft_template(monkeypatch, capsys):
     replies = [line for line in out.splitlines() if not line.startswith("> ")]
     record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": replies[0]},
                            {"role": "user", "content": "who?"}, {"role": "assistant", "content": replies[1]}]}
-    ids, _ = preparation.sft._render(preparation.sft._pieces(record, "test"), data.ByteTokenizer())
+    ids, _ = data.render_sft(preparation.sft._pieces(record, "test"), data.ByteTokenizer())
     assert session.ids == ids
 
 
