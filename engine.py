@@ -5,7 +5,7 @@ the one-at-a-time one, as nanochat keeps its engine beside the model."""
 
 import torch
 
-from model import KVCache, sample_next
+from model import sample_next
 
 
 class Session:
@@ -23,18 +23,11 @@ class Session:
         self.ids += ids
         if self.cache is None or self.cache.pos + len(ids) > block_size:
             tail = self.ids[-(block_size // 2):] if len(self.ids) > block_size else self.ids
-            self.cache = KVCache(self.model.config, 1, self.device, self.cache_dtype())
+            self.cache = self.model.new_cache(1, self.device)
             self.logits = self.model(torch.tensor([tail], device=self.device), kv_cache=self.cache)[0][0, -1]
             return
         for token in ids:
             self.logits = self.model(torch.tensor([[token]], device=self.device), kv_cache=self.cache)[0][0, -1]
-
-    def cache_dtype(self):
-        """The dtype the attention's keys and values come in: autocast's where it is on, else the weights'."""
-        device_type = torch.device(self.device).type
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return self.model.lm_head.weight.dtype
 
 
 class Streamer:

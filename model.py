@@ -388,15 +388,19 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
+    def new_cache(self, batch_size, device):
+        """An empty KV cache in the dtype attention's keys and values come in: autocast's where it is on."""
+        device_type = torch.device(device).type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.lm_head.weight.dtype
+        return KVCache(self.config, batch_size, device, dtype)
+
     def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator):
         block_size = self.config.block_size
-        cache_dtype = self.lm_head.weight.dtype
-        if torch.is_autocast_enabled(idx.device.type):
-            cache_dtype = torch.get_autocast_dtype(idx.device.type)
         cache = None
         for _ in range(max_new_tokens):
             if cache is None or cache.pos >= block_size:
-                cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype)
+                cache = self.new_cache(idx.size(0), idx.device)
                 logits, _ = self(idx[:, -block_size:], kv_cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
