@@ -11,6 +11,7 @@ stop rules, task and test scores), monitor.py (step times, divergence guard, pro
 samples), checkpoint.py (TrainingState and writing checkpoints), runlog.py (the run's records).
 """
 
+import functools
 import gc
 import math
 import signal
@@ -136,6 +137,7 @@ wandb_run_name = ""  # wandb run name; empty lets wandb choose {changeable}
 KEYS_FROM = (RuntimeConfig, GPTConfig)  # whose fields are keys too, after the block's (configurator.all_keys)
 
 
+@functools.cache  # the declarations are this file's and the classes' source: read once a process
 def declared():
     """{key: configurator.Key} as declared: default, meaning, allowed values and resume class."""
     return all_keys(__file__, *KEYS_FROM)
