@@ -57,3 +57,14 @@ def run_script(script, args, check=True, timeout=300):
 
 def read_log(out_dir):
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def prepare_cli(capsys, *argv):
+    """prepare.py's command line in this process: (exit status, stdout, stderr)."""
+    try:
+        prepare.main([str(arg) for arg in argv])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err

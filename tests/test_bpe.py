@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import PLAY, run_script, tiny_args
+from conftest import PLAY, prepare_cli, run_script, tiny_args
 
 import data
 import prepare
@@ -19,17 +19,6 @@ from model import GPT, GPTConfig
 VOCAB = 512
 WORD = " Zyzzogeton"  # in no text of the repository but these tests'
 MANY_WORDS = WORD * 300  # 3,300 bytes: under the play's last 10%, so wholly in val when appended
-
-
-def prepare_cli(capsys, *argv):
-    """prepare.py's command line in this process: (exit status, stdout, stderr)."""
-    try:
-        prepare.main([str(arg) for arg in argv])
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def prepare_bpe(data_root, name="mine", inputs=(PLAY,), vocab_size=VOCAB, dataset="text"):

@@ -14,7 +14,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 import torch
-from conftest import PLAY, read_log, run_script, tiny_args
+from conftest import PLAY, prepare_cli, read_log, run_script, tiny_args
 
 import data
 import prepare
@@ -41,17 +41,6 @@ def big_vocab(tmp_path, monkeypatch):
     constructors = {**tiktoken.registry.ENCODING_CONSTRUCTORS, **runpy.run_path(str(plugin))["ENCODING_CONSTRUCTORS"]}
     monkeypatch.setattr(tiktoken.registry, "ENCODING_CONSTRUCTORS", constructors)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", dict(tiktoken.registry.ENCODINGS))
-
-
-def prepare_cli(capsys, *argv):
-    """prepare.py's command line in this process: (exit status, stdout, stderr)."""
-    try:
-        prepare.main([str(arg) for arg in argv])
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture
