@@ -247,6 +247,19 @@ def describe_data(meta: dict) -> str:
             f"{(meta.get('source_sha256') or 'unrecorded')[:12]}, {splits or 'unknown'} tokens)")
 
 
+def tokenizer_identity(meta: dict) -> tuple:
+    """What makes two datasets' token ids mean the same: the tiktoken encoding (under any of its names) or the
+    tokenizer's kind with its characters or its trained file's sha256, and the vocabulary size."""
+    kind = meta["tokenizer"]
+    return (meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind), meta.get("chars"), meta["vocab_size"],
+            meta.get("tokenizer_sha256"))
+
+
+def describe_tokenizer(meta: dict) -> str:
+    chars = f" of {len(meta['chars'])} characters" if meta.get("chars") else ""
+    return f"{meta['tokenizer']} tokens{chars} (vocab {meta['vocab_size']})"
+
+
 def leaked_documents(meta: dict) -> int:
     """How many val and test documents prepare's leakage audit found verbatim in train (meta.json's "leakage";
     its unit is there too); 0 for data prepared before the audit or elsewhere."""

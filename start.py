@@ -17,7 +17,17 @@ from checkpoint import (
     saved_config,
 )
 from configurator import ConfigError
-from data import TIKTOKEN_ALIASES, DataError, Examples, Windows, has_split, is_gpt2_bpe, prepare_default, read_meta
+from data import (
+    DataError,
+    Examples,
+    Windows,
+    describe_tokenizer,
+    has_split,
+    is_gpt2_bpe,
+    prepare_default,
+    read_meta,
+    tokenizer_identity,
+)
 from devices import is_out_of_memory
 from hf import WeightsError, load_hf
 from lora import merge_lora
@@ -89,24 +99,11 @@ def first_weights(cfg, meta, weights_from):
         raise ConfigError(str(e)) from None
 
 
-def tokenizer_identity(meta):
-    """What makes two datasets' token ids mean the same: the tiktoken encoding (under any of its names) or the
-    tokenizer's kind with its characters or its trained file's sha256, and the vocabulary size."""
-    kind = meta["tokenizer"]
-    return (meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind), meta.get("chars"), meta["vocab_size"],
-            meta.get("tokenizer_sha256"))
-
-
 def check_same_tokenizer(parent_meta, meta, path, dataset):
     if tokenizer_identity(parent_meta) != tokenizer_identity(meta):
         raise DataError(f"{path} was trained on {describe_tokenizer(parent_meta)}, but {dataset} holds "
                         f"{describe_tokenizer(meta)}, whose ids mean other tokens; prepare the data with the "
                         "parent's tokenizer (prepare.py --tokenizer), or start from scratch")
-
-
-def describe_tokenizer(meta):
-    chars = f" of {len(meta['chars'])} characters" if meta.get("chars") else ""
-    return f"{meta['tokenizer']} tokens{chars} (vocab {meta['vocab_size']})"
 
 
 def check_architecture_kept(cfg, config, declared, source):
