@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lora import adapter_state, merge_lora
-from model import GPT, GPT2_OPTIONS, MLP, GPTConfig
+from model import GPT, GPT2_OPTIONS, GPTConfig, mlp_width
 
 HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -190,16 +190,10 @@ ROTARY_COMPUTING_KEYS = ("intermediate_size", "num_key_value_heads", "head_dim",
                          "rope_parameters", "attention_bias", "mlp_bias", "use_sliding_window")
 
 
-def swiglu_width(config):
-    """The SwiGLU MLP's hidden width (intermediate_size), as model.MLP sizes it."""
-    with torch.device("meta"):
-        return MLP(config).c_proj.in_features
-
-
 def rotary_config_to_hf(config, eot_id):
     """config.json entries LlamaConfig and Qwen3Config share, for this model's architecture and computation."""
     return {"vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,
-            "hidden_size": config.n_embd, "intermediate_size": swiglu_width(config),
+            "hidden_size": config.n_embd, "intermediate_size": mlp_width(config),
             "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
             "num_key_value_heads": config.n_head, "head_dim": config.n_embd // config.n_head, "hidden_act": "silu",
             "rms_norm_eps": RMS_NORM_EPS, "rope_parameters": ROPE, "attention_bias": config.bias,

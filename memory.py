@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model import mlp_width
 from optimizers import lr_groups
 from parallel import place
 
@@ -122,10 +123,6 @@ def activation_bytes_per_token(config, a, device_type, checkpointing):
 
 def attention_bytes(a, device_type):
     return 4 if device_type == "cpu" else a
-
-
-def mlp_width(config):
-    return 8 * round(config.n_embd / 3) if config.mlp == "swiglu" else 4 * config.n_embd
 
 
 def block_bytes_per_token(config, a, device_type):

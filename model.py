@@ -206,13 +206,16 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def mlp_width(config):
+    """The MLP's hidden width: 4 x n_embd; SwiGLU's, with two input matrices, 2/3 of that (the same parameters)."""
+    return 8 * round(config.n_embd / 3) if config.mlp == "swiglu" else 4 * config.n_embd
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.kind = config.mlp
-        hidden = 4 * config.n_embd
-        if config.mlp == "swiglu":  # two input matrices: 2/3 of the width keeps the parameter count
-            hidden = 8 * round(config.n_embd / 3)
+        hidden = mlp_width(config)
         self.c_fc = projection(config, "mlp", config.n_embd, 2 * hidden if config.mlp == "swiglu" else hidden)
         self.c_proj = projection(config, "mlp", hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
