@@ -1,5 +1,6 @@
-"""What only a GPU can show: bf16 and compiled steps, Muon's bf16 iteration, the KV cache and the deterministic
-switch on CUDA. Marked `cuda` and skipped without a GPU; bench/gpu_check.py runs them (`pytest -m cuda`)."""
+"""What only a GPU can show: bf16 and compiled steps, Muon's bf16 iteration, the KV cache and the
+deterministic switch on CUDA. Marked `cuda` and skipped without a GPU; bench/gpu_check.py runs them
+(`pytest -m cuda`)."""
 
 import contextlib
 import os
@@ -17,29 +18,33 @@ from model import GPT, GPTConfig
 from muon import orthogonalize
 from optimizers import configure_optimizer
 
-# before any cuBLAS handle of this process: make_deterministic's workspace setting takes effect only then
+# before any cuBLAS handle of this process: make_deterministic's workspace setting works only then
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=256, pos_embedding="rope",
-                   mlp="relu2", qk_norm=True, bias=False, dropout=0.0)
+CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=256,
+                   pos_embedding="rope", mlp="relu2", qk_norm=True, bias=False, dropout=0.0)
 
 
 def batches(seed=0, batch_size=8):
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(CONFIG.vocab_size, (batch_size, CONFIG.block_size + 1), generator=generator)
+    tokens = torch.randint(CONFIG.vocab_size, (batch_size, CONFIG.block_size + 1),
+                           generator=generator)
     return [(tokens[:, :-1].cuda(), tokens[:, 1:].cuda())]
 
 
 def steps(compile_model, optimizer="muon", count=3, config=CONFIG):
-    """Losses of `count` bf16 train steps of a fresh model (seed 0), eager or compiled, and the model."""
-    rt = devices.runtime(SimpleNamespace(device="cuda", dtype="bfloat16", compile=str(compile_model).lower()))
+    """Losses of `count` bf16 steps of a fresh model (seed 0), eager or compiled, and the model."""
+    rt = devices.runtime(SimpleNamespace(device="cuda", dtype="bfloat16",
+                                         compile=str(compile_model).lower()))
     torch.manual_seed(0)
     gpt = GPT(config).cuda()
     muon_lr = 0.02 if optimizer == "muon" else None
     opt = configure_optimizer(gpt, 0.1, 1e-3, (0.9, 0.95), "cuda", muon_lr=muon_lr)
     model, scaler = rt.compiled(gpt), rt.grad_scaler()
-    losses = [train.train_step(model, opt, scaler, rt.autocast(), batches(i), 1.0)[0] for i in range(count)]
+    losses = [train.train_step(model, opt, scaler, rt.autocast(), batches(i), 1.0)[0]
+              for i in range(count)]
     return losses, gpt
 
 
@@ -51,10 +56,11 @@ def test_compiled_bf16_steps_follow_eager():
 
 
 def test_bf16_forward_warns_of_nothing():
-    """QK-norm under autocast once warned that it could not use the fused RMSNorm (bf16 input, fp32 weight)."""
+    """QK-norm under autocast warned it couldn't use the fused RMSNorm (bf16 input, fp32 weight)."""
     model = GPT(CONFIG).cuda()
     x, y = batches()[0]
-    with warnings.catch_warnings(record=True) as caught, torch.autocast("cuda", dtype=torch.bfloat16):
+    with (warnings.catch_warnings(record=True) as caught,
+          torch.autocast("cuda", dtype=torch.bfloat16)):
         warnings.simplefilter("always")
         model(x, y)[1].backward()
     assert [str(w.message) for w in caught] == []
@@ -70,8 +76,9 @@ def test_kv_cache_generation_equals_recomputing_in_fp32():
 
 @pytest.mark.parametrize("shape", [(768, 3072), (768, 2304), (3072, 768)])
 def test_bf16_newton_schulz_near_orthogonal(shape):
-    """Muon's bf16 iteration on GPT-2's matrix shapes: every singular value lands in the quintic's band around 1
-    (Keller Jordan's coefficients leave them in about 0.7-1.2), as the float64 iteration does."""
+    """Muon's bf16 iteration on GPT-2's matrix shapes: every singular value lands in the quintic's
+    band around 1 (Keller Jordan's coefficients leave them in about 0.7-1.2), as the float64
+    iteration does."""
     update = torch.randn(*shape, device="cuda")
     singular = torch.linalg.svdvals(orthogonalize(update, dtype=torch.bfloat16).double())
     reference = torch.linalg.svdvals(orthogonalize(update.double(), dtype=torch.float64).double())

@@ -1,5 +1,5 @@
-"""Export and load of the modern architecture options in transformers' Llama and Qwen3 layouts (hf.LAYOUTS),
-checked against transformers itself; the options no layout holds are refused in one line."""
+"""Export and load of the modern architecture options in transformers' Llama and Qwen3 layouts
+(hf.LAYOUTS), checked against transformers; the options no layout holds are refused in one line."""
 
 import json
 from dataclasses import asdict, replace
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_script, tiny_args
+from conftest import run_here, tiny_args
 
 import export
 from checkpoint import load_checkpoint, model_from_checkpoint
@@ -28,8 +28,8 @@ TOLERANCE = 1e-4  # fp32; the differences are ~1e-6, from the order of operation
 
 
 def random_model(options):
-    """Every parameter random and large, norms included: initial zeros and ones would hide mix-ups, and a swapped
-    pair of tensors moves the logits by ~5."""
+    """Every parameter random and large, norms included: initial zeros and ones would hide mix-ups,
+    and a swapped pair of tensors moves the logits by ~5."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, **options))
     with torch.no_grad():
@@ -40,18 +40,20 @@ def random_model(options):
 
 @torch.no_grad()
 def max_logit_difference(ours, theirs):
-    ids = torch.randint(0, TOKENS, (2, TINY["block_size"]), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TOKENS, (2, TINY["block_size"]),
+                        generator=torch.Generator().manual_seed(1))
     return (ours(ids)[0][..., :TOKENS] - theirs(ids).logits).abs().max().item()
 
 
 @pytest.mark.parametrize("options, architecture", [
     (LLAMA, "LlamaForCausalLM"),
     ({**LLAMA, "tie_embeddings": False, "bias": True}, "LlamaForCausalLM"),
-    ({**LLAMA, "zero_init_proj": True}, "LlamaForCausalLM"),  # only an initialisation: no layout needs it off
+    ({**LLAMA, "zero_init_proj": True}, "LlamaForCausalLM"),  # only an init: no layout needs it off
     (QWEN3, "Qwen3ForCausalLM"),
     ({**QWEN3, "tie_embeddings": False}, "Qwen3ForCausalLM"),
     ({**GPT2_OPTIONS, "zero_init_proj": True}, "GPT2LMHeadModel"),
-], ids=["llama-tied", "llama-untied-biases", "llama-zero-init", "qwen3-tied", "qwen3-untied", "gpt2-zero-init"])
+], ids=["llama-tied", "llama-untied-biases", "llama-zero-init", "qwen3-tied", "qwen3-untied",
+        "gpt2-zero-init"])
 def test_exports_to_the_layout_that_holds_the_options(tmp_path, options, architecture):
     ours = random_model(options)
     save_hf(ours, tmp_path, vocab_size=TOKENS)
@@ -79,8 +81,9 @@ def test_norms_eps_and_rope_are_written_as_the_model_computes(tmp_path):
     assert "lm_head.weight" not in tensors  # tied: transformers ties it on loading
 
 
-@pytest.mark.parametrize("key, value", [("rms_norm_eps", 1e-6), ("num_key_value_heads", 1), ("hidden_act", "gelu"),
-                                        ("intermediate_size", 64), ("rope_parameters", {"rope_theta": 5e5}),
+@pytest.mark.parametrize("key, value", [("rms_norm_eps", 1e-6), ("num_key_value_heads", 1),
+                                        ("hidden_act", "gelu"), ("intermediate_size", 64),
+                                        ("rope_parameters", {"rope_theta": 5e5}),
                                         ("attention_bias", True), ("use_sliding_window", True)])
 def test_loading_refuses_a_config_this_model_computes_otherwise(tmp_path, key, value):
     save_hf(random_model(QWEN3), tmp_path)
@@ -94,7 +97,8 @@ def test_loading_reads_transformers_4_rope_keys_and_refuses_other_architectures(
     save_hf(random_model(LLAMA), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["rope_parameters"]
-    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_theta": 10000.0, "rope_scaling": None}))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_theta": 10000.0,
+                                                      "rope_scaling": None}))
     load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     with pytest.raises(WeightsError, match="model_type is 'mistral'"):
@@ -115,10 +119,12 @@ def write_checkpoint(path, model, meta):
     ({**LLAMA, "value_embeddings": 1}, "value_embeddings=1"),
     ({**LLAMA, "unet_skips": True}, "unet_skips=True"),
     ({**QWEN3, "bias": True}, "bias=True"),
-    ({"norm": "layernorm", "mlp": "relu2", "bias": False}, "norm=layernorm, mlp=relu2"),  # the speedrun recipes'
+    # the speedrun recipes'
+    ({"norm": "layernorm", "mlp": "relu2", "bias": False}, "norm=layernorm, mlp=relu2"),
 ], ids=str)
 def test_export_refuses_options_no_layout_holds(data_root, tmp_path, capsys, options, named):
-    write_checkpoint(tmp_path / "best.pt", random_model(options), read_meta(data_root / "shakespeare_char"))
+    write_checkpoint(tmp_path / "best.pt", random_model(options),
+                     read_meta(data_root / "shakespeare_char"))
     with pytest.raises(SystemExit) as exit_info:
         export.main([str(tmp_path / "best.pt"), str(tmp_path / "hf")])
     err = capsys.readouterr().err
@@ -141,28 +147,31 @@ def test_a_folder_with_meta_json_needs_data_of_its_tokenizer(data_root, tmp_path
 
 @pytest.mark.slow
 def test_exported_qwen3_folder_trains_and_samples(data_root, tmp_path):
-    """export.py's folder is train.py's and sample.py's --init_from: its meta.json names the tokenizer."""
-    write_checkpoint(tmp_path / "best.pt", random_model(QWEN3), read_meta(data_root / "shakespeare_char"))
+    """train.py and sample.py --init_from export.py's folder: its meta.json names the tokenizer."""
+    write_checkpoint(tmp_path / "best.pt", random_model(QWEN3),
+                     read_meta(data_root / "shakespeare_char"))
     folder, out = tmp_path / "hf", tmp_path / "run"
     export.main([str(tmp_path / "best.pt"), str(folder), "--crop_vocab"])
-    run_script("train.py", tiny_args(data_root, out, recipe={"optimizer": "adamw", "learning_rate": 1e-3},
-                                     init_from=folder, max_iters=2, lr_decay_iters=2, warmup_iters=1,
-                                     eval_interval=2, sample_interval=0))
+    run_here("train.py", tiny_args(data_root, out,
+                                   recipe={"optimizer": "adamw", "learning_rate": 1e-3},
+                                   init_from=folder, max_iters=2, lr_decay_iters=2, warmup_iters=1,
+                                   eval_interval=2, sample_interval=0))
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["weights_from"] == str(folder) and ckpt["model_config"]["qk_norm"] is True
     assert ckpt["model_config"]["vocab_size"] == TOKENS
-    text = run_script("sample.py", [f"--init_from={folder}", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"])
+    text = run_here("sample.py", [f"--init_from={folder}", "--num_samples=1", "--max_new_tokens=8",
+                                  "--device=cpu"])
     assert text.stdout.endswith("---------------\n")
 
 
 @pytest.mark.slow
 def test_the_default_runs_model_exports_as_qwen3_with_the_same_logits(data_root, tmp_path):
-    """train.py's default options (recipe={}: rotary, RMSNorm, SwiGLU, QK-norm, Muon) at a tiny shape, trained,
-    then `python export.py out/best.pt folder`: transformers loads it and computes our logits."""
+    """train.py's defaults (recipe={}: rotary, RMSNorm, SwiGLU, QK-norm, Muon), tiny, trained, then
+    `python export.py out/best.pt folder`: transformers loads it and computes our logits."""
     out, folder = tmp_path / "run", tmp_path / "hf"
-    run_script("train.py", tiny_args(data_root, out, recipe={}, max_iters=4, lr_decay_iters=4, warmup_iters=1,
-                                     eval_interval=4, sample_interval=0))
-    run_script("export.py", [str(out / "best.pt"), str(folder)])
+    run_here("train.py", tiny_args(data_root, out, recipe={}, max_iters=4, lr_decay_iters=4,
+                                   warmup_iters=1, eval_interval=4, sample_interval=0))
+    run_here("export.py", [str(out / "best.pt"), str(folder)])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(theirs).__name__ == "Qwen3ForCausalLM"
     ours = model_from_checkpoint(load_checkpoint(out / "best.pt")).eval()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PLAY, ROOT, read_log, run_script, tiny_args
+from conftest import PLAY, ROOT, read_log, run_here, tiny_args
 
 import export
 from checkpoint import load_checkpoint
@@ -29,7 +29,7 @@ def offline(monkeypatch):
 
 
 def randomize(model):
-    """Every parameter random, biases and LayerNorms included: initial zeros and ones would hide mix-ups."""
+    """Every parameter random, biases and LayerNorms included: zeros and ones would hide mix-ups."""
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -44,8 +44,9 @@ def random_hf_model():
 
 @torch.no_grad()
 def max_logit_difference(ours, hf, vocab_size=100):
-    """Over every position of a full context of random ids; `vocab_size` leaves out padded vocabulary."""
-    ids = torch.randint(0, vocab_size, (2, ours.config.block_size), generator=torch.Generator().manual_seed(1))
+    """Every position of a full context of random ids; `vocab_size` leaves out padded vocabulary."""
+    ids = torch.randint(0, vocab_size, (2, ours.config.block_size),
+                        generator=torch.Generator().manual_seed(1))
     ours_logits, _ = ours.eval()(ids)
     return (ours_logits[..., :vocab_size] - hf(ids).logits).abs().max().item()
 
@@ -62,16 +63,16 @@ def test_loads_transformers_safetensors(hf_dir):
     folder, hf = hf_dir
     assert (folder / "model.safetensors").is_file()
     ours = load_hf(folder)
-    assert ours.config == GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32,
-                                    dropout=0.0, bias=True)
+    assert ours.config == GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2,
+                                    n_head=2, n_embd=32, dropout=0.0, bias=True)
     assert ours.lm_head.weight is ours.transformer.wte.weight
     assert max_logit_difference(ours, hf) <= TOLERANCE
     assert load_hf(folder, dropout=0.1).config.dropout == 0.1
 
 
 def test_loads_original_gpt2_pickle_layout(hf_dir):
-    """The hub's GPT-2 checkpoints were saved from the bare transformer: no `transformer.` prefix, causal
-    masks stored as buffers, as pytorch_model.bin."""
+    """The hub's GPT-2 checkpoints were saved from the bare transformer: no `transformer.` prefix,
+    causal masks stored as buffers, as pytorch_model.bin."""
     folder, hf = hf_dir
     (folder / "model.safetensors").unlink()
     state = {name.removeprefix("transformer."): tensor for name, tensor in hf.state_dict().items()
@@ -85,11 +86,12 @@ def test_loads_original_gpt2_pickle_layout(hf_dir):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_round_trip_through_transformers(tmp_path, bias):
-    ours = randomize(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32,
-                                   bias=bias)))
+    ours = randomize(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2,
+                                   n_head=2, n_embd=32, bias=bias)))
     save_hf(ours, tmp_path)
     written = pytest.importorskip("safetensors.torch").load_file(tmp_path / "model.safetensors")
-    assert "lm_head.weight" not in written and all(t.dtype == torch.float32 for t in written.values())
+    assert ("lm_head.weight" not in written
+            and all(t.dtype == torch.float32 for t in written.values()))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert max_logit_difference(ours, hf) <= TOLERANCE
     back = load_hf(tmp_path)
@@ -99,7 +101,8 @@ def test_round_trip_through_transformers(tmp_path, bias):
 
 
 def test_cropped_vocabulary_keeps_the_real_tokens_logits(tmp_path):
-    ours = randomize(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32)))
+    ours = randomize(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=128, n_layer=2,
+                                   n_head=2, n_embd=32)))
     save_hf(ours, tmp_path, vocab_size=100, eot_id=99)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["vocab_size"], config["eos_token_id"], config["bos_token_id"]) == (100, 99, 99)
@@ -109,20 +112,23 @@ def test_cropped_vocabulary_keeps_the_real_tokens_logits(tmp_path):
 
 def test_safetensors_reader_and_writer_match_the_reference_library(tmp_path):
     library = pytest.importorskip("safetensors.torch")
-    tensors = {"half": torch.randn(3, 5).half(), "bf16": torch.randn(7).bfloat16(), "fp32": torch.randn(2, 3, 4),
-               "mask": torch.ones(3, dtype=torch.bool)}  # odd sizes: offsets that are not 8-byte multiples
+    # odd sizes: offsets that are not 8-byte multiples
+    tensors = {"half": torch.randn(3, 5).half(), "bf16": torch.randn(7).bfloat16(),
+               "fp32": torch.randn(2, 3, 4), "mask": torch.ones(3, dtype=torch.bool)}
     write_safetensors(tmp_path / "ours.safetensors", tensors)
     library.save_file(tensors, tmp_path / "theirs.safetensors")
-    for read in (library.load_file(tmp_path / "ours.safetensors"), read_safetensors(tmp_path / "theirs.safetensors")):
+    for read in (library.load_file(tmp_path / "ours.safetensors"),
+                 read_safetensors(tmp_path / "theirs.safetensors")):
         assert read.keys() == tensors.keys()
-        assert all(read[name].dtype == t.dtype and torch.equal(read[name], t) for name, t in tensors.items())
+        assert all(read[name].dtype == t.dtype and torch.equal(read[name], t)
+                   for name, t in tensors.items())
 
 
 @pytest.mark.slow
 def test_export_script_end_to_end(data_root, tmp_path):
     out, folder = tmp_path / "out", tmp_path / "hf"
-    run_script("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10))
-    result = run_script("export.py", [str(out / "best.pt"), str(folder)])
+    run_here("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10))
+    result = run_here("export.py", [str(out / "best.pt"), str(folder)])
     assert "GPT2LMHeadModel.from_pretrained" in result.stdout
     ckpt = load_checkpoint(out / "best.pt")
     assert not ckpt["model_config"]["bias"]  # train.py's default: the export adds zero biases
@@ -165,7 +171,8 @@ def test_missing_tensor_and_wrong_shape(hf_dir):
     expect_weights_error(folder, "lacks the tensor transformer.h.1.mlp.c_fc.weight")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "n_positions": 32}))
-    expect_weights_error(folder, r"transformer.wpe.weight .* has shape \(64, 32\), but config.json implies \(32, 32\)")
+    expect_weights_error(folder, r"transformer.wpe.weight .* has shape \(64, 32\), "
+                                 r"but config.json implies \(32, 32\)")
 
 
 def test_corrupt_weights(hf_dir):
@@ -174,9 +181,9 @@ def test_corrupt_weights(hf_dir):
     expect_weights_error(folder, "truncated or corrupt")
 
 
-@pytest.mark.parametrize("option, value", [("activation_function", "relu"), ("n_inner", 64),
-                                           ("scale_attn_by_inverse_layer_idx", True),
-                                           ("tie_word_embeddings", False), ("layer_norm_epsilon", 1e-6)])
+@pytest.mark.parametrize("option, value", [
+    ("activation_function", "relu"), ("n_inner", 64), ("scale_attn_by_inverse_layer_idx", True),
+    ("tie_word_embeddings", False), ("layer_norm_epsilon", 1e-6)])
 def test_unsupported_config(hf_dir, option, value):
     folder, _ = hf_dir
     config = json.loads((folder / "config.json").read_text())
@@ -194,41 +201,46 @@ def test_named_model_without_huggingface_hub(tmp_path, monkeypatch):
 def test_named_model_offline_and_not_cached(tmp_path):
     pytest.importorskip("huggingface_hub")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
-    code = "from hf import WeightsError, load_hf\ntry: load_hf('gpt2')\nexcept WeightsError as e: print(e)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120, check=True)
-    assert result.stdout.startswith("gpt2 is not in the Hugging Face cache and could not be downloaded")
+    code = ("from hf import WeightsError, load_hf\ntry: load_hf('gpt2')\n"
+            "except WeightsError as e: print(e)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert result.stdout.startswith(
+        "gpt2 is not in the Hugging Face cache and could not be downloaded")
     assert result.stdout.count("\n") == 1
 
 
 @pytest.mark.slow
 def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
-    """train.py --init_from=<HF folder> fine-tunes from those weights (context cropped), resumes, and
-    sample.py --init_from samples from them directly; GPT-2 BPE comes from tiktoken's cache."""
+    """train.py --init_from=<HF folder> fine-tunes from those weights (context cropped), resumes,
+    and sample.py --init_from samples from them directly; GPT-2 BPE comes from tiktoken's cache."""
     torch.manual_seed(0)
     hf = tmp_path / "tiny-gpt2"
-    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32,
-                            bias=True)), hf)
+    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2,
+                          n_embd=32, bias=True)), hf)
     data = tmp_path / "data"
-    run_script("prepare.py", ["text", "--input", str(PLAY), "--tokenizer", "gpt2", "--name", "play_gpt2",
-                              "--data_root", str(data)])
+    run_here("prepare.py", ["text", "--input", str(PLAY), "--tokenizer", "gpt2", "--name",
+                            "play_gpt2", "--data_root", str(data)])
     out = tmp_path / "run"
     args = tiny_args(data, out, dataset="play_gpt2", init_from=hf, max_iters=20, lr_decay_iters=20,
                      eval_interval=10, sample_interval=0)
-    run_script("train.py", [*args, "--stop_iter=10"])
+    run_here("train.py", [*args, "--stop_iter=10"])
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["weights_from"] == str(hf) and ckpt["model_config"]["block_size"] == 32  # cropped to the config
+    assert (ckpt["weights_from"] == str(hf)
+            and ckpt["model_config"]["block_size"] == 32)  # cropped to the config
     assert ckpt["model_config"]["n_embd"] == 32 and ckpt["model_config"]["bias"] is True
-    run_script("train.py", [*args, "--init_from=resume"])
+    run_here("train.py", [*args, "--init_from=resume"])
     evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
     assert evals[-1] < evals[0]
-    text = run_script("sample.py", [f"--init_from={hf}", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"])
+    text = run_here("sample.py", [f"--init_from={hf}", "--num_samples=1", "--max_new_tokens=8",
+                                  "--device=cpu"])
     assert text.stdout.endswith("---------------\n")
 
 
 @pytest.mark.slow
 def test_pretrained_weights_need_gpt2_tokens(data_root, tmp_path):
     hf = tmp_path / "tiny-gpt2"
-    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)), hf)
-    result = run_script("train.py", tiny_args(data_root, tmp_path / "run", init_from=hf), check=False)
+    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2,
+                          n_embd=32)), hf)
+    result = run_here("train.py", tiny_args(data_root, tmp_path / "run", init_from=hf), check=False)
     assert result.returncode == 2 and "prepare the data with --tokenizer gpt2" in result.stderr

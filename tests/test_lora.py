@@ -1,9 +1,9 @@
-"""LoRA: adapters start as a no-op, merge into the weights without changing the logits, are the only thing
-a LoRA run trains, and travel alone in PEFT's layout."""
+"""LoRA: adapters start as a no-op, merge into the weights without changing the logits, are the only
+thing a LoRA run trains, and travel alone in PEFT's layout."""
 
 import pytest
 import torch
-from conftest import PLAY, run_script, tiny_args
+from conftest import PLAY, run_here, tiny_args
 
 import prepare
 from checkpoint import load_checkpoint, model_from_checkpoint
@@ -11,13 +11,15 @@ from hf import WeightsError, load_adapters, load_hf, save_adapters, save_hf
 from lora import LoRALinear, merge_lora
 from model import GPT, GPT2_OPTIONS, GPTConfig
 
-BASE = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)
+BASE = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32,
+                 bias=True)
 
 
 def lora_model(targets="attn,mlp", rank=4):
     """A LoRA model whose adapters are random (B starts at zero, which would hide any mix-up)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**BASE.__dict__, "lora_rank": rank, "lora_alpha": 8.0, "lora_targets": targets}))
+    model = GPT(GPTConfig(**{**BASE.__dict__, "lora_rank": rank, "lora_alpha": 8.0,
+                             "lora_targets": targets}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -36,7 +38,8 @@ def test_merged_and_unmerged_give_the_same_logits(targets):
     merged = merge_lora(model)
     assert merged.config.lora_rank == 0 and not any("lora_" in k for k in merged.state_dict())
     assert (logits(model) - logits(merged)).abs().max().item() <= 1e-5
-    assert (logits(model) - logits(GPT(BASE).eval().requires_grad_(False))).abs().max() > 1e-2  # adapters act
+    # adapters act
+    assert (logits(model) - logits(GPT(BASE).eval().requires_grad_(False))).abs().max() > 1e-2
 
 
 def test_new_adapters_change_nothing_and_only_they_train():
@@ -46,8 +49,8 @@ def test_new_adapters_change_nothing_and_only_they_train():
     model.load_state_dict({**model.state_dict(), **base.state_dict()})
     assert torch.equal(logits(model), logits(base))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"transformer.h.{i}.attn.{m}.lora_{ab}" for i in range(2) for m in ("c_attn", "c_proj")
-                         for ab in "AB"}
+    assert trainable == {f"transformer.h.{i}.attn.{m}.lora_{ab}" for i in range(2)
+                         for m in ("c_attn", "c_proj") for ab in "AB"}
     assert model.num_params(trainable_only=True) == 2 * 4 * ((32 + 96) + (32 + 32))
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 4
 
@@ -87,14 +90,16 @@ def test_peft_applies_our_adapters_to_transformers_gpt2(tmp_path):
 def gpt2_run(tmp_path_factory):
     """A LoRA fine-tune of random GPT-2-layout weights on the test play in GPT-2 BPE."""
     tmp = tmp_path_factory.mktemp("lora")
-    prepare.prepare("text", inputs=[str(PLAY)], tokenizer="gpt2", name="play_gpt2", data_root=tmp / "data")
+    prepare.prepare("text", inputs=[str(PLAY)], tokenizer="gpt2", name="play_gpt2",
+                    data_root=tmp / "data")
     torch.manual_seed(0)
-    gpt2 = GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
+    gpt2 = GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2,
+                         n_embd=32))
     save_hf(gpt2, tmp / "hf")
-    args = tiny_args(tmp / "data", tmp / "run", dataset="play_gpt2", init_from=tmp / "hf", lora_rank=4,
-                     lora_targets="attn,mlp", learning_rate=1e-2, max_iters=20, lr_decay_iters=20,
-                     eval_interval=10, sample_interval=20)
-    result = run_script("train.py", args)
+    args = tiny_args(tmp / "data", tmp / "run", dataset="play_gpt2", init_from=tmp / "hf",
+                     lora_rank=4, lora_targets="attn,mlp", learning_rate=1e-2, max_iters=20,
+                     lr_decay_iters=20, eval_interval=10, sample_interval=20)
+    result = run_here("train.py", args)
     return tmp, result
 
 
@@ -115,15 +120,17 @@ def test_a_lora_run_changes_only_the_adapters(gpt2_run):
 def test_a_lora_run_exports_merged_or_alone_and_samples(gpt2_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     tmp, _ = gpt2_run
-    run_script("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "merged")])
+    run_here("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "merged")])
     ours = model_from_checkpoint(load_checkpoint(tmp / "run" / "best.pt")).eval()
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     ids = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)[0]).abs().max().item() <= 1e-4
-    run_script("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "adapters"), "--adapters_only"])
+    run_here("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "adapters"),
+                           "--adapters_only"])
     sample_args = ["--num_samples=1", "--max_new_tokens=8", "--device=cpu", "--temperature=0"]
-    from_run = run_script("sample.py", [f"--out_dir={tmp / 'run'}", *sample_args]).stdout
-    with_adapters = run_script("sample.py", [f"--init_from={tmp / 'hf'}", f"--adapters={tmp_path / 'adapters'}",
-                                             *sample_args]).stdout
-    assert from_run == with_adapters  # greedy: the same tokens from the run and from base + adapters
+    from_run = run_here("sample.py", [f"--out_dir={tmp / 'run'}", *sample_args]).stdout
+    with_adapters = run_here("sample.py", [f"--init_from={tmp / 'hf'}",
+                                           f"--adapters={tmp_path / 'adapters'}",
+                                           *sample_args]).stdout
+    assert from_run == with_adapters  # greedy: the run and base + adapters give the same tokens

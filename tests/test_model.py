@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from model import GPT, GPT2_OPTIONS, GPTConfig, sample_next
 from optimizers import optimizer_groups
 
-TINY = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+TINY = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32,
+                 dropout=0.0, bias=True)
 
 
 def tiny_model(seed=0, **overrides):
@@ -23,7 +24,8 @@ def test_shapes_and_initial_loss_near_ln_vocab():
     assert abs(loss.item() - math.log(50)) < 0.05  # near-uniform predictions at init
     logits, loss = model(idx)
     assert logits.shape == (8, 16, 50) and loss is None
-    torch.testing.assert_close(model(idx, targets)[1], F.cross_entropy(logits.view(-1, 50), targets.view(-1)))
+    torch.testing.assert_close(model(idx, targets)[1],
+                               F.cross_entropy(logits.view(-1, 50), targets.view(-1)))
 
 
 def test_masked_targets_cost_nothing():
@@ -52,11 +54,13 @@ def test_parameter_counts_and_flops():
     cfg = TINY
     model = tiny_model()
     C, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size
-    per_layer = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    per_layer = (2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C)
+                 + (4 * C * C + C))
     total = V * C + T * C + L * per_layer + 2 * C
     assert model.num_params() == total
     assert model.num_params(embeddings=False) == total - V * C - T * C
-    assert model.flops_per_token() == 6 * (total - T * C) + 12 * L * cfg.n_head * (C // cfg.n_head) * T
+    assert (model.flops_per_token()
+            == 6 * (total - T * C) + 12 * L * cfg.n_head * (C // cfg.n_head) * T)
 
 
 @pytest.mark.slow
@@ -90,7 +94,8 @@ def test_optimizer_groups_split_by_dimension():
     model = tiny_model()
     decay, no_decay = optimizer_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert (all(p.dim() >= 2 for p in decay["params"])
+            and all(p.dim() < 2 for p in no_decay["params"]))
     ids = {id(p) for p in decay["params"]}
     assert id(model.transformer.wte.weight) in ids and id(model.transformer.wpe.weight) in ids
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -130,8 +135,10 @@ def test_kv_cache_logits_match_full_forward():
 def test_generate_respects_vocab_limit_and_generator():
     model = tiny_model()
     prompt = torch.zeros((2, 1), dtype=torch.long)
-    a = model.generate(prompt, 30, temperature=1.5, vocab_limit=7, generator=torch.Generator().manual_seed(3))
-    b = model.generate(prompt, 30, temperature=1.5, vocab_limit=7, generator=torch.Generator().manual_seed(3))
+    a = model.generate(prompt, 30, temperature=1.5, vocab_limit=7,
+                       generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 30, temperature=1.5, vocab_limit=7,
+                       generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and int(a.max()) < 7
 
 
@@ -158,14 +165,15 @@ def test_compiled_model_matches_eager_and_keeps_plain_keys():
     compiled = torch.compile(model, backend="eager")
     idx = torch.randint(0, 50, (2, 16))
     torch.testing.assert_close(compiled(idx, idx)[1], model(idx, idx)[1])
-    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())  # why train.py saves the raw model
+    # why train.py saves the raw model
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
     assert not any(k.startswith("_orig_mod.") for k in model.state_dict())
 
 
 def test_generation_leaves_cudnn_attention_out(monkeypatch):
-    """cuDNN's attention plans each new sequence length afresh, which generation meets at every token: on an H200
-    the bench's sampling ran past its minute with it (bench/RESULTS.md). The flag torch's kernel choice reads
-    is the same on a CPU."""
+    """cuDNN's attention plans each new sequence length afresh, which generation meets at every
+    token: on an H200 the bench's sampling ran past its minute with it (bench/RESULTS.md). The flag
+    torch's kernel choice reads is the same on a CPU."""
     seen = []
     sdpa = F.scaled_dot_product_attention
 

@@ -1,13 +1,11 @@
 import hashlib
 import json
-import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PLAY
+from conftest import PLAY, run_here
 
 import data
 import preparation.common
@@ -25,8 +23,8 @@ def split_tokens(data_dir, split):
 
 
 def folder_bytes(folder):
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
-            if path.is_file()}
+    return {path.relative_to(folder).as_posix(): path.read_bytes()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def write_files(root, files):
@@ -104,9 +102,9 @@ def test_shard_paths_without_shards_names_the_command(tmp_path):
 
 
 def test_shakespeare_char_matches_nanogpt_split(tmp_path):
-    """nanoGPT's split, on the play (tiny shakespeare's 65 characters): the first 90% of the characters train,
-    the rest val, the vocabulary the sorted distinct characters (on tiny shakespeare itself: 1,003,854 train
-    and 111,540 val tokens of its 1,115,394 characters)."""
+    """nanoGPT's split, on the play (tiny shakespeare's 65 characters): the first 90% of the
+    characters train, the rest val, the vocabulary the sorted distinct characters (on tiny
+    shakespeare itself: 1,003,854 train and 111,540 val tokens of its 1,115,394 characters)."""
     data_dir = prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path)
 
     meta = data.read_meta(data_dir)
@@ -118,7 +116,8 @@ def test_shakespeare_char_matches_nanogpt_split(tmp_path):
     assert meta["tokens"] == {"train": train_chars, "val": len(text) - train_chars}
     assert meta["source_sha256"] == hashlib.sha256(text.encode()).hexdigest()
     tokenizer = data.get_tokenizer(meta)
-    train, val = tokenizer.decode(split_tokens(data_dir, "train")), tokenizer.decode(split_tokens(data_dir, "val"))
+    train, val = (tokenizer.decode(split_tokens(data_dir, "train")),
+                  tokenizer.decode(split_tokens(data_dir, "val")))
     assert train == text[: int(len(text) * 0.9)]
     assert train + val == text
 
@@ -149,11 +148,13 @@ def test_shakespeare_char_download_failure_suggests_input(tmp_path, monkeypatch)
 
 
 def test_gpt2_round_trips_text_exactly(tmp_path):
-    text = "def f(x):\n    return x  # café, naïve, 東京\n" * 40 + "literal <|endoftext|> stays text\n"
+    text = ("def f(x):\n    return x  # café, naïve, 東京\n" * 40
+            + "literal <|endoftext|> stays text\n")
     source = tmp_path / "notes.txt"
     source.write_text(text)
 
-    data_dir = prepare.prepare("text", inputs=[str(source)], tokenizer="gpt2", data_root=tmp_path / "data")
+    data_dir = prepare.prepare("text", inputs=[str(source)], tokenizer="gpt2",
+                               data_root=tmp_path / "data")
 
     meta = data.read_meta(data_dir)
     assert (meta["tokenizer"], meta["encoding"]) == ("gpt2", "r50k_base")
@@ -175,9 +176,9 @@ def byte_corpus():
 
 
 def expected_byte_splits(files, val_fraction):
-    """Independent model of the split rule: order by sha256(name), cut the bytes, eot after each document."""
+    """Independent model of the split: order by sha256(name), cut bytes, eot after each document."""
     order = sorted(files, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
-    positioned, offset = [], 0  # (source position, token); an eot sits just before its document's end
+    positioned, offset = [], 0  # (source position, token); an eot just before its document's end
     for name in order:
         positioned += [(offset + i, byte) for i, byte in enumerate(files[name])]
         offset += len(files[name])
@@ -191,7 +192,8 @@ def test_byte_tokenizer_on_a_folder(tmp_path):
     write_files(tmp_path / "corpus", byte_corpus())
     visible = {name: data for name, data in byte_corpus().items() if not name.startswith(".")}
 
-    data_dir = prepare.prepare("text", inputs=[str(tmp_path / "corpus")], data_root=tmp_path / "data", name="c")
+    data_dir = prepare.prepare("text", inputs=[str(tmp_path / "corpus")],
+                               data_root=tmp_path / "data", name="c")
 
     train, val, source = expected_byte_splits(visible, 0.1)
     assert split_tokens(data_dir, "train").tolist() == train
@@ -200,14 +202,16 @@ def test_byte_tokenizer_on_a_folder(tmp_path):
     assert meta["tokens"] == {"train": len(train), "val": len(val)}
     assert meta["source_bytes"] == len(source)
     assert meta["source_sha256"] == hashlib.sha256(source).hexdigest()
-    assert (meta["tokenizer"], meta["encoding"], meta["vocab_size"], meta["eot_id"]) == ("byte", None, 257, 256)
+    assert ((meta["tokenizer"], meta["encoding"], meta["vocab_size"], meta["eot_id"])
+            == ("byte", None, 257, 256))
     assert (np.array(train + val) == 256).sum() == len(visible)
 
 
 def test_same_input_gives_identical_shards(tmp_path):
     write_files(tmp_path / "corpus", byte_corpus())
     runs = [
-        prepare.prepare("text", inputs=[str(tmp_path / "corpus" / "*")], data_root=tmp_path / root, name="c")
+        prepare.prepare("text", inputs=[str(tmp_path / "corpus" / "*")], data_root=tmp_path / root,
+                        name="c")
         for root in ("one", "two")
     ]
     assert folder_bytes(runs[0]) == folder_bytes(runs[1])
@@ -216,7 +220,8 @@ def test_same_input_gives_identical_shards(tmp_path):
 def test_small_shard_tokens_split_into_several_files(tmp_path):
     write_files(tmp_path / "corpus", byte_corpus())
     whole = prepare.prepare("text", inputs=[str(tmp_path / "corpus")], data_root=tmp_path / "whole")
-    sharded = prepare.prepare("text", inputs=[str(tmp_path / "corpus")], data_root=tmp_path / "many", shard_tokens=20)
+    sharded = prepare.prepare("text", inputs=[str(tmp_path / "corpus")],
+                              data_root=tmp_path / "many", shard_tokens=20)
 
     for split in ("train", "val"):
         paths = data.shard_paths(sharded, split)
@@ -228,7 +233,8 @@ def test_small_shard_tokens_split_into_several_files(tmp_path):
 def test_split_lands_on_a_character_boundary(tmp_path):
     text = "a" + "é" * 10  # 21 bytes: byte 18, the 90% cut, is inside an é
     (tmp_path / "t.txt").write_text(text)
-    data_dir = prepare.prepare("text", inputs=tmp_path / "t.txt", tokenizer="char", data_root=tmp_path)
+    data_dir = prepare.prepare("text", inputs=tmp_path / "t.txt", tokenizer="char",
+                               data_root=tmp_path)
     tokenizer = data.get_tokenizer(data.read_meta(data_dir))
     assert tokenizer.decode(split_tokens(data_dir, "train")) == "a" + "é" * 8
     assert tokenizer.decode(split_tokens(data_dir, "val")) == "é" * 2
@@ -239,9 +245,11 @@ def test_tiny_chunks_never_split_characters(tmp_path, monkeypatch):
     monkeypatch.setattr(preparation.files, "BATCH_BYTES", 11)
     text = "ünïcödé without newlines 東京東京東京 " * 3 + "\nand lines\n" * 4
     (tmp_path / "t.txt").write_text(text)
-    data_dir = prepare.prepare("text", inputs=[str(tmp_path / "t.txt")], tokenizer="char", data_root=tmp_path)
+    data_dir = prepare.prepare("text", inputs=[str(tmp_path / "t.txt")], tokenizer="char",
+                               data_root=tmp_path)
     tokenizer = data.get_tokenizer(data.read_meta(data_dir))
-    assert tokenizer.decode(split_tokens(data_dir, "train")) + tokenizer.decode(split_tokens(data_dir, "val")) == text
+    assert (tokenizer.decode(split_tokens(data_dir, "train"))
+            + tokenizer.decode(split_tokens(data_dir, "val")) == text)
 
 
 def test_python_stdlib_default(tmp_path):
@@ -249,30 +257,36 @@ def test_python_stdlib_default(tmp_path):
 
     meta = data.read_meta(data_dir)
     assert data_dir == tmp_path / "python_stdlib"
-    assert (meta["dataset"], meta["tokenizer"], meta["vocab_size"]) == ("python_stdlib", "byte", 257)
+    assert ((meta["dataset"], meta["tokenizer"], meta["vocab_size"])
+            == ("python_stdlib", "byte", 257))
     documents = preparation.files.stdlib_files()
-    assert all(preparation.files.STDLIB_SKIPPED_FOLDERS.isdisjoint(Path(key).parts) for key in documents.values())
+    assert all(preparation.files.STDLIB_SKIPPED_FOLDERS.isdisjoint(Path(key).parts)
+               for key in documents.values())
     nonempty = sum(path.stat().st_size > 0 for path in documents)  # empty files get no eot
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == meta["source_bytes"] + nonempty
     assert meta["source_bytes"] > 1_000_000
     assert split_tokens(data_dir, "val")[-1] == 256
-    assert meta["leakage"]["unit"] == "file" and meta["leakage"]["val_in_train"] == 0  # the issue's acceptance
+    assert (meta["leakage"]["unit"] == "file"
+            and meta["leakage"]["val_in_train"] == 0)  # the issue's acceptance
 
 
 # ---- the test split ----------------------------------------------------------------------------
 
 
 def test_without_a_test_split_the_shards_are_as_before(tmp_path):
-    """The play's shards and meta.json as prepare wrote them before test splits and the leakage audit existed
-    (sha256 of each shard file), so the default split is unchanged byte for byte; meta only gains "leakage"."""
+    """The play's shards and meta.json as prepare wrote them before test splits and the leakage
+    audit existed (sha256 of each shard file), so the default split is unchanged byte for byte;
+    meta only gains "leakage"."""
     data_dir = prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path)
 
-    assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in data_dir.glob("*.bin")} == {
+    assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in data_dir.glob("*.bin")} == {
         "train_000000.bin": "d7c6a65ee919686b41c5aba2b4c43b849cc5aa25cc1bbc8ad89cdc7cf228f881",
         "val_000000.bin": "96c31b4218bf80b1243171225a8bafd315773da09cf5b20ed70b0698cc9e7741"}
     meta = data.read_meta(data_dir)
-    assert list(meta) == ["dataset", "tokenizer", "encoding", "vocab_size", "eot_id", "chars", "tokens",
-                          "source_bytes", "source_sha256", "val_fraction", "leakage", "shard_format"]
+    assert list(meta) == ["dataset", "tokenizer", "encoding", "vocab_size", "eot_id", "chars",
+                          "tokens", "source_bytes", "source_sha256", "val_fraction", "leakage",
+                          "shard_format"]
     assert meta["tokens"] == {"train": 43359, "val": 4818} and meta["val_fraction"] == 0.1
     assert not data.has_split(data_dir, "test")
     with pytest.raises(DataError, match="no test shards .* with --test_fraction"):
@@ -280,13 +294,14 @@ def test_without_a_test_split_the_shards_are_as_before(tmp_path):
 
 
 def test_test_fraction_is_carved_from_the_end_of_val(tmp_path):
-    """The last test_fraction of the bytes become test; train is the same shard, val keeps the bytes between."""
+    """The last test_fraction of bytes become test, val the bytes between; train is unchanged."""
     plain = prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path / "plain")
-    data_dir = prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path / "test", test_fraction=0.04)
+    data_dir = prepare.prepare("shakespeare_char", inputs=[str(PLAY)], data_root=tmp_path / "test",
+                               test_fraction=0.04)
 
     assert (data_dir / "train_000000.bin").read_bytes() == (plain / "train_000000.bin").read_bytes()
-    assert sorted(path.name for path in data_dir.glob("*.bin")) == ["test_000000.bin", "train_000000.bin",
-                                                                    "val_000000.bin"]
+    assert sorted(path.name for path in data_dir.glob("*.bin")) == [
+        "test_000000.bin", "train_000000.bin", "val_000000.bin"]
     text = PLAY.read_text()
     tokenizer = data.get_tokenizer(data.read_meta(data_dir))
     val, test = (tokenizer.decode(split_tokens(data_dir, split)) for split in ("val", "test"))
@@ -297,23 +312,26 @@ def test_test_fraction_is_carved_from_the_end_of_val(tmp_path):
     assert data.has_split(data_dir, "test")
     windows = data.Windows(data_dir, "test", 8, 65)  # opens like val
     assert windows.tokens == len(test)
-    assert meta["leakage"] == {"unit": "paragraph", "val_docs": 20, "val_in_train": 0, "test_docs": 14,
-                               "test_in_train": 0}  # 33 paragraphs in val without test, one now cut in two
+    # 33 paragraphs in val without test, one now cut in two
+    assert meta["leakage"] == {"unit": "paragraph", "val_docs": 20, "val_in_train": 0,
+                               "test_docs": 14, "test_in_train": 0}
 
 
 def test_test_split_tokens_add_up_with_end_of_text_tokens(tmp_path):
-    """Several files with the byte tokenizer: every document's end-of-text lands in exactly one split."""
+    """Byte tokens of several files: every document's end-of-text lands in exactly one split."""
     write_files(tmp_path / "corpus", byte_corpus())
     corpus = str(tmp_path / "corpus")
     plain = prepare.prepare("text", inputs=[corpus], data_root=tmp_path / "plain", val_fraction=0.3)
-    data_dir = prepare.prepare("text", inputs=[corpus], data_root=tmp_path / "test", val_fraction=0.3,
-                               test_fraction=0.15)
+    data_dir = prepare.prepare("text", inputs=[corpus], data_root=tmp_path / "test",
+                               val_fraction=0.3, test_fraction=0.15)
 
     np.testing.assert_array_equal(split_tokens(data_dir, "train"), split_tokens(plain, "train"))
-    np.testing.assert_array_equal(np.concatenate([split_tokens(data_dir, "val"), split_tokens(data_dir, "test")]),
+    np.testing.assert_array_equal(np.concatenate([split_tokens(data_dir, "val"),
+                                                  split_tokens(data_dir, "test")]),
                                   split_tokens(plain, "val"))
     tokens = data.read_meta(data_dir)["tokens"]
-    assert tokens["train"] + tokens["val"] + tokens["test"] == sum(data.read_meta(plain)["tokens"].values())
+    assert (tokens["train"] + tokens["val"] + tokens["test"]
+            == sum(data.read_meta(plain)["tokens"].values()))
     assert tokens["test"] > 0 and tokens["val"] > 0
 
 
@@ -352,8 +370,10 @@ def test_char_tokenizer_rejects_unknown_characters():
         (["--test_fraction", "-0.1"], "--test_fraction must be at least 0"),
         (["--test_fraction", "1"], "--test_fraction must be at least 0 (off) and below 1"),
         (["--test_fraction", "0.1"], "--test_fraction 0.1 must be below --val_fraction 0.1"),
-        (["--val_fraction", "0.2", "--test_fraction", "0.3"], "raise --val_fraction to hold out both"),
-        (["text", "--input", "{tmp}/text.txt", "--test_fraction", "0.09"], "too small to give train, val and test"),
+        (["--val_fraction", "0.2", "--test_fraction", "0.3"],
+         "raise --val_fraction to hold out both"),
+        (["text", "--input", "{tmp}/text.txt", "--test_fraction", "0.09"],
+         "too small to give train, val and test"),
         (["--test_tokens", "5"], "--test_tokens and --max_docs are for the web datasets"),
     ],
 )
@@ -399,7 +419,8 @@ def test_failed_prepare_leaves_existing_data_untouched(tmp_path, monkeypatch):
 def test_inputs_inside_the_replaced_folder_are_refused(tmp_path):
     write_files(tmp_path / "data" / "notes", {"a.txt": b"my only copy\n" * 10})
     with pytest.raises(DataError, match="inside the output folder"):
-        prepare.prepare("text", inputs=[str(tmp_path / "data" / "notes")], data_root=tmp_path / "data", name="notes")
+        prepare.prepare("text", inputs=[str(tmp_path / "data" / "notes")],
+                        data_root=tmp_path / "data", name="notes")
     assert (tmp_path / "data" / "notes" / "a.txt").exists()
 
 
@@ -425,15 +446,15 @@ def test_read_meta_returns_what_prepare_wrote(tmp_path):
 
 
 def test_help_lists_every_option():
-    result = subprocess.run([sys.executable, "prepare.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                            check=True)
-    for option in ["dataset", "--input", "--tokenizer", "--data_root", "--name", "--val_fraction", "--shard_tokens",
-                   "--val_tokens", "--max_docs", "--test_fraction", "--test_tokens", "fineweb10B", "fineweb_edu10B",
-                   "openwebtext", "meta"]:
+    result = run_here("prepare.py", ["--help"])
+    for option in ["dataset", "--input", "--tokenizer", "--data_root", "--name", "--val_fraction",
+                   "--shard_tokens", "--val_tokens", "--max_docs", "--test_fraction",
+                   "--test_tokens", "fineweb10B", "fineweb_edu10B", "openwebtext", "meta"]:
         assert option in result.stdout
 
 
 def test_the_read_side_names_every_dataset_prepare_knows_by_name():
-    """data.NAMED_DATASETS (which error messages use to suggest `python prepare.py <name>`) is the read side's
-    copy of the pipeline's names; it must not drift from them."""
-    assert set(data.NAMED_DATASETS) == set(preparation.files.DOWNLOADED) | set(preparation.web.WEB_DATASETS)
+    """data.NAMED_DATASETS (which error messages use to suggest `python prepare.py <name>`) is the
+    read side's copy of the pipeline's names; it must not drift from them."""
+    assert set(data.NAMED_DATASETS) == (set(preparation.files.DOWNLOADED)
+                                        | set(preparation.web.WEB_DATASETS))

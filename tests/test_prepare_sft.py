@@ -1,4 +1,4 @@
-"""prepare.py sft: the rendering template, the loss mask, the drop rules, the split and the errors."""
+"""prepare.py sft: the rendering template, the loss mask, the drop rules, the split, the errors."""
 
 import hashlib
 import itertools
@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, run_here
 
 import data
 import preparation.files
@@ -37,39 +37,44 @@ def byte_ids(text):
 
 
 def test_prompt_completion_rendering_and_mask_by_hand(tmp_path):
-    folder = prepare_sft(tmp_path, [{"prompt": "Hi\n", "completion": "yo"}, {"prompt": "A", "completion": "B"}],
-                       val_fraction=0.5)
+    folder = prepare_sft(tmp_path, [{"prompt": "Hi\n", "completion": "yo"},
+                                    {"prompt": "A", "completion": "B"}], val_fraction=0.5)
     (train,), (val,) = examples(folder, "train"), examples(folder, "val")
     assert train == ([EOT, *byte_ids("Hi\n"), *byte_ids("yo"), EOT], [0, 0, 0, 0, 1, 1, 1])
     assert val == ([EOT, ord("A"), ord("B"), EOT], [0, 0, 1, 1])
     meta = data.read_meta(folder)
     assert meta["format"] == "sft" and meta["examples"] == {"train": 1, "val": 1}
-    assert meta["tokens"] == {"train": 7, "val": 4} and meta["trained_tokens"] == {"train": 3, "val": 2}
+    assert (meta["tokens"] == {"train": 7, "val": 4}
+            and meta["trained_tokens"] == {"train": 3, "val": 2})
     assert meta["max_example_tokens"] == 7 and meta["eot_id"] == EOT
     assert meta["template"] == data.SFT_TEMPLATE
 
 
 def test_chat_rendering_with_gpt2_tokens(tmp_path):
-    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                         {"role": "assistant", "content": "4"}, {"role": "user", "content": "<|endoftext|>"},
+    chat = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "4"},
+                         {"role": "user", "content": "<|endoftext|>"},
                          {"role": "assistant", "content": "ok"}]}
     folder = prepare_sft(tmp_path, [chat, chat], tokenizer="gpt2", val_fraction=0.5)
     tok = data.get_tokenizer(data.read_meta(folder))
     ids, mask = examples(folder, "train")[0]
     eot = tok.eot_id
-    assert tok.encoding.decode(ids) == ("<|endoftext|>System: Be brief.\n\nUser: 2+2?\n\nAssistant: 4<|endoftext|>"
-                                        "User: <|endoftext|>\n\nAssistant: ok<|endoftext|>")
+    assert tok.encoding.decode(ids) == ("<|endoftext|>System: Be brief.\n\nUser: 2+2?\n\n"
+                                        "Assistant: 4<|endoftext|>User: <|endoftext|>\n\n"
+                                        "Assistant: ok<|endoftext|>")
     assert ids.count(eot) == 3  # the user's literal "<|endoftext|>" stays text
     trained = [i for i, m in zip(ids, mask) if m]
     assert trained == [*tok.encode("4"), eot, *tok.encode("ok"), eot]
 
 
 def test_long_and_untrainable_records_are_dropped_and_counted(tmp_path):
-    fits = {"prompt": "a" * 5, "completion": "b" * 5}  # EOT + 10 + EOT = 12 tokens = block_size + 1
+    fits = {"prompt": "a" * 5, "completion": "b" * 5}  # EOT + 10 + EOT: 12 tokens, block_size + 1
     too_long = {"prompt": "a" * 5, "completion": "b" * 6}  # 13 tokens
     empty = {"prompt": "a", "completion": ""}
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
-    empty_answer = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]}
+    empty_answer = {"messages": [{"role": "user", "content": "hello"},
+                                 {"role": "assistant", "content": ""}]}
     records = [fits, too_long, empty, no_answer, empty_answer, fits, fits]
     folder = prepare_sft(tmp_path, records, block_size=11, val_fraction=0.2)
     meta = data.read_meta(folder)
@@ -83,7 +88,8 @@ def test_split_is_even_and_decided_before_dropping(tmp_path):
     assert preparation.sft.val_records(3, 0.1).nonzero()[0].tolist() == [2]  # at least one
     records = [{"prompt": str(i), "completion": "x" if i != 4 else ""} for i in range(10)]
     folder = prepare_sft(tmp_path, records, val_fraction=0.2)
-    assert [bytes(ids[1:-2]).decode() for ids, _ in examples(folder, "val")] == ["9"]  # record 4 was dropped
+    # record 4 was dropped
+    assert [bytes(ids[1:-2]).decode() for ids, _ in examples(folder, "val")] == ["9"]
     assert len(examples(folder, "train")) == 8
 
 
@@ -96,7 +102,8 @@ def test_test_fraction_takes_test_from_the_val_records(tmp_path):
         return [int(bytes(ids[1:-2]).decode().rstrip(":")) for ids, _ in examples(folder, split)]
 
     assert numbers(plain, "val") == [3, 6, 9, 13, 16, 19]  # 6 of 20 spread evenly
-    assert numbers(folder, "val") == [3, 6, 13, 16] and numbers(folder, "test") == [9, 19]  # 2 of those 6
+    assert (numbers(folder, "val") == [3, 6, 13, 16]
+            and numbers(folder, "test") == [9, 19])  # 2 of those 6
     assert numbers(folder, "train") == numbers(plain, "train")
     meta = data.read_meta(folder)
     assert meta["examples"] == {"train": 14, "val": 4, "test": 2} and meta["test_fraction"] == 0.1
@@ -104,28 +111,33 @@ def test_test_fraction_takes_test_from_the_val_records(tmp_path):
     assert data.has_split(folder, "test") and not data.has_split(plain, "test")
     assert data.Examples(folder, "test", 16, 257).count == 2  # opens like val
     with pytest.raises(data.DataError, match="takes all 6 held-out record"):
-        prepare_sft(tmp_path, records, val_fraction=0.3, test_fraction=0.29)  # round(5.8) = 6 records
+        prepare_sft(tmp_path, records, val_fraction=0.3, test_fraction=0.29)  # round(5.8) = 6
 
 
 def test_meta_files_order_and_same_bytes_on_every_run(tmp_path):
     write_records(tmp_path / "b.jsonl", [{"prompt": "b", "completion": "2"}])
-    write_records(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "1"}, "", {"prompt": "c", "completion": "3"}])
+    write_records(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "1"}, "",
+                                         {"prompt": "c", "completion": "3"}])
     inputs = [str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")]  # read by name: a, then b
-    options = {"tokenizer": "byte", "data_root": tmp_path / "data", "name": "qa", "val_fraction": 0.3}
+    options = {"tokenizer": "byte", "data_root": tmp_path / "data", "name": "qa",
+               "val_fraction": 0.3}
     folder = prepare.prepare("sft", inputs=inputs, **options)
     first = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert prepare.prepare("sft", inputs=inputs, **options) == folder
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == first
 
     assert [bytes(ids[1:-1]).decode() for ids, _ in examples(folder, "train")] == ["a1", "c3"]
-    assert [bytes(ids[1:-1]).decode() for ids, _ in examples(folder, "val")] == ["b2"]  # record 2 of 3
+    # record 2 of 3
+    assert [bytes(ids[1:-1]).decode() for ids, _ in examples(folder, "val")] == ["b2"]
     meta = data.read_meta(folder)
     source = (tmp_path / "a.jsonl").read_bytes() + (tmp_path / "b.jsonl").read_bytes()
-    assert meta["source_sha256"] == hashlib.sha256(source).hexdigest() and meta["source_bytes"] == len(source)
-    assert {key: meta[key] for key in ("dataset", "tokenizer", "encoding", "vocab_size", "eot_id", "format",
-                                       "shard_format", "block_size", "val_fraction", "dropped")} == {
-        "dataset": "sft", "tokenizer": "byte", "encoding": None, "vocab_size": 257, "eot_id": EOT, "format": "sft",
-        "shard_format": "sft npy v1", "block_size": 1024, "val_fraction": 0.3,
+    assert (meta["source_sha256"] == hashlib.sha256(source).hexdigest()
+            and meta["source_bytes"] == len(source))
+    assert {key: meta[key] for key in ("dataset", "tokenizer", "encoding", "vocab_size", "eot_id",
+                                       "format", "shard_format", "block_size", "val_fraction",
+                                       "dropped")} == {
+        "dataset": "sft", "tokenizer": "byte", "encoding": None, "vocab_size": 257, "eot_id": EOT,
+        "format": "sft", "shard_format": "sft npy v1", "block_size": 1024, "val_fraction": 0.3,
         "dropped": {"nothing_to_train": 0, "too_long": 0}}
     assert sorted(first) == ["meta.json", *(f"{split}_{name}.npy" for split in ("train", "val")
                                             for name in ("mask", "offsets", "tokens"))]
@@ -134,7 +146,8 @@ def test_meta_files_order_and_same_bytes_on_every_run(tmp_path):
 @pytest.mark.parametrize(("line", "message"), [
     ("{not json", "records.jsonl:2 is not a JSON object"),
     ({"prompt": "a"}, "records.jsonl:2 needs both prompt and completion"),
-    ({"prompt": "a", "completion": "b", "messages": []}, "records.jsonl:2 needs either prompt and completion or"),
+    ({"prompt": "a", "completion": "b", "messages": []},
+     "records.jsonl:2 needs either prompt and completion or"),
     ({"text": "a"}, "records.jsonl:2 needs either prompt and completion or messages"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
      "records.jsonl:2: user content must be a string, not NoneType"),
@@ -144,13 +157,16 @@ def test_meta_files_order_and_same_bytes_on_every_run(tmp_path):
 ])
 def test_bad_records_name_file_and_line(tmp_path, line, message):
     with pytest.raises(data.DataError, match=message.replace("(", r"\(")):
-        prepare_sft(tmp_path, [{"prompt": "ok", "completion": "ok"}, line, {"prompt": "c", "completion": "d"}])
+        prepare_sft(tmp_path, [{"prompt": "ok", "completion": "ok"}, line,
+                               {"prompt": "c", "completion": "d"}])
 
 
 def test_a_line_that_is_not_utf8_is_named(tmp_path):
-    (tmp_path / "records.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n')
+    (tmp_path / "records.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n'
+                                             b'{"prompt": "\xff"}\n')
     with pytest.raises(data.DataError, match="records.jsonl:2 is not UTF-8"):
-        prepare.prepare("sft", inputs=[str(tmp_path / "records.jsonl")], tokenizer="byte", data_root=tmp_path)
+        prepare.prepare("sft", inputs=[str(tmp_path / "records.jsonl")], tokenizer="byte",
+                        data_root=tmp_path)
 
 
 def test_load_sft_refuses_damaged_folders(tmp_path):
@@ -159,20 +175,24 @@ def test_load_sft_refuses_damaged_folders(tmp_path):
     with pytest.raises(data.DataError, match="disagree in length"):
         data.load_sft(folder, "train")
     (folder / "val_tokens.npy").unlink()
-    with pytest.raises(data.DataError, match="cannot be read.*python prepare.py sft --input ... --name chat"):
+    with pytest.raises(data.DataError,
+                       match="cannot be read.*python prepare.py sft --input ... --name chat"):
         data.load_sft(folder, "val")
 
 
 def test_example_records_fit_128_tokens_and_the_cli_reports(tmp_path):
-    result = run_script("prepare.py", ["sft", "--input", str(ROOT / "config" / "sft_example.jsonl"),
-                                       "--block_size", "128", "--data_root", str(tmp_path)])
-    assert "dropped 0 longer than block_size + 1 = 129 tokens and 0 with nothing to train" in result.stdout
+    result = run_here("prepare.py", ["sft", "--input", str(ROOT / "config" / "sft_example.jsonl"),
+                                     "--block_size", "128", "--data_root", str(tmp_path)])
+    assert ("dropped 0 longer than block_size + 1 = 129 tokens and 0 with nothing to train"
+            in result.stdout)
     meta = data.read_meta(tmp_path / "sft")
     assert meta["examples"]["val"] == 34 and meta["tokenizer"] == "gpt2"
     assert meta["leakage"]["val_in_train"] == 0  # no val record repeats a train one
-    bad = run_script("prepare.py", ["sft", "--input", str(write_records(tmp_path / "one.jsonl", ["{"])),
-                                    "--data_root", str(tmp_path)], check=False)
+    bad = run_here("prepare.py", ["sft", "--input",
+                                  str(write_records(tmp_path / "one.jsonl", ["{"])),
+                                  "--data_root", str(tmp_path)], check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and bad.stderr.count("\n") == 1
     assert (tmp_path / "sft" / "meta.json").exists()  # the earlier dataset is untouched
-    wrong = run_script("prepare.py", ["text", "--input", "README.md", "--block_size", "64"], check=False)
+    wrong = run_here("prepare.py", ["text", "--input", "README.md", "--block_size", "64"],
+                     check=False)
     assert wrong.returncode == 2 and "--block_size is for sft only" in wrong.stderr

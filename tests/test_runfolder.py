@@ -1,4 +1,5 @@
-"""A run folder cannot be wedged: a torn last log line, a second run, an old run's log, bad plot.py input."""
+"""A run folder cannot be wedged: a torn last log line, a second run, an old run's log, bad
+plot.py input."""
 
 import json
 import socket
@@ -8,7 +9,7 @@ import types
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import run_here
 
 import plot
 import runlog
@@ -24,7 +25,8 @@ def resumed_runlog(out_dir, step=10):
     return log
 
 
-@pytest.mark.parametrize("torn", [b'{"step": 696, "tokens": 178176', b'{"step": 696, "tok\x00\x00\n'])
+@pytest.mark.parametrize("torn", [b'{"step": 696, "tokens": 178176',
+                                  b'{"step": 696, "tok\x00\x00\n'])
 def test_resume_sets_a_torn_last_line_aside(tmp_path, capsys, torn):
     (tmp_path / "log.jsonl").write_bytes(GOOD + torn)
     log = resumed_runlog(tmp_path)
@@ -42,24 +44,25 @@ def test_resume_sets_a_torn_last_line_aside(tmp_path, capsys, torn):
 def test_resume_leaves_a_whole_log_alone(tmp_path, capsys):
     (tmp_path / "log.jsonl").write_bytes(GOOD)
     resumed_runlog(tmp_path)
-    assert (tmp_path / "log.jsonl").read_bytes() == GOOD and not (tmp_path / "log.jsonl.torn").exists()
+    assert ((tmp_path / "log.jsonl").read_bytes() == GOOD
+            and not (tmp_path / "log.jsonl.torn").exists())
     assert capsys.readouterr().out == ""
 
 
 def test_readers_skip_torn_lines(tmp_path):
     path = tmp_path / "log.jsonl"
-    path.write_bytes(b'{"step": 5, "tokens": 1, "train_loss": 4.0}\n{"step": 6, "tok{"step": 6, "event": "resumed"}\n'
+    path.write_bytes(b'{"step": 5, "tokens": 1, "train_loss": 4.0}\n'
+                     b'{"step": 6, "tok{"step": 6, "event": "resumed"}\n'
                      + GOOD + b"[1, 2]\n" + b'{"step": 696, "tokens": 178176')
     assert [r["step"] for r in runlog.read_log(path)] == [5, 10, 10]
-    assert plot.read_curves(path) == {"train": [(1, 4.0), (2560, 3.5)], "val": [(2560, 3.6)], "task": []}
+    assert plot.read_curves(path) == {"train": [(1, 4.0), (2560, 3.5)], "val": [(2560, 3.6)],
+                                      "task": []}
 
 
 def test_plot_script_draws_a_log_with_a_torn_last_line(tmp_path):
     (tmp_path / "log.jsonl").write_bytes(GOOD + b'{"step": 696, "tokens": 178176')
     png = tmp_path / "out.png"
-    result = subprocess.run([sys.executable, "plot.py", str(tmp_path / "log.jsonl"), "-o", str(png)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    run_here("plot.py", [tmp_path / "log.jsonl", "-o", png])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -72,7 +75,8 @@ def test_a_failing_plot_never_stops_training(tmp_path, capsys, monkeypatch):
     log.evaluated(20, 5120, 3.2, 3.2, 20)
     log.evaluated(30, 7680, 3.1, 3.1, 30)
     said = capsys.readouterr().out.splitlines()
-    assert len(said) == 1 and said[0].startswith("warning: loss.png not drawn (ValueError: bad figure)")
+    assert (len(said) == 1
+            and said[0].startswith("warning: loss.png not drawn (ValueError: bad figure)"))
     assert json.loads((tmp_path / "run.json").read_text())["best_step"] == 30
 
 
@@ -87,10 +91,12 @@ def test_lock_refuses_a_second_run_and_release_removes_it(tmp_path):
     with pytest.raises(runlog.RunFolderError) as refused:
         runlog.RunFolderLock(tmp_path / "run")
     message = str(refused.value)
-    assert "\n" not in message and f"pid {owner['pid']} on {owner['host']}, since {owner['started']}" in message
+    assert ("\n" not in message
+            and f"pid {owner['pid']} on {owner['host']}, since {owner['started']}" in message)
     assert "--out_dir" in message and ".lock" in message
     lock.release()
-    assert not (tmp_path / "run").exists()  # made by the lock for a run that wrote nothing: left as it was
+    # made by the lock for a run that wrote nothing: left as it was
+    assert not (tmp_path / "run").exists()
     lock = runlog.RunFolderLock(tmp_path / "run")
     (tmp_path / "run" / "log.jsonl").write_bytes(GOOD)
     lock.release()
@@ -107,7 +113,8 @@ def test_lock_of_another_live_process_refused_then_taken_over_once_it_is_gone(tm
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_lock(tmp_path, other.pid)
-        with pytest.raises(runlog.RunFolderError, match=f"pid {other.pid} on {socket.gethostname()}"):
+        with pytest.raises(runlog.RunFolderError,
+                           match=f"pid {other.pid} on {socket.gethostname()}"):
             runlog.RunFolderLock(tmp_path)
     finally:
         other.kill()
@@ -140,25 +147,27 @@ def test_fresh_run_refuses_a_folder_with_an_old_log_and_a_checkpoint(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"")
     with pytest.raises(runlog.RunFolderError) as refused:
         runlog.check_fresh_folder(tmp_path)
-    assert "\n" not in str(refused.value) and "--out_dir" in str(refused.value) and "resume" not in str(refused.value)
+    assert ("\n" not in str(refused.value) and "--out_dir" in str(refused.value)
+            and "resume" not in str(refused.value))
     (tmp_path / "last.pt").write_bytes(b"")
     with pytest.raises(runlog.RunFolderError, match="--init_from=resume"):
         runlog.check_fresh_folder(tmp_path)
 
 
 def test_records_without_a_checkpoint_are_set_aside_for_a_fresh_run(tmp_path, capsys):
-    """A run that failed before its first save left records that nothing can resume: a new run starts."""
+    """A run that failed before its first save left records nothing can resume: a new run starts."""
     (tmp_path / "log.jsonl").write_bytes(GOOD)
     (tmp_path / "run.json").write_text("{}")
     (tmp_path / "earlier-1").mkdir()
     runlog.check_fresh_folder(tmp_path)
     assert sorted(p.name for p in (tmp_path / "earlier-2").iterdir()) == ["log.jsonl", "run.json"]
-    assert not (tmp_path / "log.jsonl").exists() and (tmp_path / "earlier-2" / "log.jsonl").read_bytes() == GOOD
+    assert (not (tmp_path / "log.jsonl").exists()
+            and (tmp_path / "earlier-2" / "log.jsonl").read_bytes() == GOOD)
     assert "set aside in earlier-2/, and this run starts afresh" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["missing log", "log is a folder", "no loss lines", "missing output folder",
-                                  "output is a folder"])
+@pytest.mark.parametrize("case", ["missing log", "log is a folder", "no loss lines",
+                                  "missing output folder", "output is a folder"])
 def test_plot_script_bad_input_is_one_line_and_exit_2(tmp_path, case):
     log, output = tmp_path / "log.jsonl", tmp_path / "loss.png"
     log.write_bytes(GOOD)
@@ -172,8 +181,7 @@ def test_plot_script_bad_input_is_one_line_and_exit_2(tmp_path, case):
         output = tmp_path / "missing_dir" / "x.png"
     else:
         output = tmp_path
-    result = subprocess.run([sys.executable, "plot.py", str(log), "-o", str(output)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = run_here("plot.py", [log, "-o", output], check=False)
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_log, run_script, tiny_args
+from conftest import read_log, run_here, tiny_args
 
 import configurator
 import data
@@ -14,9 +14,10 @@ import train
 
 
 def schedule(**keys):
-    """The schedule's keys: peak 1.0 after 10 warmup steps, floor 0.1, decay to max_iters 200 unless set."""
-    return SimpleNamespace(**{"learning_rate": 1.0, "warmup_iters": 10, "min_lr": 0.1, "max_iters": 200,
-                              "lr_decay_iters": 0, "lr_schedule": "cosine", "cooldown_frac": 0.4, **keys})
+    """Schedule keys: peak 1.0 after 10 warmup steps, floor 0.1, decay to max_iters 200 if unset."""
+    return SimpleNamespace(**{"learning_rate": 1.0, "warmup_iters": 10, "min_lr": 0.1,
+                              "max_iters": 200, "lr_decay_iters": 0, "lr_schedule": "cosine",
+                              "cooldown_frac": 0.4, **keys})
 
 
 def test_lr_schedule_values():
@@ -35,8 +36,9 @@ def test_wsd_schedule_holds_the_peak_then_cools_down_linearly():
     def lr(it):
         return train.lr_at(it, schedule(lr_decay_iters=110, lr_schedule="wsd", cooldown_frac=0.4))
 
-    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # the same warmup as the cosine
-    assert all(lr(i) == pytest.approx(1.0) for i in range(10, 71))  # stable: the first 60% of the 100 decay steps
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # as the cosine's warmup
+    # stable: the first 60% of the 100 decay steps
+    assert all(lr(i) == pytest.approx(1.0) for i in range(10, 71))
     assert lr(90) == pytest.approx(0.55)  # halfway through the 40-step cooldown
     assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
     assert all(lr(i) >= lr(i + 1) for i in range(10, 200))
@@ -50,7 +52,7 @@ def test_leading_batches_tile_the_first_tokens(data_root):
     x = torch.cat([x for x, _ in batches]).flatten()
     y = torch.cat([y for _, y in batches]).flatten()
     assert torch.equal(x, torch.from_numpy(tokens[:192].astype("int64")))  # back to back, in order
-    assert torch.equal(y, torch.from_numpy(tokens[1:193].astype("int64")))  # each target the next token
+    assert torch.equal(y, torch.from_numpy(tokens[1:193].astype("int64")))  # targets: next tokens
     with pytest.raises(data.DataError, match="lower --val_tokens"):
         windows.leading_batches(len(tokens) // 64 * 64 + 64, 4)
 
@@ -58,13 +60,14 @@ def test_leading_batches_tile_the_first_tokens(data_root):
 @pytest.mark.slow
 def test_val_tokens_sets_the_val_batches(data_root, tmp_path, capsys):
     out = tmp_path / "run"
-    run_script("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10, eval_interval=10,
-                                     val_tokens=8 * 32 * 3, sample_interval=0))
+    run_here("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10,
+                                   eval_interval=10, val_tokens=8 * 32 * 3, sample_interval=0))
     evals = [r for r in read_log(out) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 10] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     with pytest.raises(SystemExit):
         train.main(tiny_args(data_root, tmp_path / "bad", val_tokens=100))
-    assert "val_tokens 100 must be 0 or a multiple of batch_size x block_size (256)" in capsys.readouterr().err
+    assert ("val_tokens 100 must be 0 or a multiple of batch_size x block_size (256)"
+            in capsys.readouterr().err)
 
 
 def test_batches_are_deterministic_and_eval_batches_fixed(data_root):
@@ -81,7 +84,7 @@ def test_batches_are_deterministic_and_eval_batches_fixed(data_root):
 
 @pytest.mark.slow
 def test_help_lists_every_key_with_default_and_meaning():
-    out = run_script("train.py", ["--help"]).stdout
+    out = run_here("train.py", ["--help"]).stdout
     for key in ("batch_size", "learning_rate", "stop_iter", "dtype"):
         assert f"--{key}=" in out
     assert "--learning_rate=3e-3" in out and "peak learning rate" in out
@@ -124,7 +127,8 @@ def test_a_keys_tag_declares_its_allowed_values_and_resume_class(tmp_path):
         ("(0, 1]", "changeable"), ("a|b", "fixed"), (">= 1", "fixed"), ("", "fixed")]
     assert vars(configurator.load_config(script, ["--rate=1", "--mode=b", "--steps=1"])) == {
         "rate": 1.0, "mode": "b", "steps": 1, "name": "x"}
-    for arg, message in (("--rate=0", "rate must be in (0, 1], got 0.0"), ("--mode=c", "mode must be a or b, got 'c'"),
+    for arg, message in (("--rate=0", "rate must be in (0, 1], got 0.0"),
+                         ("--mode=c", "mode must be a or b, got 'c'"),
                          ("--steps=0", "steps must be >= 1, got 0")):
         with pytest.raises(configurator.ConfigError, match=re.escape(message)):
             configurator.load_config(script, [arg])
@@ -136,7 +140,7 @@ def test_a_keys_tag_declares_its_allowed_values_and_resume_class(tmp_path):
 @pytest.mark.slow
 def test_training_loss_falls_and_logs(data_root, tmp_path):
     out = tmp_path / "run"
-    result = run_script("train.py", tiny_args(data_root, out, max_iters=60, lr_decay_iters=60))
+    result = run_here("train.py", tiny_args(data_root, out, max_iters=60, lr_decay_iters=60))
     assert "expected loss at init: ln(65) = 4.1744" in result.stdout
     log = read_log(out)
     evals = [r for r in log if "val_loss" in r]
@@ -145,8 +149,8 @@ def test_training_loss_falls_and_logs(data_root, tmp_path):
     assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
     steps = [r for r in log if "lr" in r]
     assert [r["step"] for r in steps] == list(range(5, 61, 5))
-    assert set(steps[0]) == {"step", "tokens", "train_loss", "lr", "grad_norm", "dt_ms", "tok_per_sec",
-                             "wall_tok_per_sec", "train_seconds", "peak_rss_mib"}
+    assert set(steps[0]) == {"step", "tokens", "train_loss", "lr", "grad_norm", "dt_ms",
+                             "tok_per_sec", "wall_tok_per_sec", "train_seconds", "peak_rss_mib"}
     assert steps[-1]["tokens"] == 60 * 8 * 32
     assert any("sample" in r and r["sample"] for r in log)
     for name in ("last.pt", "best.pt"):
@@ -158,10 +162,10 @@ def test_training_loss_falls_and_logs(data_root, tmp_path):
 @pytest.mark.slow
 def test_resume_is_bitwise_exact_with_dropout(data_root, tmp_path):
     whole, paused = tmp_path / "whole", tmp_path / "paused"
-    run_script("train.py", tiny_args(data_root, whole))
-    run_script("train.py", tiny_args(data_root, paused, stop_iter=15))
+    run_here("train.py", tiny_args(data_root, whole))
+    run_here("train.py", tiny_args(data_root, paused, stop_iter=15))
     assert torch.load(paused / "last.pt", weights_only=True)["step"] == 15
-    run_script("train.py", tiny_args(data_root, paused, init_from="resume"))
+    run_here("train.py", tiny_args(data_root, paused, init_from="resume"))
     a = torch.load(whole / "last.pt", weights_only=True)
     b = torch.load(paused / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 40
@@ -170,12 +174,13 @@ def test_resume_is_bitwise_exact_with_dropout(data_root, tmp_path):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
     def losses(out_dir):
-        return {(r["step"], "val_loss" in r): (r["train_loss"], r.get("val_loss")) for r in read_log(out_dir)
-                if "train_loss" in r}
+        return {(r["step"], "val_loss" in r): (r["train_loss"], r.get("val_loss"))
+                for r in read_log(out_dir) if "train_loss" in r}
 
     assert losses(whole) == losses(paused)
     record_a, record_b = (json.loads((d / "run.json").read_text()) for d in (whole, paused))
-    for key in ("best_val_loss", "best_step", "final_val_loss", "tokens_seen", "selected_checkpoint"):
+    for key in ("best_val_loss", "best_step", "final_val_loss", "tokens_seen",
+                "selected_checkpoint"):
         assert record_a[key] == record_b[key], key
     assert record_b["resumed_from_step"] == 15
 
@@ -183,28 +188,31 @@ def test_resume_is_bitwise_exact_with_dropout(data_root, tmp_path):
 @pytest.mark.slow
 def test_fresh_run_refuses_to_overwrite_a_run(data_root, tmp_path):
     out = tmp_path / "run"
-    run_script("train.py", tiny_args(data_root, out, max_iters=5, lr_decay_iters=5))
+    run_here("train.py", tiny_args(data_root, out, max_iters=5, lr_decay_iters=5))
     before = (out / "last.pt").read_bytes()
-    result = run_script("train.py", tiny_args(data_root, out, max_iters=5), check=False)
-    assert result.returncode == 2 and "already holds a run" in result.stderr and "Traceback" not in result.stderr
+    result = run_here("train.py", tiny_args(data_root, out, max_iters=5), check=False)
+    assert (result.returncode == 2 and "already holds a run" in result.stderr
+            and "Traceback" not in result.stderr)
     assert (out / "last.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize(("damage", "message"), [
     ("missing", "no checkpoint at"),
     ("truncate", "truncated or corrupt"),
-    ("architecture", "was trained with n_layer=2, which a resume cannot change (the config asks for n_layer=3)"),
+    ("architecture", "was trained with n_layer=2, which a resume cannot change "
+                     "(the config asks for n_layer=3)"),
 ])
 @pytest.mark.slow
 def test_bad_resume_is_one_clear_line(data_root, tmp_path, damage, message):
     out = tmp_path / "run"
     if damage != "missing":
-        run_script("train.py", tiny_args(data_root, out, max_iters=5, lr_decay_iters=5))
+        run_here("train.py", tiny_args(data_root, out, max_iters=5, lr_decay_iters=5))
     if damage == "truncate":
         saved = (out / "last.pt").read_bytes()
         (out / "last.pt").write_bytes(saved[: len(saved) // 2])
     n_layer = 3 if damage == "architecture" else 2
-    result = run_script("train.py", tiny_args(data_root, out, init_from="resume", n_layer=n_layer), check=False)
+    result = run_here("train.py", tiny_args(data_root, out, init_from="resume", n_layer=n_layer),
+                      check=False)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
@@ -212,12 +220,12 @@ def test_bad_resume_is_one_clear_line(data_root, tmp_path, damage, message):
 @pytest.mark.slow
 def test_sample_prints_text_from_a_run(data_root, tmp_path):
     out = tmp_path / "run"
-    run_script("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10))
-    result = run_script("sample.py", [f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
+    run_here("train.py", tiny_args(data_root, out, max_iters=10, lr_decay_iters=10))
+    result = run_here("sample.py", [f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
                                       "--start=ROMEO:", "--device=cpu"])
     samples = result.stdout.split("---------------\n")
     assert len(samples) == 3 and all(s.startswith("ROMEO:") for s in samples[:2])
-    again = run_script("sample.py", [f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
+    again = run_here("sample.py", [f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30",
                                      "--start=ROMEO:", "--device=cpu"])
     assert again.stdout == result.stdout  # seeded
 
@@ -230,7 +238,7 @@ def test_sample_prints_text_from_a_run(data_root, tmp_path):
 ])
 @pytest.mark.slow
 def test_sample_rejects_bad_settings_in_one_line(tmp_path, option, message):
-    result = run_script("sample.py", [f"--out_dir={tmp_path}", option], check=False)
+    result = run_here("sample.py", [f"--out_dir={tmp_path}", option], check=False)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
 
 
@@ -245,10 +253,11 @@ def test_dtype_choice_follows_the_device(monkeypatch):
         devices.pick_dtype("fp8", "cpu")
 
 
-@pytest.mark.parametrize("gpu, expected", [("native bf16", torch.bfloat16), ("emulated bf16", torch.float16),
-                                           ("no bf16", torch.float16)])
+@pytest.mark.parametrize("gpu, expected", [
+    ("native bf16", torch.bfloat16), ("emulated bf16", torch.float16), ("no bf16", torch.float16)])
 def test_cuda_dtype_choice_counts_only_native_bf16(gpu, expected, monkeypatch):
-    """An A100/H100 trains in bf16; a V100 or T4, where torch can only emulate bf16, in fp16 with a scaler."""
+    """An A100/H100 trains in bf16; a V100 or T4, where torch can only emulate bf16, trains in fp16
+    with a scaler."""
     def is_bf16_supported(including_emulation=True):
         return gpu == "native bf16" or (gpu == "emulated bf16" and including_emulation)
 
@@ -259,7 +268,7 @@ def test_cuda_dtype_choice_counts_only_native_bf16(gpu, expected, monkeypatch):
 
 
 def test_cpu_threads_one_per_physical_core(tmp_path, monkeypatch):
-    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3", "4"]):  # 3 cores, two of them with SMT
+    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3", "4"]):  # 3 cores, two with SMT
         (tmp_path / f"cpu{cpu}/topology").mkdir(parents=True)
         (tmp_path / f"cpu{cpu}/topology/thread_siblings_list").write_text(siblings + "\n")
     monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
@@ -281,10 +290,10 @@ def test_cpu_threads_one_per_physical_core(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cpu_autocast_training_runs_and_loss_falls(data_root, tmp_path, dtype):
-    """The CUDA mixed-precision paths exercised on CPU: bf16 autocast, and fp16 with a gradient scaler."""
+    """The CUDA mixed-precision paths on CPU: bf16 autocast, and fp16 with a gradient scaler."""
     out = tmp_path / "run"
-    result = run_script("train.py", tiny_args(data_root, out, dtype=dtype, max_iters=30, lr_decay_iters=30,
-                                              eval_interval=30, dropout=0.0))
+    result = run_here("train.py", tiny_args(data_root, out, dtype=dtype, max_iters=30,
+                                            lr_decay_iters=30, eval_interval=30, dropout=0.0))
     assert f"{dtype} (as configured)" in result.stdout
     evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
     assert evals[-1] < evals[0] - 0.3
@@ -292,7 +301,8 @@ def test_cpu_autocast_training_runs_and_loss_falls(data_root, tmp_path, dtype):
     assert (scaler is not None) == (dtype == "float16")
 
 
-def test_resuming_a_paused_run_at_its_pause_point_names_the_limit_to_raise(data_root, tmp_path, capsys):
+def test_resuming_a_paused_run_at_its_pause_point_names_the_limit_to_raise(data_root, tmp_path,
+                                                                           capsys):
     args = tiny_args(data_root, tmp_path / "run", stop_iter=5)
     train.main(args)
     train.main([*args, "--init_from=resume"])
