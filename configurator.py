@@ -1,16 +1,16 @@
-"""Config for the scripts: defaults are plain module globals, overridden by config files, then --key=value.
+"""Config for the scripts: module-global defaults, overridden by config files, then --key=value.
 
-A script declares each key once, as `key = default  # one-line meaning` at module level (lowercase name,
-literal value). Keys that several scripts share, or that another module owns, are the fields of a dataclass
-declared the same way (`name: type = default  # meaning`), such as devices.DeviceConfig or model.GPTConfig,
-and are named in the script's load_config call. This module reads those lines from the source, so `--help`
-lists exactly the keys, defaults and meanings that the code uses; there is no second list to keep in sync.
+A script declares each key once, as `key = default  # one-line meaning` at module level (lowercase
+name, literal value). Keys that several scripts share, or that another module owns, are fields of a
+dataclass declared the same way (`name: type = default  # meaning`), such as devices.DeviceConfig or
+model.GPTConfig, named in the script's load_config call. This module reads them from the source, so
+`--help` lists exactly the keys, defaults and meanings the code uses: no second list to sync.
 
-A meaning may end in a tag, `{allowed; resume class}`, either part optional: the allowed values are a bound
-(`> 0`, `>= 0`, `< 1`, `<= 1`), an interval (`[0, 1)`, `(0, 1]`) or choices (`cosine|wsd`), and load_config
-refuses any other value in one line; the resume class is one of RESUME_CLASSES' words (what train.py's
-resume may do with the key, checks.resume_changes), and a key without one is fixed.
-The scripts with positional arguments (export, plot, compare, prepare) use ArgumentParser instead.
+A meaning may end in a tag, `{allowed; resume class}`, either part optional: the allowed values are
+a bound (`> 0`, `>= 0`, `< 1`, `<= 1`), an interval (`[0, 1)`, `(0, 1]`) or choices (`cosine|wsd`),
+and load_config refuses any other value in one line; the resume class is one of RESUME_CLASSES'
+words (what train.py's resume may do with the key, checks.resume_changes); a key without one is
+fixed. Scripts with positional arguments (export, plot, compare, prepare) use ArgumentParser.
 """
 
 import argparse
@@ -45,8 +45,8 @@ class ConfigError(Exception):
 
 
 class Key(NamedTuple):
-    """One key as declared: its default, the default as written, its meaning (tag included), the heading of its
-    group, its allowed values ("" for any of its type) and its resume class."""
+    """One key as declared: its default, the default as written, its meaning (tag included), the
+    heading of its group, its allowed values ("" for any of its type) and its resume class."""
 
     default: bool | int | float | str
     written: str
@@ -57,8 +57,8 @@ class Key(NamedTuple):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, but a usage error is one line, `error: ...`, and exit status 2, as every script's bad
-    input is (argparse's own prints the usage first)."""
+    """argparse's parser, but a usage error is one line, `error: ...`, and exit status 2, as every
+    script's bad input is (argparse's own prints the usage first)."""
 
     def error(self, message):
         print(f"error: {message}; see --help", file=sys.stderr)
@@ -66,15 +66,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def declared_keys(script_path):
-    """{key: Key} for each `key = literal  # meaning` at module level; the heading is the first line of the
-    whole-line comments right above the key (`# batches`), where there are some: --help prints it before the
-    key, so the keys read in the groups of the config block."""
+    """{key: Key} for each `key = literal  # meaning` at module level; the heading is the first line
+    of the whole-line comments right above the key (`# batches`), where there are some: --help
+    prints it before the key, so the keys read in the groups of the config block."""
     source = Path(script_path).read_text()
     return literal_assignments(source, ast.parse(source).body)
 
 
 def dataclass_keys(cls):
-    """The same for a dataclass's fields (`name: type = literal  # meaning`), its base classes' first."""
+    """The same for a dataclass's fields (`name: type = literal  # meaning`), its bases' first."""
     keys = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         source = textwrap.dedent(inspect.getsource(klass))
@@ -84,8 +84,10 @@ def dataclass_keys(cls):
 
 def literal_assignments(source, statements):
     tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    comments = {tok.start[0]: tok.string.lstrip("# ").strip() for tok in tokens if tok.type == tokenize.COMMENT}
-    whole_lines = {tok.start[0] for tok in tokens if tok.type == tokenize.COMMENT and tok.line.lstrip().startswith("#")}
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip() for tok in tokens
+                if tok.type == tokenize.COMMENT}
+    whole_lines = {tok.start[0] for tok in tokens
+                   if tok.type == tokenize.COMMENT and tok.line.lstrip().startswith("#")}
     keys = {}
     for node in statements:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -101,16 +103,19 @@ def literal_assignments(source, statements):
         except ValueError:
             continue
         name = target.id
-        if name.islower() and not name.startswith("_") and isinstance(default, (bool, int, float, str)):
+        if (name.islower() and not name.startswith("_")
+                and isinstance(default, (bool, int, float, str))):
             # shown as typed on a command line: strings bare, numbers as written (1e-3, not 0.001)
-            written = (default or '""') if isinstance(default, str) else ast.get_source_segment(source, node.value)
-            meaning, head = comments.get(node.lineno, ""), heading(node.lineno, comments, whole_lines)
+            written = ((default or '""') if isinstance(default, str)
+                       else ast.get_source_segment(source, node.value))
+            meaning, head = (comments.get(node.lineno, ""),
+                             heading(node.lineno, comments, whole_lines))
             keys[name] = Key(default, written, meaning, head, *tag(name, meaning))
     return keys
 
 
 def tag(key, meaning):
-    """(allowed, resume class) from the tag ending `meaning`; ValueError for a part that is neither."""
+    """(allowed, resume class) of the tag ending `meaning`; ValueError for a part that's neither."""
     found = TAG.search(meaning)
     allowed, resume = "", "fixed"
     for part in (p.strip() for p in found.group(1).split(";")) if found else ():
@@ -119,8 +124,8 @@ def tag(key, meaning):
         elif BOUND.match(part) or INTERVAL.match(part) or "|" in part:
             allowed = part
         else:
-            raise ValueError(f"{key}'s tag part {part!r} is neither allowed values (> 0, [0, 1), a|b) nor a "
-                             f"resume class ({', '.join(RESUME_CLASSES)})")
+            raise ValueError(f"{key}'s tag part {part!r} is neither allowed values (> 0, [0, 1), "
+                             f"a|b) nor a resume class ({', '.join(RESUME_CLASSES)})")
     return allowed, resume
 
 
@@ -146,7 +151,7 @@ def check_allowed(key, value, allowed):
 
 
 def heading(line, comments, whole_lines):
-    """The first line of the run of whole-line comments right above `line`, `# ----` markers left out."""
+    """The first line of the whole-line comments right above `line`, `# ----` markers left out."""
     above = line - 1
     while above in whole_lines:
         above -= 1
@@ -155,12 +160,13 @@ def heading(line, comments, whole_lines):
 
 
 def coerce(key, value, default):
-    """`value` as the type of `default`, or ConfigError naming the key. Ints are accepted for floats."""
+    """`value` as `default`'s type, or ConfigError naming the key. Ints are accepted for floats."""
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not kind:
-        raise ConfigError(f"{key} must be {kind.__name__} (like its default {default!r}), got {value!r}")
+        raise ConfigError(f"{key} must be {kind.__name__} (like its default {default!r}), "
+                          f"got {value!r}")
     return value
 
 
@@ -190,15 +196,16 @@ def run_config_file(path, keys):
         raise ConfigError(f"config file {path} cannot be read ({e.strerror}); give a path such as "
                           "config/shakespeare_char_cpu.py") from None
     try:
-        exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- config files are Python by design
-    except Exception as e:  # noqa: BLE001 -- whatever a config file raises becomes one line naming the file
+        exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- configs are Python by design
+    except Exception as e:  # noqa: BLE001 -- any config file error becomes one line naming the file
         raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
     values = {}
     for key, value in namespace.items():
         if key.startswith("_") or type(value).__name__ == "module":
             continue
         if key not in keys:
-            raise ConfigError(f"config file {path} sets unknown key '{key}'; see --help for the keys")
+            raise ConfigError(f"config file {path} sets unknown key '{key}'; "
+                              "see --help for the keys")
         values[key] = coerce(key, value, keys[key].default)
     return values
 
@@ -207,7 +214,8 @@ def usage(script_path, keys):
     lines = [f"usage: python {Path(script_path).name} [config_file.py ...] [--key=value ...]", "",
              "Config files run first, in order, then --key=value; every key with its default:"]
     if any(TAG.search(key.meaning) for key in keys.values()):
-        lines += ["A meaning may end in {allowed values; resume class}; on resume a key of each class"]
+        lines += ["A meaning may end in {allowed values; resume class}; "
+                  "on resume a key of each class"]
         lines += [f"  {word:<12}{what}" for word, what in RESUME_CLASSES.items()]
     width = max(len(k) + len(key.written) for k, key in keys.items()) + 4
     for k, key in keys.items():
@@ -217,8 +225,8 @@ def usage(script_path, keys):
 
 
 def run_main(function, script_path, argv, *shared, errors=()):
-    """A script's main: `function` called with its config (load_config's, argv None meaning the command line)
-    and its result returned; ConfigError and the `errors` given end in one line `error: ...` and exit status 2."""
+    """A script's main: `function` on its config (argv None: the command line's), its result
+    returned; ConfigError and the `errors` given end in one line `error: ...` and exit status 2."""
     try:
         return function(load_config(script_path, sys.argv[1:] if argv is None else argv, *shared))
     except (ConfigError, *errors) as e:
@@ -227,10 +235,10 @@ def run_main(function, script_path, argv, *shared, errors=()):
 
 
 def all_keys(script_path, *shared):
-    """{key: Key} of a script: its own, then the fields of the `shared` dataclasses that it does not declare
-    itself (a key the script declares keeps the script's default and meaning)."""
+    """{key: Key} of a script: its own, then the fields of the `shared` dataclasses that it does not
+    declare itself (a key the script declares keeps the script's default and meaning)."""
     keys = declared_keys(script_path)
-    for cls in shared:  # each class's keys headed by its name (devices.RuntimeConfig) where no comment heads them
+    for cls in shared:  # the class name heads its keys (devices.RuntimeConfig) if no comment does
         added = {key: value for key, value in dataclass_keys(cls).items() if key not in keys}
         first = next(iter(added), None)
         if first and not added[first].heading:
@@ -240,11 +248,11 @@ def all_keys(script_path, *shared):
 
 
 def load_config(script_path, argv, *shared):
-    """Resolved config for a script: defaults <- config files (in order) <- --key=value, as a namespace.
+    """Resolved config: defaults <- config files (in order) <- --key=value, as a namespace.
 
-    `shared` names dataclasses whose fields are keys too (all_keys); a true/false key given bare (--chat)
-    is true. Prints the key list and exits on -h/--help. Raises ConfigError for anything unknown, mistyped
-    or not among its tag's allowed values.
+    `shared` names dataclasses whose fields are keys too (all_keys); a true/false key given bare
+    (--chat) is true. Prints the key list and exits on -h/--help. Raises ConfigError for anything
+    unknown, mistyped or not among its tag's allowed values.
     """
     keys = all_keys(script_path, *shared)
     if "-h" in argv or "--help" in argv:
@@ -260,7 +268,7 @@ def load_config(script_path, argv, *shared):
             raise ConfigError(f"unknown key --{key}; see --help for the keys")
         if not eq and not isinstance(keys[key].default, bool):
             raise ConfigError(f"--{key} needs a value, as --{key}=VALUE")
-        values[key] = parse_cli_value(key, text, keys[key].default) if eq else True  # a bare --flag is True
+        values[key] = parse_cli_value(key, text, keys[key].default) if eq else True  # bare --flag
     for k, value in values.items():
         check_allowed(k, value, keys[k].allowed)
     return SimpleNamespace(**values)

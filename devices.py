@@ -1,5 +1,5 @@
-"""Which device and precision a run uses (the runtime every script shares), and the GPU peaks that MFU is
-measured against."""
+"""Which device and precision a run uses (the runtime every script shares), and the GPU peaks that
+MFU is measured against."""
 
 import contextlib
 import ctypes
@@ -17,33 +17,33 @@ from configurator import ConfigError
 
 @dataclass
 class DeviceKey:
-    """The device key alone, for a script that sets no precision of its own (bench/attention_speed.py times
-    each one)."""
+    """The device key alone, for a script that sets no precision of its own
+    (bench/attention_speed.py times each one)."""
 
     device: str = "auto"  # auto (cuda, else mps, else cpu), or cpu, cuda, cuda:N, mps {changeable}
 
 
 @dataclass
 class DeviceConfig(DeviceKey):
-    """The device keys of every script that runs a model; scripts take them with load_config(..., DeviceConfig).
+    """The device keys of every script that runs a model, taken with load_config(..., DeviceConfig).
     A script that declares one of these keys itself keeps its own default and meaning."""
 
-    dtype: str = "auto"  # auto: bf16 if supported, fp16 on other CUDA, fp32 {auto|float32|bfloat16|float16; changeable}
+    dtype: str = "auto"  # auto: bf16/fp16 (CUDA)/fp32 {auto|float32|bfloat16|float16; changeable}
 
 
 @dataclass
 class RuntimeConfig(DeviceConfig):
     """The device keys of scripts that train a model (train.py and the training benchmarks)."""
 
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA with Triton) {auto|true|false; changeable}
-    deterministic: bool = False  # the same bits every run on a GPU too (bitwise resume), at some speed {changeable}
-    peak_tflops: float = 0.0  # a GPU's dense peak TFLOP/s at the dtype (MFU); 0: devices.py's table {>= 0; changeable}
+    compile: str = "auto"  # torch.compile; auto: on CUDA with Triton {auto|true|false; changeable}
+    deterministic: bool = False  # same bits each run, GPU too (bitwise resume); slower {changeable}
+    peak_tflops: float = 0.0  # dense peak TFLOP/s at dtype (MFU); 0: look it up {>= 0; changeable}
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a model runs: the device, the autocast dtype (float32: no autocast) and why, and whether
-    the training model is compiled. One place for the precision rules that train, sample and bench use."""
+    """Where and how a model runs: the device, autocast dtype (float32: none) and why, whether the
+    training model is compiled. One place for the precision rules train, sample and bench use."""
 
     device: str  # "cpu", "cuda:0", "mps"
     dtype: torch.dtype
@@ -59,10 +59,11 @@ class Runtime:
         return self.device.split(":")[0]
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return torch.autocast(self.device_type, dtype=self.dtype,
+                              enabled=self.dtype != torch.float32)
 
     def grad_scaler(self):
-        """Loss scaling for fp16, whose small gradients would underflow; a no-op for other dtypes."""
+        """Loss scaling for fp16, whose small gradients would underflow; no-op for other dtypes."""
         return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
 
     def compiled(self, model):
@@ -78,14 +79,14 @@ class Runtime:
             mfu = f"; MFU against {self.peak_flops / 1e12:g} TFLOP/s ({self.peak_reason})"
         elif self.peak_reason:
             mfu = f"; no MFU: {self.peak_reason}"
-        return (f"{self.device}, {str(self.dtype).removeprefix('torch.')} ({self.dtype_reason}), {compiled}"
-                f"{', deterministic' if self.deterministic else ''}{threads}{mfu}")
+        return (f"{self.device}, {str(self.dtype).removeprefix('torch.')} ({self.dtype_reason}), "
+                f"{compiled}{', deterministic' if self.deterministic else ''}{threads}{mfu}")
 
 
 def runtime(cfg, local_rank=0, processes=1, keep_freed=True):
-    """The Runtime for a config's device keys (DeviceConfig's, plus compile if it has one; without dtype, float32),
-    the process tuned for that device (see tune_for). Raises ConfigError for a device, dtype or compile value
-    that cannot be had."""
+    """The Runtime for a config's device keys (DeviceConfig's, plus compile if it has one; without
+    dtype, float32), the process tuned for that device (see tune_for). Raises ConfigError for a
+    device, dtype or compile value that cannot be had."""
     device = pick_device(cfg.device, local_rank)
     dtype, reason = pick_dtype(getattr(cfg, "dtype", "float32"), device.split(":")[0])
     compile_model, compile_reason = use_compile(getattr(cfg, "compile", "false"), device)
@@ -94,34 +95,36 @@ def runtime(cfg, local_rank=0, processes=1, keep_freed=True):
     if deterministic:
         make_deterministic()
     peak, peak_reason = device_peak(device, dtype, getattr(cfg, "peak_tflops", 0.0))
-    return Runtime(device, dtype, reason, compile_model, compile_reason, deterministic, peak, peak_reason)
+    return Runtime(device, dtype, reason, compile_model, compile_reason, deterministic, peak,
+                   peak_reason)
 
 
 def make_deterministic():
-    """Kernels that give the same bits in every run, so that a paused and resumed run equals an uninterrupted
-    one on a GPU as on a CPU: cuBLAS with a fixed workspace, torch's deterministic algorithms (among them flash
-    attention's backward and the embedding gradients' index_put without atomic adds), and Inductor choosing its
-    kernels without timing them (autotuning may pick other kernels in another process). Before anything
-    compiles or touches cuBLAS; warn_only: an op with no deterministic kernel warns, naming itself. cuDNN's
-    attention is left out (flash attention's backward is deterministic when asked)."""
+    """The same bits every run, so a paused and resumed run equals an uninterrupted one on a GPU as
+    on a CPU: cuBLAS with a fixed workspace, torch's deterministic algorithms (among them flash
+    attention's backward and the embedding gradients' index_put without atomic adds), Inductor
+    picking kernels without timing them (autotuning may pick others in another process), and cuDNN's
+    attention off (flash attention's backward is deterministic when asked). Before anything compiles
+    or touches cuBLAS; warn_only: an op with no deterministic kernel warns, naming itself."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention's backward has no deterministic mode (torch warns)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # its backward isn't deterministic (torch warns)
     inductor_config = importlib.import_module("torch._inductor.config")
     with contextlib.suppress(AttributeError):  # (Inductor's switch is newer than torch 2.6)
         inductor_config.deterministic = True
 
 
 def use_compile(requested, device):
-    """(whether to compile, why not where auto would): only where it pays by default, on CUDA (on CPU inductor
-    gained nothing here, bench/RESULTS.md), and only where Inductor's GPU compiler, Triton, is installed: torch's
-    wheels for Windows come without it, and the first step would fail there after minutes of tracing."""
+    """(whether to compile, why not where auto would): auto compiles only on CUDA (on CPU inductor
+    gained nothing, bench/RESULTS.md) with Triton, Inductor's GPU compiler, installed: torch's
+    Windows wheels lack it, and the first step would fail after minutes of tracing."""
     if requested not in ("auto", "true", "false"):
         raise ConfigError(f"compile must be auto, true or false, got {requested!r}")
     cuda = device.startswith("cuda")
     missing = cuda and requested != "false" and triton_missing(device)
     if missing and requested == "true":
-        raise ConfigError(f"compile=true on this GPU needs Triton, but {missing}; pass --compile=false")
+        raise ConfigError(f"compile=true on this GPU needs Triton, but {missing}; "
+                          "pass --compile=false")
     if missing:
         return False, missing
     return requested == "true" or (requested == "auto" and cuda), ""
@@ -132,8 +135,9 @@ def triton_missing(device):
     if not has_triton():
         return "Triton is not installed (on Windows: pip install triton-windows)"
     capability = torch.cuda.get_device_capability(device)
-    if capability < (7, 0):  # Triton's floor: a P100 or a GTX 10xx would fail at the first step, after tracing
-        return f"Triton compiles for compute capability 7.0 and up, and this GPU has {capability[0]}.{capability[1]}"
+    if capability < (7, 0):  # Triton's floor: a P100 or GTX 10xx fails at step 1, after tracing
+        return ("Triton compiles for compute capability 7.0 and up, and this GPU has "
+                f"{capability[0]}.{capability[1]}")
     return ""
 
 
@@ -142,17 +146,18 @@ def has_triton():
 
 
 def process_group_backend(device_type):
-    """(backend, note): NCCL between GPUs where torch has it, else gloo (torch's Windows and macOS builds have no
-    NCCL; gloo moves GPU tensors through host memory, slower but working); gloo between CPU processes."""
+    """(backend, note): gloo between CPU processes; between GPUs NCCL where torch has it, else gloo
+    (torch's Windows and macOS builds lack NCCL; gloo goes via host memory: slower, but works)."""
     if device_type == "cuda" and dist.is_nccl_available():
         return "nccl", ""
     if device_type == "cuda":
-        return "gloo", "this torch has no NCCL (Windows, macOS), so processes talk over gloo, through host memory"
+        return "gloo", ("this torch has no NCCL (Windows, macOS), so processes talk over gloo, "
+                        "through host memory")
     return "gloo", ""
 
 
 def cpu_has_bf16():
-    """True where the CPU computes bf16 natively (x86 avx512_bf16 or AMX); elsewhere bf16 autocast is slow."""
+    """True if the CPU has native bf16 (x86 avx512_bf16 or AMX); elsewhere bf16 autocast is slow."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -161,12 +166,12 @@ def cpu_has_bf16():
 
 
 def keep_freed_memory():
-    """Make glibc keep freed memory for reuse instead of returning it to the OS at once (no-op elsewhere).
+    """Make glibc keep freed memory for reuse, not return it to the OS at once (no-op elsewhere).
 
-    A CPU training step frees and re-allocates the same large tensors every time (the logits alone are
-    B * T * vocab floats). By default glibc serves those from fresh mmap pages, which the kernel must fault
-    in and zero on each step: keeping them made a GPT-2 124M step on CPU 1.36x faster (bench/RESULTS.md). The cost: the
-    process holds on to its peak memory.
+    A CPU training step frees and re-allocates the same large tensors every time (the logits alone
+    are B * T * vocab floats). By default glibc serves those from fresh mmap pages, which the kernel
+    must fault in and zero on each step: keeping them made a GPT-2 124M step on CPU 1.36x faster
+    (bench/RESULTS.md). The cost: the process holds on to its peak memory.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -177,8 +182,8 @@ def keep_freed_memory():
 
 
 def physical_cores(cpu_dir=Path("/sys/devices/system/cpu")):
-    """Cores this process may run on, each core's SMT siblings (hyperthreads) counted once (Linux sysfs;
-    elsewhere every logical CPU counts)."""
+    """Cores this process may run on, each core's SMT siblings (hyperthreads) counted once (Linux
+    sysfs; elsewhere every logical CPU counts)."""
     if not hasattr(os, "sched_getaffinity"):
         return os.cpu_count() or 1
     cores = set()
@@ -191,10 +196,10 @@ def physical_cores(cpu_dir=Path("/sys/devices/system/cpu")):
 
 
 def tune_for(device, keep_freed=True, processes=1):
-    """Process-wide speed settings for the device: fp32 matmuls on TF32 tensor cores on CUDA (outside
-    autocast); on CPU, one thread per physical core (shared among `processes` on this machine; a second
-    thread on a core's sibling only contends for the same vector units) unless OMP_NUM_THREADS says
-    otherwise, and freed memory kept for reuse."""
+    """Process-wide speed settings for the device: fp32 matmuls on TF32 tensor cores on CUDA
+    (outside autocast); on CPU, one thread per physical core (shared among `processes` on this
+    machine; a second thread on a core's sibling only contends for the same vector units) unless
+    OMP_NUM_THREADS says otherwise, and freed memory kept for reuse."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -216,11 +221,13 @@ def pick_device(requested, local_rank):
             raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
         index = int(index or local_rank)
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {requested} does not exist: torch sees {torch.cuda.device_count()} CUDA "
-                              "device(s); use --device=auto or --device=cpu")
+            raise ConfigError(f"device {requested} does not exist: torch sees "
+                              f"{torch.cuda.device_count()} CUDA device(s); "
+                              "use --device=auto or --device=cpu")
         return f"cuda:{index}"
     if requested == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device mps is not available on this machine; use --device=auto or --device=cpu")
+        raise ConfigError("device mps is not available on this machine; "
+                          "use --device=auto or --device=cpu")
     if requested not in ("cpu", "mps"):
         raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
     return requested
@@ -231,10 +238,11 @@ def pick_dtype(requested, device_type):
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if requested != "auto":
         if requested not in names:
-            raise ConfigError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
+            raise ConfigError(f"unknown dtype {requested!r}; "
+                              "use auto, float32, bfloat16 or float16")
         return names[requested], "as configured"
     if device_type == "cuda":
-        # not counting emulation: a V100 or T4 "supports" bf16 only as slow emulation, and trains faster in fp16
+        # not counting emulation: a V100 or T4 "supports" bf16 only emulated (slow); fp16 is faster
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, "the GPU supports bf16"
         return torch.float16, "the GPU lacks bf16, so fp16 with a gradient scaler"
@@ -243,7 +251,7 @@ def pick_dtype(requested, device_type):
     return torch.float32, f"no fast bf16 on {device_type}"
 
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s from the vendors' data sheets, per autocast dtype; fp32
+# Dense (no sparsity) tensor-core peaks in FLOP/s from the data sheets, per autocast dtype; fp32
 # matmuls run as TF32 here. Checked in order, so a more specific name comes before its prefix.
 GPU_PEAK_FLOPS = [
     ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12}),
@@ -272,15 +280,16 @@ GPU_PEAK_FLOPS = [
 
 
 def is_out_of_memory(error):
-    """CUDA's OutOfMemoryError, or the RuntimeError CPU and MPS allocators raise when they cannot allocate."""
+    """CUDA's OutOfMemoryError, or the RuntimeError that CPU and MPS allocators raise on failure."""
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and any(s in str(error) for s in ("can't allocate memory", "out of memory")))
+        isinstance(error, RuntimeError)
+        and any(s in str(error) for s in ("can't allocate memory", "out of memory")))
 
 
 def peak_memory_mib(device):
-    """The memory peak since the last call, in MiB: on CUDA the allocator's (tensors) and what it reserved
-    (the process's footprint on the GPU), its counters then reset; elsewhere the process's peak resident
-    size so far (Linux reports KiB, macOS bytes)."""
+    """The memory peak since the last call, in MiB: on CUDA the allocator's (tensors) and what it
+    reserved (the process's footprint on the GPU), its counters then reset; elsewhere the process's
+    peak resident size so far (Linux reports KiB, macOS bytes)."""
     if device.startswith("cuda"):
         peaks = {"peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
                  "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20}
@@ -295,16 +304,17 @@ def peak_memory_mib(device):
 
 
 def peak_flops(device_name, dtype):
-    """The dense peak of a GPU (by its name) for an autocast dtype; None where unknown (then no MFU)."""
+    """The dense peak of a named GPU for an autocast dtype; None where unknown (then no MFU)."""
     kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32"}[dtype]
     return next((peaks.get(kind) for key, peaks in GPU_PEAK_FLOPS if key in device_name), None)
 
 
 def device_peak(device, dtype, peak_tflops=0.0):
-    """(one device's dense peak FLOP/s at dtype for MFU, or None; where it comes from, or why there is none)."""
+    """(one device's dense peak FLOP/s at dtype, or None; its source, or why there is none)."""
     dtype_name = str(dtype).removeprefix("torch.")
     if peak_tflops < 0:
-        raise ConfigError(f"peak_tflops must be 0 (look the GPU up) or a positive TFLOP/s, got {peak_tflops}")
+        raise ConfigError("peak_tflops must be 0 (look the GPU up) or a positive TFLOP/s, "
+                          f"got {peak_tflops}")
     if peak_tflops:
         return peak_tflops * 1e12, "--peak_tflops"
     if not device.startswith("cuda"):
@@ -312,6 +322,7 @@ def device_peak(device, dtype, peak_tflops=0.0):
     name = torch.cuda.get_device_name(device)
     peak = peak_flops(name, dtype)
     if peak is None:
-        return None, (f"{name} is not in devices.py's peak table for {dtype_name}; pass --peak_tflops=<its dense "
-                      f"{dtype_name} TFLOP/s> (or add it to GPU_PEAK_FLOPS)")
+        return None, (f"{name} is not in devices.py's peak table for {dtype_name}; pass "
+                      f"--peak_tflops=<its dense {dtype_name} TFLOP/s> "
+                      "(or add it to GPU_PEAK_FLOPS)")
     return peak, f"{name}'s {dtype_name} datasheet peak"

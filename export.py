@@ -1,13 +1,13 @@
 """Export a run's checkpoint in a Hugging Face layout: `python export.py out/best.pt hf-dir/`.
 
 The layout follows the run's architecture options (hf.LAYOUTS): GPT-2's (GPT2LMHeadModel), Llama's
-(LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU) or Qwen3's (Qwen3ForCausalLM: those with QK-norm); options
-none holds are refused. The folder gets config.json and model.safetensors, which transformers loads with the same
-logits (and hf.load_hf loads back), plus the run's meta.json, from which data.get_tokenizer rebuilds its
-tokenizer. A tokenizer that prepare.py trained (bpe) goes with it as tokenizer.json and tokenizer_config.json,
-which transformers' AutoTokenizer loads; GPT-2 BPE runs take GPT-2's own; byte and char tokens have none in
-Hugging Face. A LoRA run's adapters are merged into the weights; with --adapters_only they are written alone
-instead, in PEFT's layout.
+(LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU) or Qwen3's (Qwen3ForCausalLM: those with
+QK-norm); options none holds are refused. The folder gets config.json and model.safetensors, which
+transformers loads with the same logits (and hf.load_hf loads back), plus the run's meta.json, from
+which data.get_tokenizer rebuilds its tokenizer. A tokenizer that prepare.py trained (bpe) goes with
+it as tokenizer.json and tokenizer_config.json, which transformers' AutoTokenizer loads; GPT-2 BPE
+runs take GPT-2's own; byte and char tokens have none in Hugging Face. A LoRA run's adapters are
+merged into the weights; with --adapters_only they are written alone instead, in PEFT's layout.
 """
 
 import shlex
@@ -27,15 +27,19 @@ class ExportError(Exception):
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a run's checkpoint, e.g. out/best.pt (or out/best, a sharded one)")
-    parser.add_argument("folder", help="where to write config.json, model.safetensors and meta.json")
+    parser.add_argument("checkpoint",
+                        help="a run's checkpoint, e.g. out/best.pt (or out/best, a sharded one)")
+    parser.add_argument("folder",
+                        help="where to write config.json, model.safetensors and meta.json")
     parser.add_argument("--crop_vocab", action="store_true",
-                        help="drop the vocabulary padding beyond the tokenizer's (e.g. 50304 -> 50257 rows); "
-                             "the logits of real tokens stay the same")
+                        help="drop the vocabulary padding beyond the tokenizer's (e.g. 50304 -> "
+                             "50257 rows); the logits of real tokens stay the same")
     parser.add_argument("--adapters_only", action="store_true",
-                        help="a LoRA run: write only its adapters (adapter_config.json, adapter_model.safetensors, "
-                             "PEFT's layout), to apply to the base weights it was trained on")
-    parser.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+                        help="a LoRA run: write only its adapters (adapter_config.json, "
+                             "adapter_model.safetensors, PEFT's layout), to apply to the base "
+                             "weights it was trained on")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that is not empty")
     return parser.parse_args(argv)
 
 
@@ -43,28 +47,32 @@ def check_destination(folder, force):
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"{folder} is a file; choose a folder to export into")
     if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise ExportError(f"{folder} is not empty; pass --force to overwrite its files, or choose another folder")
+        raise ExportError(f"{folder} is not empty; pass --force to overwrite its files, or choose "
+                          "another folder")
 
 
 def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=False):
-    """Write the checkpoint's model in the Hugging Face layout its options fit (or its LoRA adapters alone), and its
-    tokenizer meta, to `folder`."""
+    """Write the checkpoint's model in the Hugging Face layout its options fit (or its LoRA adapters
+    alone), and its tokenizer meta, to `folder`."""
     folder = Path(folder)
     check_destination(folder, force)
     ckpt = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(ckpt), ckpt["meta"]
     if adapters_only:
         if not model.config.lora_rank:
-            raise ExportError(f"{checkpoint} is not a LoRA run (lora_rank 0), so it has no adapters; export "
-                              "it without --adapters_only")
+            raise ExportError(f"{checkpoint} is not a LoRA run (lora_rank 0), so it has no "
+                              "adapters; export it without --adapters_only")
         if ckpt["weights_from"] == "scratch":
-            raise ExportError(f"{checkpoint} is a LoRA run trained from scratch: its base weights are its own random "
-                              "initialisation, which exists only in the checkpoint, so its adapters alone apply to "
-                              "nothing; export it without --adapters_only (the adapters merged), or sample it with "
-                              f"`{shlex.join(['python', 'sample.py', f'--out_dir={Path(checkpoint).parent}'])}`")
+            command = shlex.join(["python", "sample.py", f"--out_dir={Path(checkpoint).parent}"])
+            raise ExportError(f"{checkpoint} is a LoRA run trained from scratch: its base weights "
+                              "are its own random initialisation, which exists only in the "
+                              "checkpoint, so its adapters alone apply to nothing; export it "
+                              "without --adapters_only (the adapters merged), or sample it with "
+                              f"`{command}`")
         save_adapters(model, folder, base_model=ckpt["weights_from"])
     else:
-        save_hf(model, folder, vocab_size=meta["vocab_size"] if crop_vocab else None, eot_id=meta["eot_id"])
+        save_hf(model, folder, vocab_size=meta["vocab_size"] if crop_vocab else None,
+                eot_id=meta["eot_id"])
     data.write_meta(folder, meta)
     if "tokenizer_json" in meta:
         save_tokenizer_config(folder, data.EOT_TEXT)
@@ -72,24 +80,27 @@ def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=Fals
 
 
 def report_adapters(folder, model, base):
-    print(f"wrote {folder}/adapter_config.json and adapter_model.safetensors: LoRA rank {model.config.lora_rank} "
-          f"on {model.config.lora_targets}, {sum(t.numel() for t in adapter_state(model).values()):,} parameters")
+    print(f"wrote {folder}/adapter_config.json and adapter_model.safetensors: LoRA rank "
+          f"{model.config.lora_rank} on {model.config.lora_targets}, "
+          f"{sum(t.numel() for t in adapter_state(model).values()):,} parameters")
     command = shlex.join(["python", "sample.py", f"--init_from={base}", f"--adapters={folder}"])
-    print(f"apply them to {base}: here `{command}`; with PEFT "
-          f"PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({str(base)!r}), {str(folder)!r})")
+    print(f"apply them to {base}: here `{command}`; with PEFT PeftModel.from_pretrained("
+          f"GPT2LMHeadModel.from_pretrained({str(base)!r}), {str(folder)!r})")
 
 
 def report(folder, model, meta, crop_vocab):
     cfg, layout = model.config, layout_for(model.config)
     vocab = meta["vocab_size"] if crop_vocab else cfg.vocab_size
-    print(f"wrote {folder}/config.json, model.safetensors and meta.json: {cfg.n_layer} layers, {cfg.n_head} "
-          f"heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} ({meta['vocab_size']} tokens)")
-    print(f"load it with transformers: {layout.architecture}.from_pretrained({str(folder)!r}) (the {layout.name} "
-          f"layout), or here: hf.load_hf({str(folder)!r})")
+    print(f"wrote {folder}/config.json, model.safetensors and meta.json: {cfg.n_layer} layers, "
+          f"{cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}, vocab {vocab} "
+          f"({meta['vocab_size']} tokens)")
+    print(f"load it with transformers: {layout.architecture}.from_pretrained({str(folder)!r}) "
+          f"(the {layout.name} layout), or here: hf.load_hf({str(folder)!r})")
     if data.is_gpt2_bpe(meta):
         print('tokenizer: GPT-2 BPE, AutoTokenizer.from_pretrained("openai-community/gpt2")')
     elif "tokenizer_json" in meta:
-        print(f"tokenizer: the data's own BPE (tokenizer.json), AutoTokenizer.from_pretrained({str(folder)!r})")
+        print("tokenizer: the data's own BPE (tokenizer.json), "
+              f"AutoTokenizer.from_pretrained({str(folder)!r})")
     else:
         print(f"tokenizer: {meta['tokenizer']}, not a Hugging Face one; rebuild it with "
               f"data.get_tokenizer(data.read_meta({str(folder)!r}))")
@@ -98,13 +109,14 @@ def report(folder, model, meta, crop_vocab):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        model, meta, base = export(args.checkpoint, args.folder, args.crop_vocab, args.force, args.adapters_only)
+        model, meta, base = export(args.checkpoint, args.folder, args.crop_vocab, args.force,
+                                   args.adapters_only)
     except (CheckpointError, ExportError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a full disk, a read-only folder
-        print(f"error: cannot write {e.filename or args.folder} ({e.strerror or e}); make room there or choose "
-              "another folder", file=sys.stderr)
+        print(f"error: cannot write {e.filename or args.folder} ({e.strerror or e}); make room "
+              "there or choose another folder", file=sys.stderr)
         sys.exit(1)
     if args.adapters_only:
         report_adapters(Path(args.folder), model, base)

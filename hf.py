@@ -1,12 +1,13 @@
-"""The file formats of Hugging Face: a model folder in one of three transformers layouts (hub lookup, config.json
-<-> GPTConfig fields, tensor names and shapes) and PEFT's LoRA adapters, with a safetensors reader and writer.
+"""The file formats of Hugging Face: a model folder in one of three transformers layouts (hub
+lookup, config.json <-> GPTConfig fields, tensor names and shapes) and PEFT's LoRA adapters, with a
+safetensors reader and writer.
 
-The layouts: GPT-2's (GPT2LMHeadModel) for GPT-2's options; Llama's (LlamaForCausalLM) for rotary positions,
-RMSNorm and SwiGLU; Qwen3's (Qwen3ForCausalLM) for those with QK-norm. LAYOUTS says which options each holds.
+Layouts: GPT-2's (GPT2LMHeadModel) for GPT-2's options; Llama's (LlamaForCausalLM) for rope,
+RMSNorm and SwiGLU; Qwen3's (Qwen3ForCausalLM) adds QK-norm. LAYOUTS says which options each holds.
 
-Reading order: reading a folder, the GPT-2 layout's pieces, the Llama and Qwen3 layouts' pieces, the table of
-layouts, then load_hf / save_hf that put them together (and save_tokenizer_config for a trained tokenizer),
-then save_adapters / load_adapters (PEFT), then safetensors.
+Reading order: reading a folder, the GPT-2 layout's pieces, the Llama and Qwen3 layouts' pieces, the
+table of layouts, then load_hf / save_hf that put them together (and save_tokenizer_config for a
+trained tokenizer), then save_adapters / load_adapters (PEFT), then safetensors.
 """
 
 import json
@@ -22,9 +23,11 @@ import torch
 from lora import adapter_state, merge_lora
 from model import GPT, GPT2_OPTIONS, GPTConfig, mlp_width
 
-HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+HUB_REPOS = {name: f"openai-community/{name}"
+             for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 VOCABULARY_ROWS = ("transformer.wte.weight", "lm_head.weight")  # the tensors --crop_vocab crops
 
 
@@ -35,30 +38,34 @@ class WeightsError(Exception):
 # ---- reading a folder ----
 
 def hf_folder(name_or_dir):
-    """The local folder of a model: `name_or_dir` itself, or a GPT-2 size fetched through huggingface_hub."""
+    """A model's local folder: `name_or_dir` itself, or a GPT-2 size fetched by huggingface_hub."""
     if Path(name_or_dir).is_dir():
         return Path(name_or_dir)
     if name_or_dir not in HUB_REPOS:
-        raise WeightsError(f"{name_or_dir} is neither a folder nor one of {', '.join(HUB_REPOS)}; pass a folder "
-                           "in the Hugging Face layout (config.json plus model.safetensors)")
+        raise WeightsError(f"{name_or_dir} is neither a folder nor one of {', '.join(HUB_REPOS)}; "
+                           "pass a folder in the Hugging Face layout (config.json plus "
+                           "model.safetensors)")
     try:  # an optional dependency: only models given by name need it
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise WeightsError(f"loading {name_or_dir} by name needs the huggingface_hub package: pip install "
-                           "huggingface_hub, or pass a local folder in the Hugging Face layout") from None
-    try:
-        return Path(snapshot_download(HUB_REPOS[name_or_dir], allow_patterns=["config.json", "model.safetensors"]))
-    except OSError as e:  # huggingface_hub's offline, network and not-found errors are all OSErrors
-        raise WeightsError(f"{name_or_dir} is not in the Hugging Face cache and could not be downloaded "
-                           f"({type(e).__name__}); go online once, or pass a local folder in the Hugging Face "
+        raise WeightsError(f"loading {name_or_dir} by name needs the huggingface_hub package: pip "
+                           "install huggingface_hub, or pass a local folder in the Hugging Face "
                            "layout") from None
+    try:
+        return Path(snapshot_download(HUB_REPOS[name_or_dir],
+                                      allow_patterns=["config.json", "model.safetensors"]))
+    except OSError as e:  # huggingface_hub's offline, network and not-found errors are OSErrors
+        raise WeightsError(f"{name_or_dir} is not in the Hugging Face cache and could not be "
+                           f"downloaded ({type(e).__name__}); go online once, or pass a local "
+                           "folder in the Hugging Face layout") from None
 
 
 def read_hf_config(folder):
     path = folder / "config.json"
     if not path.is_file():
-        raise WeightsError(f"{folder} has no config.json, so it is not a Hugging Face model folder; pass one "
-                           "holding config.json and model.safetensors (or pytorch_model.bin)")
+        raise WeightsError(f"{folder} has no config.json, so it is not a Hugging Face model "
+                           "folder; pass one holding config.json and model.safetensors (or "
+                           "pytorch_model.bin)")
     return json.loads(path.read_text())
 
 
@@ -66,101 +73,111 @@ def read_hf_tensors(folder):
     safetensors, pickled = folder / "model.safetensors", folder / "pytorch_model.bin"
     path = safetensors if safetensors.is_file() else pickled
     if not path.is_file():
-        raise WeightsError(f"{folder} has neither model.safetensors nor pytorch_model.bin; a sharded checkpoint "
-                           "must be merged into one file first")
+        raise WeightsError(f"{folder} has neither model.safetensors nor pytorch_model.bin; "
+                           "a sharded checkpoint must be merged into one file first")
     try:
         if path == safetensors:
             return read_safetensors(path)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (ValueError, TypeError, KeyError, RuntimeError, EOFError, struct.error, pickle.UnpicklingError):
-        raise WeightsError(f"{path} cannot be read: it is truncated or corrupt; download or export it again") from None
+    except (ValueError, TypeError, KeyError, RuntimeError, EOFError, struct.error,
+            pickle.UnpicklingError):
+        raise WeightsError(f"{path} cannot be read: it is truncated or corrupt; download or export "
+                           "it again") from None
 
 
 def check_hf_settings(hf, needed):
-    """WeightsError for the first config.json key whose value (or, absent, transformers' default) is not one
-    this GPT computes with: `needed` maps each key to those values, its default first."""
+    """WeightsError for the first config.json key whose value (or, absent, transformers' default) is
+    not one this GPT computes with: `needed` maps each key to those values, its default first."""
     for key, values in needed.items():
         if hf.get(key, values[0]) not in values:
-            raise WeightsError(f"config.json's {key} is {hf[key]!r}, which this GPT cannot reproduce (it needs "
-                               f"{' or '.join(map(repr, values))})")
+            raise WeightsError(f"config.json's {key} is {hf[key]!r}, which this GPT cannot "
+                               f"reproduce (it needs {' or '.join(map(repr, values))})")
 
 
 def check_shape_keys(hf, keys, layout):
     missing = [key for key in keys if key not in hf]
     if missing:
-        raise WeightsError(f"config.json lacks {', '.join(missing)}; it is not a {layout.name} config")
+        raise WeightsError(f"config.json lacks {', '.join(missing)};"
+                           f" it is not a {layout.name} config")
 
 
 def take_tensor(tensors, name, shape, folder, layout):
     """tensors.pop(name), WeightsError where it is missing or has another shape than `shape`."""
     if name not in tensors:
-        raise WeightsError(f"{folder} lacks the tensor {name}; it is not a complete {layout.name} checkpoint")
+        raise WeightsError(f"{folder} lacks the tensor {name}; it is not a complete {layout.name}"
+                           " checkpoint")
     if tuple(tensors[name].shape) != tuple(shape):
-        raise WeightsError(f"{name} in {folder} has shape {tuple(tensors[name].shape)}, but config.json implies "
-                           f"{tuple(shape)}")
+        raise WeightsError(f"{name} in {folder} has shape {tuple(tensors[name].shape)}, but "
+                           f"config.json implies {tuple(shape)}")
     return tensors.pop(name)
 
 
 def check_all_taken(tensors, folder, layout):
     if tensors:
-        raise WeightsError(f"{folder} holds tensors {layout.name} does not have ({', '.join(sorted(tensors)[:3])}); "
-                           "it is another architecture")
+        raise WeightsError(f"{folder} holds tensors {layout.name} does not have "
+                           f"({', '.join(sorted(tensors)[:3])}); it is another architecture")
 
 
 # ---- the GPT-2 layout (GPT2LMHeadModel) ----
-# Parameter names match GPT-2's in transformers; three things differ. Its Conv1D layers store weights as
-# (in, out), nn.Linear as (out, in); it always has biases; its head is tied to wte and stored at most once.
+# Parameter names match GPT-2's in transformers; three things differ. Its Conv1D layers store
+# weights as (in, out), nn.Linear as (out, in); it always has biases; its head is tied to wte and
+# stored at most once.
 
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks older transformers saved with the weights
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
+HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks old transformers saved too
 GPT2_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
-# GPT-2 settings this model hard-codes, and the values it reproduces exactly (the first is also HF's default);
-# gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation.
-GPT2_SETTINGS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
-                 "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
-                 "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,),
-                 "add_cross_attention": (False,)}
+# GPT-2 settings this model hard-codes, and the values it reproduces exactly (the first is also
+# HF's default); gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation.
+GPT2_SETTINGS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+                 "layer_norm_epsilon": (1e-5,), "tie_word_embeddings": (True,),
+                 "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                 "reorder_and_upcast_attn": (False,), "add_cross_attention": (False,)}
 
 
 def gpt2_config_from_hf(layout, hf, dropout):
-    """The GPTConfig of a GPT-2 config.json, or WeightsError where this model would compute other logits."""
+    """A GPT-2 config.json's GPTConfig; WeightsError where this model would compute other logits."""
     check_hf_settings(hf, GPT2_SETTINGS)
     check_shape_keys(hf, GPT2_SHAPE_KEYS, layout)
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise WeightsError(f"config.json sets n_inner={hf['n_inner']}, but this GPT's MLP is 4 * n_embd wide "
-                           f"({4 * hf['n_embd']})")
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, **GPT2_OPTIONS)
+        raise WeightsError(f"config.json sets n_inner={hf['n_inner']}, but this GPT's MLP is 4 * "
+                           f"n_embd wide ({4 * hf['n_embd']})")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     dropout=dropout, bias=True, **GPT2_OPTIONS)
 
 
 def gpt2_config_to_hf(config, eot_id):
-    """A config.json for transformers' GPT2LMHeadModel with this model's architecture and computation."""
+    """transformers' GPT2LMHeadModel config.json with this model's architecture and computation."""
     settings = {key: values[0] for key, values in GPT2_SETTINGS.items()}
     return {**settings, "vocab_size": config.vocab_size, "n_positions": config.block_size,
-            "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-            "n_inner": None, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
-            "attn_pdrop": config.dropout, "bos_token_id": eot_id, "eos_token_id": eot_id}
+            "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+            "n_head": config.n_head, "n_inner": None, "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "bos_token_id": eot_id,
+            "eos_token_id": eot_id}
 
 
 def conv1d_layout(name, tensor):
-    """A tensor in the other layout: Conv1D weights are transposed (the same move in either direction)."""
+    """A tensor in the other layout: Conv1D weights are transposed (the same move either way)."""
     return tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
 
 
 def gpt2_state_from_hf(layout, tensors, model, folder):
     """`model`'s state dict from a GPT-2's tensors, each checked by name and shape."""
-    # the head is tied to wte; checkpoints saved from GPT2Model (the hub's gpt2) lack the `transformer.` prefix
+    # the head is tied to wte; GPT2Model checkpoints (the hub's gpt2) lack the `transformer.` prefix
     tensors = {name if name.startswith("transformer.") else f"transformer.{name}": tensor
-               for name, tensor in tensors.items() if name != "lm_head.weight" and not name.endswith(HF_MASK_BUFFERS)}
-    state = {name: conv1d_layout(name, take_tensor(tensors, name, conv1d_layout(name, like).shape, folder, layout))
+               for name, tensor in tensors.items()
+               if name != "lm_head.weight" and not name.endswith(HF_MASK_BUFFERS)}
+    state = {name: conv1d_layout(name, take_tensor(tensors, name, conv1d_layout(name, like).shape,
+                                                   folder, layout))
              for name, like in model.state_dict().items() if name != "lm_head.weight"}
     check_all_taken(tensors, folder, layout)
     return {**state, "lm_head.weight": state["transformer.wte.weight"]}
 
 
 def gpt2_state_to_hf(state, config):
-    """GPT-2's tensors for our state dict: Conv1D layout, zero biases where the model has none, the tied head
-    left out (transformers ties it on loading)."""
+    """GPT-2's tensors for our state dict: Conv1D layout, zero biases where the model has none, the
+    tied head left out (transformers ties it on loading)."""
     with torch.device("meta"):  # a GPT-2 shaped reference: every name and shape, no memory
         reference = GPT(replace(config, bias=True)).state_dict()
     return {name: conv1d_layout(name, state[name] if name in state else torch.zeros(like.shape))
@@ -168,37 +185,41 @@ def gpt2_state_to_hf(state, config):
 
 
 # ---- the Llama and Qwen3 layouts (LlamaForCausalLM, Qwen3ForCausalLM) ----
-# Their blocks compute what ours do with rope, rmsnorm and swiglu: rotate_half turns the same pairs of halves as
-# model.rotate, with the same frequencies (so q and k need no permutation), Qwen3RMSNorm normalises each head's
-# queries and keys before the rotation as our qk_norm does, and the scale is 1/sqrt(head_dim). Our fused
-# projections are theirs stacked by rows: c_attn is q, k, v; SwiGLU's c_fc is gate, then up (MLP.forward).
+# Their blocks compute what ours do with rope, rmsnorm and swiglu: rotate_half turns the same pairs
+# of halves as model.rotate, with the same frequencies (so q and k need no permutation),
+# Qwen3RMSNorm normalises each head's queries and keys before the rotation as our qk_norm does, and
+# the scale is 1/sqrt(head_dim). Our fused projections are theirs stacked by rows: c_attn is q, k,
+# v; SwiGLU's c_fc is gate, then up (MLP.forward).
 
 ROTARY_BLOCK_NAMES = {"ln_1": ("input_layernorm",), "ln_2": ("post_attention_layernorm",),
                       "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                       "attn.c_proj": ("self_attn.o_proj",), "attn.q_norm": ("self_attn.q_norm",),
-                      "attn.k_norm": ("self_attn.k_norm",), "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
+                      "attn.k_norm": ("self_attn.k_norm",),
+                      "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
                       "mlp.c_proj": ("mlp.down_proj",)}
-ROTARY_OUTER_NAMES = {"transformer.wte": "model.embed_tokens", "transformer.ln_f": "model.norm", "lm_head": "lm_head"}
+ROTARY_OUTER_NAMES = {"transformer.wte": "model.embed_tokens", "transformer.ln_f": "model.norm",
+                      "lm_head": "lm_head"}
 ROTARY_SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "intermediate_size")
-RMS_NORM_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm's eps when none is given, for fp32 inputs
+RMS_NORM_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm's default eps for fp32 inputs
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}  # model.rotary_tables' frequencies
-# what LlamaConfig and Qwen3Config assume for a key config.json leaves out (None: derived from the shape keys)
-ROTARY_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False,
-                   "use_sliding_window": False}
-ROTARY_COMPUTING_KEYS = ("intermediate_size", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
-                         "rope_parameters", "attention_bias", "mlp_bias", "use_sliding_window")
+# what LlamaConfig and Qwen3Config assume for a key config.json lacks (None: from the shape keys)
+ROTARY_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "attention_bias": False,
+                   "mlp_bias": False, "use_sliding_window": False}
+ROTARY_COMPUTING_KEYS = ("intermediate_size", "num_key_value_heads", "head_dim", "hidden_act",
+                         "rms_norm_eps", "rope_parameters", "attention_bias", "mlp_bias",
+                         "use_sliding_window")
 
 
 def rotary_config_to_hf(config, eot_id):
-    """config.json entries LlamaConfig and Qwen3Config share, for this model's architecture and computation."""
+    """config.json entries Llama and Qwen3 share, for this model's architecture and computation."""
     return {"vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,
             "hidden_size": config.n_embd, "intermediate_size": mlp_width(config),
             "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-            "num_key_value_heads": config.n_head, "head_dim": config.n_embd // config.n_head, "hidden_act": "silu",
-            "rms_norm_eps": RMS_NORM_EPS, "rope_parameters": ROPE, "attention_bias": config.bias,
-            "tie_word_embeddings": config.tie_embeddings, "attention_dropout": config.dropout,
-            "bos_token_id": eot_id, "eos_token_id": eot_id}
+            "num_key_value_heads": config.n_head, "head_dim": config.n_embd // config.n_head,
+            "hidden_act": "silu", "rms_norm_eps": RMS_NORM_EPS, "rope_parameters": ROPE,
+            "attention_bias": config.bias, "tie_word_embeddings": config.tie_embeddings,
+            "attention_dropout": config.dropout, "bos_token_id": eot_id, "eos_token_id": eot_id}
 
 
 def llama_config_to_hf(config, eot_id):
@@ -210,8 +231,8 @@ def qwen3_config_to_hf(config, eot_id):
 
 
 def rope_parameters(hf):
-    """config.json's rotary settings as transformers 5 writes them, from its rope_parameters or transformers 4's
-    rope_theta and rope_scaling."""
+    """config.json's rotary settings as transformers 5 writes them, from its rope_parameters or
+    transformers 4's rope_theta and rope_scaling."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope.setdefault("rope_theta", hf.get("rope_theta", ROPE["rope_theta"]))
     rope.setdefault("rope_type", rope.pop("type", "default"))
@@ -219,17 +240,21 @@ def rope_parameters(hf):
 
 
 def rotary_config_from_hf(layout, hf, dropout):
-    """The GPTConfig of a Llama or Qwen3 config.json, or WeightsError where this model would compute other logits:
-    its computing keys must be those config_to_hf writes for the GPTConfig its shape keys describe."""
+    """The GPTConfig of a Llama or Qwen3 config.json, or WeightsError where this model would compute
+    other logits: its computing keys must be those config_to_hf writes for the GPTConfig its shape
+    keys describe."""
     check_shape_keys(hf, ROTARY_SHAPE_KEYS, layout)
-    free = {"bias": hf.get("attention_bias", False), "tie_embeddings": hf.get("tie_word_embeddings", False)}
+    free = {"bias": hf.get("attention_bias", False),
+            "tie_embeddings": hf.get("tie_word_embeddings", False)}
     config = GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                       n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-                       dropout=dropout, **{**free, **layout.fixed_options()})
+                       n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                       n_embd=hf["hidden_size"], dropout=dropout,
+                       **{**free, **layout.fixed_options()})
     needed = layout.config_to_hf(config, None)
     given = {**ROTARY_DEFAULTS, **{key: value for key, value in hf.items() if value is not None},
              "rope_parameters": rope_parameters(hf)}
-    check_hf_settings(given, {key: (needed[key],) for key in ROTARY_COMPUTING_KEYS if key in needed})
+    check_hf_settings(given, {key: (needed[key],)
+                              for key in ROTARY_COMPUTING_KEYS if key in needed})
     return config
 
 
@@ -245,7 +270,8 @@ def rotary_names(name):
 def rotary_state_from_hf(layout, tensors, model, folder):
     """`model`'s state dict from a Llama or Qwen3's tensors, each checked by name and shape."""
     tied = model.config.tie_embeddings
-    tensors = {name: tensor for name, tensor in tensors.items() if not (tied and name == "lm_head.weight")}
+    tensors = {name: tensor for name, tensor in tensors.items()
+               if not (tied and name == "lm_head.weight")}
     state = {}
     for name, like in model.state_dict().items():
         if not (tied and name == "lm_head.weight"):
@@ -257,7 +283,8 @@ def rotary_state_from_hf(layout, tensors, model, folder):
 
 
 def rotary_state_to_hf(state, config):
-    """Llama's or Qwen3's tensors for our state dict, the tied head left out (transformers ties it on loading)."""
+    """Llama's or Qwen3's tensors for our state dict, the tied head left out (transformers ties it
+    on loading)."""
     tensors = {}
     for name, tensor in state.items():
         if not (config.tie_embeddings and name == "lm_head.weight"):
@@ -274,14 +301,15 @@ class Layout:
     name: str  # in messages
     model_type: str  # config.json's, which picks the layout on loading
     architecture: str  # the class transformers loads it as
-    holds: dict  # GPTConfig field -> the values it holds (zero_init_proj, only an initialisation, is never in the way)
-    config_to_hf: Callable  # (GPTConfig, eot_id) -> config.json, but for architectures and model_type
+    holds: dict  # GPTConfig field -> values it holds (not zero_init_proj: only an initialisation)
+    config_to_hf: Callable  # (GPTConfig, eot_id) -> config.json minus architectures and model_type
     config_from_hf: Callable  # (layout, config.json, dropout) -> GPTConfig
     state_to_hf: Callable  # (our state dict, GPTConfig) -> its tensors
     state_from_hf: Callable  # (layout, its tensors, our model, folder) -> our state dict
 
     def fixed_options(self):
-        """The GPTConfig fields this layout holds one value of, with that value: what a model loaded from it has."""
+        """The GPTConfig fields this layout holds one value of, with that value: what a model loaded
+        from it has."""
         return {key: values[0] for key, values in self.holds.items() if len(values) == 1}
 
     def misfits(self, config):
@@ -290,42 +318,46 @@ class Layout:
 
     def why_not(self, config):
         found = ", ".join(f"{key}={getattr(config, key)}" for key in self.misfits(config))
-        needed = ", ".join(f"{key}={'/'.join(map(str, self.holds[key]))}" for key in self.misfits(config))
+        needed = ", ".join(f"{key}={'/'.join(map(str, self.holds[key]))}"
+                           for key in self.misfits(config))
         return f"the {self.name} layout cannot hold {found} ({self.architecture} needs {needed})"
 
 
 def holding(**changes):
-    """A layout's `holds`: GPT-2's options (any bias: a model without gets zeros), with `changes`."""
-    gpt2 = {option: (value,) for option, value in GPT2_OPTIONS.items() if option != "zero_init_proj"}
+    """A layout's `holds`: GPT-2's options (any bias: one without gets zeros), with `changes`."""
+    gpt2 = {option: (value,) for option, value in GPT2_OPTIONS.items()
+            if option != "zero_init_proj"}
     return {**gpt2, "bias": (True, False), **changes}
 
 
-ROTARY_OPTIONS = {"pos_embedding": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",), "tie_embeddings": (True, False)}
+ROTARY_OPTIONS = {"pos_embedding": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",),
+                  "tie_embeddings": (True, False)}
 LAYOUTS = (  # at most one holds a model's options
-    Layout("GPT-2", "gpt2", "GPT2LMHeadModel", holding(), gpt2_config_to_hf, gpt2_config_from_hf, gpt2_state_to_hf,
-           gpt2_state_from_hf),
+    Layout("GPT-2", "gpt2", "GPT2LMHeadModel", holding(), gpt2_config_to_hf, gpt2_config_from_hf,
+           gpt2_state_to_hf, gpt2_state_from_hf),
     Layout("Llama", "llama", "LlamaForCausalLM", holding(**ROTARY_OPTIONS), llama_config_to_hf,
            rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf),
     # Qwen3MLP has no biases, so a model with biases has no place there
-    Layout("Qwen3", "qwen3", "Qwen3ForCausalLM", holding(**ROTARY_OPTIONS, qk_norm=(True,), bias=(False,)),
-           qwen3_config_to_hf, rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf),
+    Layout("Qwen3", "qwen3", "Qwen3ForCausalLM",
+           holding(**ROTARY_OPTIONS, qk_norm=(True,), bias=(False,)), qwen3_config_to_hf,
+           rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf),
 )
 
 
 def layout_for(config):
-    """The layout that holds `config`'s options, or WeightsError naming those that the nearest layouts (the fewest
-    options off) cannot hold."""
+    """The layout that holds `config`'s options, or WeightsError naming those that the nearest
+    layouts (the fewest options off) cannot hold."""
     fewest = min(len(layout.misfits(config)) for layout in LAYOUTS)
     nearest = [layout for layout in LAYOUTS if len(layout.misfits(config)) == fewest]
     if fewest:
         raise WeightsError(f"no Hugging Face layout holds this model's options; nearest: "
-                           f"{', and '.join(layout.why_not(config) for layout in nearest)}; docs/gpt2.md lists the "
-                           "options each layout holds")
+                           f"{', and '.join(layout.why_not(config) for layout in nearest)}; "
+                           "docs/gpt2.md lists the options each layout holds")
     return nearest[0]
 
 
 def layout_of_hf(hf):
-    """The layout config.json's model_type names (GPT-2's when it names none, as in the oldest GPT-2 configs)."""
+    """The layout config.json's model_type names (GPT-2's if none, as in the oldest configs)."""
     layouts = {layout.model_type: layout for layout in LAYOUTS}
     model_type = hf.get("model_type", "gpt2")
     if model_type not in layouts:
@@ -337,10 +369,11 @@ def layout_of_hf(hf):
 # ---- a Hugging Face folder in and out ----
 
 def load_hf(name_or_dir, dropout=None):
-    """A GPT (dropout None means 0) holding the weights of a Hugging Face model in the GPT-2, Llama or Qwen3
-    layout: a folder with config.json and model.safetensors or pytorch_model.bin, or gpt2, gpt2-medium,
-    gpt2-large or gpt2-xl from the Hugging Face cache or hub (needs `pip install huggingface_hub`). A GPT-2 gets
-    biases. WeightsError where the weights cannot be loaded or this model would not compute the same logits."""
+    """A GPT (dropout None means 0) holding the weights of a Hugging Face model in the GPT-2, Llama
+    or Qwen3 layout: a folder with config.json and model.safetensors or pytorch_model.bin, or gpt2,
+    gpt2-medium, gpt2-large or gpt2-xl from the Hugging Face cache or hub (needs `pip install
+    huggingface_hub`). A GPT-2 gets biases. WeightsError where the weights cannot be loaded or this
+    model would not compute the same logits."""
     folder = hf_folder(name_or_dir)
     hf = read_hf_config(folder)
     layout = layout_of_hf(hf)
@@ -350,17 +383,19 @@ def load_hf(name_or_dir, dropout=None):
 
 
 def save_hf(gpt, folder, vocab_size=None, eot_id=None):
-    """Write config.json and model.safetensors (fp32) in the layout that holds the model's options (layout_for),
-    which transformers loads with the same logits, as does load_hf. A GPT-2 without biases gets zeros. The
-    vocabulary is written as is, padding included (e.g. 50304 rows for GPT-2's 50257 tokens), unless
-    `vocab_size` crops it to the tokenizer's (the kept tokens' logits stay the same). `eot_id`, the tokenizer's
-    end-of-text id, becomes the config's bos/eos ids (where HF's generate stops). WeightsError, before anything
-    is written, for options no layout holds."""
+    """Write config.json and model.safetensors (fp32) in the layout that holds the model's options
+    (layout_for), which transformers loads with the same logits, as does load_hf. A GPT-2 without
+    biases gets zeros. The vocabulary is written as is, padding included (e.g. 50304 rows for
+    GPT-2's 50257 tokens), unless `vocab_size` crops it to the tokenizer's (the kept tokens' logits
+    stay the same). `eot_id`, the tokenizer's end-of-text id, becomes the config's bos/eos ids
+    (where HF's generate stops). WeightsError, before anything is written, for options no layout
+    holds."""
     if gpt.config.lora_rank > 0:
         gpt = merge_lora(gpt)  # the layouts have no place for adapters
     layout = layout_for(gpt.config)
     vocab_size = vocab_size or gpt.config.vocab_size
-    assert vocab_size <= gpt.config.vocab_size, f"cannot crop vocab {gpt.config.vocab_size} to {vocab_size}"
+    assert vocab_size <= gpt.config.vocab_size, (
+        f"cannot crop vocab {gpt.config.vocab_size} to {vocab_size}")
     config = replace(gpt.config, vocab_size=vocab_size)
     state = {name: (t[:vocab_size] if name in VOCABULARY_ROWS else t).to("cpu", torch.float32)
              for name, t in gpt.state_dict().items()}
@@ -374,27 +409,30 @@ def save_hf(gpt, folder, vocab_size=None, eot_id=None):
 
 
 def save_tokenizer_config(folder, eos_token):
-    """tokenizer_config.json, which AutoTokenizer reads beside a tokenizer.json: the class that runs that file (any
-    transformers version) and the token that ends a text."""
+    """tokenizer_config.json, which AutoTokenizer reads beside a tokenizer.json: the class that runs
+    that file (any transformers version) and the token that ends a text."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token}
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---- PEFT's LoRA adapters ----
 
-PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora_targets -> module names
+PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora_targets -> modules
 
 
 def save_adapters(gpt, folder, base_model):
-    """Write `gpt`'s LoRA adapters alone in PEFT's layout (adapter_config.json, adapter_model.safetensors):
+    """Write `gpt`'s LoRA adapters alone in PEFT's layout (adapter_config.json,
+    adapter_model.safetensors):
     `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), folder)` applies them to
     transformers' GPT-2, `load_adapters(load_hf(base_model), folder)` to this one."""
     cfg = gpt.config
-    modules = [f"{part}.{name}" for part, names in PEFT_TARGETS.items() if part in cfg.lora_targets.split(",")
-               for name in names]
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
-              "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-              "target_modules": modules, "fan_in_fan_out": True, "bias": "none", "inference_mode": True}
+    modules = [f"{part}.{name}" for part, names in PEFT_TARGETS.items()
+               if part in cfg.lora_targets.split(",") for name in names]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+              "base_model_name_or_path": str(base_model), "r": cfg.lora_rank,
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+              "target_modules": modules, "fan_in_fan_out": True, "bias": "none",
+              "inference_mode": True}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -404,7 +442,7 @@ def save_adapters(gpt, folder, base_model):
 
 
 def load_adapters(gpt, folder):
-    """A LoRA model of `gpt`'s class: `gpt`'s weights plus the adapters save_adapters wrote to `folder`."""
+    """A LoRA model of `gpt`'s class: its weights and the adapters save_adapters put in `folder`."""
     folder = Path(folder)
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
@@ -415,11 +453,13 @@ def load_adapters(gpt, folder):
     parts = sorted({module.split(".")[0] for module in config["target_modules"]})
     model = type(gpt)(replace(gpt.config, lora_rank=config["r"], lora_alpha=config["lora_alpha"],
                               lora_targets=",".join(parts)))
-    adapters = {name.removeprefix("base_model.model.").removesuffix(".weight"): t for name, t in tensors.items()}
+    adapters = {name.removeprefix("base_model.model.").removesuffix(".weight"): t
+                for name, t in tensors.items()}
     expected = adapter_state(model)
-    if adapters.keys() != expected.keys() or any(adapters[k].shape != t.shape for k, t in expected.items()):
-        raise WeightsError(f"the adapters in {folder} do not fit this model's layers; they were trained on "
-                           "other base weights")
+    if adapters.keys() != expected.keys() or any(adapters[k].shape != t.shape
+                                                 for k, t in expected.items()):
+        raise WeightsError(f"the adapters in {folder} do not fit this model's layers; they were "
+                           "trained on other base weights")
     model.load_state_dict({**gpt.state_dict(), **adapters})
     return model.to(gpt.lm_head.weight.device)
 
@@ -427,8 +467,9 @@ def load_adapters(gpt, folder):
 # ---- safetensors ----
 
 def read_safetensors(path):
-    """name -> tensor from a .safetensors file: an 8-byte little-endian header length, a JSON header (name ->
-    dtype, shape, data_offsets into the data), then the tensors' little-endian bytes back to back."""
+    """name -> tensor from a .safetensors file: an 8-byte little-endian header length, a JSON header
+    (name -> dtype, shape, data_offsets into the data), then the tensors' little-endian bytes back
+    to back."""
     with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         data = bytearray(os.fstat(f.fileno()).st_size - f.tell())
@@ -437,7 +478,8 @@ def read_safetensors(path):
     tensors = {}
     for name, info in header.items():
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise WeightsError(f"{path}: tensor {name} is {info['dtype']}, which this reader does not read")
+            raise WeightsError(f"{path}: tensor {name} is {info['dtype']}, which this reader"
+                               " does not read")
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         tensors[name] = torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize,
@@ -446,8 +488,9 @@ def read_safetensors(path):
 
 
 def write_safetensors(path, tensors):
-    """Write contiguous CPU tensors as a .safetensors file (the format read_safetensors describes). Wider
-    dtypes go first, so after the 8-byte aligned header every tensor is aligned to its element size."""
+    """Write contiguous CPU tensors as a .safetensors file (the format read_safetensors describes).
+    Wider dtypes go first, so after the 8-byte aligned header every tensor is aligned to its element
+    size."""
     dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     tensors = dict(sorted(tensors.items(), key=lambda item: -item[1].element_size()))
     header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers checks the format tag

@@ -1,7 +1,7 @@
-"""LoRA (Hu et al., 2021): low-rank adapters on a GPT's projections, kept out of the model file as litgpt keeps
-them. model.py builds a LoRALinear where its config asks for adapters (lora_rank, lora_targets); what a LoRA
-fine-tune does with them, its adapters alone and their merge into the weights, is here; their files in PEFT's
-layout are hf.py's."""
+"""LoRA (Hu et al., 2021): low-rank adapters on a GPT's projections, kept out of the model file as
+litgpt keeps them. model.py builds a LoRALinear where its config asks for adapters (lora_rank,
+lora_targets); what a LoRA fine-tune does with them, its adapters alone and their merge into the
+weights, is here; their files in PEFT's layout are hf.py's."""
 
 import math
 from dataclasses import replace
@@ -14,8 +14,9 @@ from torch import nn
 class LoRALinear(nn.Linear):
     """A frozen Linear plus a trained low-rank update (LoRA): y = x W^T + b + (alpha / r) x A^T B^T.
 
-    B starts at zero, so training starts from the base model's function. Being an nn.Linear with two extra
-    parameters, it keeps the base's state-dict names (`weight`, `bias`) and adds `lora_A`, `lora_B`.
+    B starts at zero, so training starts from the base model's function. Being an nn.Linear with two
+    extra parameters, it keeps the base's state-dict names (`weight`, `bias`) and adds `lora_A`,
+    `lora_B`.
     """
 
     def __init__(self, in_features, out_features, bias, rank, alpha, dropout):
@@ -30,7 +31,8 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return super().forward(x) + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return super().forward(x) + self.scale * update
 
     def merged_weight(self):
         return self.weight + self.scale * self.lora_B @ self.lora_A
@@ -42,8 +44,8 @@ def adapter_state(model):
 
 
 def merge_lora(model):
-    """A plain model of the same class (no adapters) whose weights hold the adapters' updates: the same function,
-    no extra cost per token, and the layout every other tool reads."""
+    """A plain model of the same class (no adapters) whose weights hold the adapters' updates: the
+    same function, no extra cost per token, and the layout every other tool reads."""
     merged = {name: t for name, t in model.state_dict().items() if ".lora_" not in name}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):

@@ -1,10 +1,8 @@
-"""A GPT language model: the GPT-2 architecture and its options, a KV-cache generator, and FLOP counting.
+"""A GPT language model: the GPT-2 architecture and options, a KV-cache generator, FLOP counting.
 
-Reading order: GPTConfig (the one list of the architecture options, their allowed values and defaults, GPT-2's
-beside them) and the functions that read it, the blocks (KV cache, attention, MLP), GPT (init, forward, counting,
-generation), then sampling. Around it: lora.py (the adapters a config with lora_rank gets), optimizers.py
-(which optimizer trains which parameters), hf.py (Hugging Face and PEFT files). The model never knows about
-training; train.py owns the loop.
+Reading order: GPTConfig (the architecture options) and its readers, the blocks (KV cache,
+attention, MLP), GPT, then sampling. Around it: lora.py (adapters), optimizers.py (which optimizer
+trains what), hf.py (Hugging Face, PEFT files). The model knows nothing of training (train.py).
 """
 
 import math
@@ -19,16 +17,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lora import LoRALinear
 
 Value = TypeVar("Value")
-Option = Annotated[Value, "architecture option"]  # GPTConfig's architecture options are its fields typed Option[...]
+Option = Annotated[Value, "architecture option"]  # marks GPTConfig's architecture options
 
 
 @dataclass
 class GPTConfig:
-    """The model's shape and options, one field each as `name: type = default  # meaning`: configurator.py reads
-    these lines, so each field can be a key of train.py, with this meaning where train.py declares no key of
-    its own. The architecture options are the fields typed Option[...]; their defaults are the default run's
-    (GPT2_OPTIONS has GPT-2's), and a string option's Literal type lists its allowed values. A new option is a
-    field here and the code using it."""
+    """The model's shape and options as `name: type = default  # meaning` lines that configurator.py
+    reads, so each can be a train.py key (this meaning where train.py has none). Option[...] fields
+    are the architecture options. A new option is a field here plus the code using it."""
 
     # the string options' types, named so that each field, default and meaning fit on one line
     Positions = Option[Literal["learned", "rope"]]
@@ -43,19 +39,19 @@ class GPTConfig:
     dropout: float = 0.0  # dropout on attention, residual branches and embeddings
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
     # architecture options (bench/RESULTS.md has each option's measured effect)
-    # (the default run's: with Muon, rope, relu2 and qk_norm reached its old val loss in under half the time, and
-    # rmsnorm with swiglu does as well as layernorm with relu2 and exports to Qwen3's layout, bench/RESULTS.md)
-    pos_embedding: Positions = "rope"  # learned (a position table, GPT-2) or rope (rotary embeddings)
+    # (the default run's: with Muon, rope, relu2 and qk_norm hit the old val loss in under half the
+    # time; rmsnorm + swiglu match layernorm + relu2 and export to Qwen3's layout, bench/RESULTS.md)
+    pos_embedding: Positions = "rope"  # learned (position table, GPT-2) or rope (rotary embeddings)
     norm: Norms = "rmsnorm"  # layernorm (GPT-2) or rmsnorm
-    mlp: MLPs = "swiglu"  # MLP activation: gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameter count)
+    mlp: MLPs = "swiglu"  # gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameters)
     qk_norm: Option[bool] = True  # RMS-normalise each head's queries and keys before attention
     tie_embeddings: Option[bool] = True  # the LM head shares the token embedding's matrix (GPT-2)
-    zero_init_proj: Option[bool] = False  # residual branches' output projections start at 0: each block the identity
-    logit_softcap: Option[float] = 0.0  # > 0: logits = cap * tanh(logits / cap), kept within (-cap, cap); 0 is off
-    value_embeddings: Option[int] = 0  # token tables; table i feeds the attention values of layers i and n_layer-1-i
-    unet_skips: Option[bool] = False  # U-net skips: each first-half block's output added back before its mirror block
+    zero_init_proj: Option[bool] = False  # output projections start at 0: each block the identity
+    logit_softcap: Option[float] = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 is off
+    value_embeddings: Option[int] = 0  # token tables; table i: values of layers i and n_layer-1-i
+    unet_skips: Option[bool] = False  # first-half outputs added back before their mirror blocks
     # fine-tuning
-    lora_rank: int = 0  # > 0: the targeted projections get trained low-rank adapters and every other weight is frozen
+    lora_rank: int = 0  # > 0: targeted projections get trained low-rank adapters; all else frozen
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = "attn,mlp"  # which blocks' projections get adapters: attn, mlp or both
@@ -65,44 +61,46 @@ class GPTConfig:
 
 
 def architecture_options():
-    """{option: default} for each architecture option (a GPTConfig field typed Option[...]), in field order."""
+    """{option: default} for each architecture option (field typed Option[...]), in field order."""
     hints = get_type_hints(GPTConfig, include_extras=True)
     return {f.name: f.default for f in fields(GPTConfig)
             if getattr(hints[f.name], "__metadata__", ()) == Option.__metadata__}
 
 
-# GPT-2's architecture options: all the GPT-2 layout holds, and what a checkpoint older than an option ran with
-GPT2_OPTIONS = {**architecture_options(), "pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu",
-                "qk_norm": False}
+# GPT-2's options: all the GPT-2 layout holds, and what a checkpoint older than an option ran with
+GPT2_OPTIONS = {**architecture_options(), "pos_embedding": "learned", "norm": "layernorm",
+                "mlp": "gelu", "qk_norm": False}
 
 
 def option_choices():
     """{field: allowed values} for each GPTConfig field typed Literal[...], in field order."""
-    return {name: get_args(hint) for name, hint in get_type_hints(GPTConfig).items() if get_origin(hint) is Literal}
+    return {name: get_args(hint) for name, hint in get_type_hints(GPTConfig).items()
+            if get_origin(hint) is Literal}
 
 
 def check_options(values):
-    """ValueError for the first field in `values` (name -> value) whose value its Literal type or range does not
-    allow."""
+    """ValueError for the first field in `values` (name -> value) its Literal or range refuses."""
     for option, allowed in option_choices().items():
         if option in values and values[option] not in allowed:
-            raise ValueError(f"{option} must be one of {', '.join(allowed)}, got {values[option]!r}")
+            raise ValueError(f"{option} must be one of {', '.join(allowed)}, "
+                             f"got {values[option]!r}")
     if values.get("logit_softcap", 0.0) < 0:
         raise ValueError(f"logit_softcap must be 0 (off) or more, got {values['logit_softcap']}")
     tables, limit = values.get("value_embeddings", 0), values.get("n_layer", 0) // 2
     if not 0 <= tables <= limit:
-        raise ValueError(f"value_embeddings must be between 0 and n_layer // 2 = {limit} (each table feeds one of "
-                         f"the first and one of the last layers), got {tables}")
+        raise ValueError(f"value_embeddings must be between 0 and n_layer // 2 = {limit} (each "
+                         f"table feeds one of the first and one of the last layers), got {tables}")
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to `block_size`."""
+    """Every layer's keys and values for the positions seen so far, preallocated to `block_size`."""
 
     def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size,
+                 config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # positions filled; layers write at [pos, pos + T) and pos advances after the last layer
+        self.pos = 0  # positions filled; all layers write [pos, pos + T) before pos advances
 
     def update(self, layer, k, v):
         end = self.pos + k.size(2)
@@ -112,16 +110,17 @@ class KVCache:
 
 
 def generation_attention():
-    """The attention kernels for generation: all but cuDNN's, which builds a plan for every new key length (each
-    generated token is one) and made KV-cache sampling on an H200 slower than recomputing (bench/RESULTS.md)."""
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    """Attention kernels for generation: all but cuDNN's, which plans per key length (one per
+    generated token) and made H200 KV-cache sampling slower than recomputing (bench/RESULTS.md)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 def projection(config, part, in_features, out_features):
-    """A block's Linear layer: with LoRA adapters when lora_rank > 0 and lora_targets names this part."""
+    """A block's Linear, with LoRA adapters if lora_rank > 0 and lora_targets names this part."""
     if config.lora_rank > 0 and part in config.lora_targets.split(","):
-        return LoRALinear(in_features, out_features, config.bias, config.lora_rank, config.lora_alpha,
-                          config.lora_dropout)
+        return LoRALinear(in_features, out_features, config.bias, config.lora_rank,
+                          config.lora_alpha, config.lora_dropout)
     return nn.Linear(in_features, out_features, bias=config.bias)
 
 
@@ -133,9 +132,8 @@ def norm(config):
 
 
 def value_table(config, layer):
-    """The value-embedding table mixed into `layer`'s attention values: table i feeds layer i and its mirror
-    n_layer - 1 - i, as in modded-nanogpt (tokens' identities straight into the first and last layers); None
-    for the layers between."""
+    """The value table mixed into `layer`'s attention values, or None: table i feeds layer i and its
+    mirror n_layer - 1 - i, as in modded-nanogpt (tokens straight to the first and last layers)."""
     if layer < config.value_embeddings:
         return layer
     if layer >= config.n_layer - config.value_embeddings:
@@ -144,16 +142,16 @@ def value_table(config, layer):
 
 
 def rotary_tables(config):
-    """cos and sin of every position's rotation angles, (block_size, head_dim / 2), with RoFormer's base 10000."""
+    """cos and sin of each position's angles, (block_size, head_dim / 2), RoFormer's base 10000."""
     head_dim = config.n_embd // config.n_head
-    inverse_frequency = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    inverse_frequency = 1.0 / 10000 ** exponents
     angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inverse_frequency)
     return angles.cos(), angles.sin()
 
 
 def rotate(x, cos, sin):
-    """Rotary embedding of (B, heads, T, head_dim) queries or keys: each pair of halves turns by its position's
-    angle."""
+    """Rotates (B, heads, T, head_dim) queries or keys: each half-pair by its position's angle."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -172,33 +170,34 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim) if config.qk_norm else nn.Identity()
         if value_table(config, layer) is not None:
-            # v = lambda_a v + lambda_b ve, half each as in modded-nanogpt: the mix starts as the two parts'
-            # average, no larger than either, and both get gradients from the first step
+            # v = lambda_a v + lambda_b ve, half each as in modded-nanogpt: the mix starts as the
+            # two parts' average, no larger than either, and both get gradients from the first step
             self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
 
     def forward(self, x, kv_cache=None, rotary=None, value_embedding=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        if value_embedding is not None:  # (B, T, C): this layer's value-embedding rows of the tokens
+        if value_embedding is not None:  # (B, T, C): the tokens' rows of this layer's value table
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * value_embedding.to(v.dtype)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if isinstance(self.q_norm, nn.RMSNorm):
-            # in fp32 like its weight: under autocast a bf16 input with an fp32 weight misses the fused kernel
+            # fp32 like its weight: autocast's bf16 input and an fp32 weight miss the fused kernel
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rotary is not None:  # (cos, sin) of these T positions
             q, k = rotate(q, *rotary), rotate(k, *rotary)
-        # Causal masking is only needed when queries see keys at their own positions; a single new token
-        # attending to a cache sees nothing from the future, and prefill always starts the cache at 0.
+        # causal only if T > 1: one new token sees no future in the cache; prefill starts it at 0
         is_causal = T > 1
         if kv_cache is not None:
-            assert kv_cache.pos == 0 or T == 1, "the cache takes one prefill from position 0, then single tokens"
+            assert kv_cache.pos == 0 or T == 1, ("the cache takes one prefill from position 0, "
+                                                 "then single tokens")
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch's CPU attention kernels are slower in bf16 than in fp32 at the sequence lengths CPUs
-            # train (2-3x at T=64 forward+backward, bench/attention_speed.py), so under CPU autocast it runs in fp32
+            # torch's CPU attention is 2-3x slower in bf16 than fp32 at the lengths CPUs train (T=64
+            # forward+backward, bench/attention_speed.py): under CPU autocast it runs in fp32
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                   dropout_p=dropout_p,
                                                    is_causal=is_causal).to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
@@ -207,7 +206,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def mlp_width(config):
-    """The MLP's hidden width: 4 x n_embd; SwiGLU's, with two input matrices, 2/3 of that (the same parameters)."""
+    """MLP hidden width: 4 x n_embd; SwiGLU's (two input matrices) 2/3 of that: same params."""
     return 8 * round(config.n_embd / 3) if config.mlp == "swiglu" else 4 * config.n_embd
 
 
@@ -216,7 +215,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = config.mlp
         hidden = mlp_width(config)
-        self.c_fc = projection(config, "mlp", config.n_embd, 2 * hidden if config.mlp == "swiglu" else hidden)
+        self.c_fc = projection(config, "mlp", config.n_embd,
+                               2 * hidden if config.mlp == "swiglu" else hidden)
         self.c_proj = projection(config, "mlp", hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -252,19 +252,21 @@ class GPT(nn.Module):
         learned_positions = config.pos_embedding == "learned"
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
-            **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if learned_positions else {}),
+            **({"wpe": nn.Embedding(config.block_size, config.n_embd)}
+               if learned_positions else {}),
             "drop": nn.Dropout(config.dropout),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             "ln_f": norm(config),
             **({"ve": nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
-                                    for _ in range(config.value_embeddings))} if config.value_embeddings else {}),
+                                    for _ in range(config.value_embeddings))}
+               if config.value_embeddings else {}),
         })
         if config.unet_skips:
-            # skip_weights[i] scales block i's output where its mirror block takes it back. 1 (modded-nanogpt's
-            # start) opens every skip from the first step, so the first half gets the second half's gradients
-            # straight away; each weight is learned, down to 0 where a skip does not help.
+            # skip_weights[i] scales block i's output where its mirror takes it back. 1, as in
+            # modded-nanogpt, opens every skip, so the first half gets the second half's gradients
+            # from the first step; each weight is learned, down to 0 where a skip does not help.
             self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
-        if not learned_positions:  # rotary tables: not in the state dict, recomputed from the config
+        if not learned_positions:  # rotary tables: not in the state dict, recomputed from config
             cos, sin = rotary_tables(config)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
@@ -272,9 +274,9 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one matrix embeds and un-embeds
         self.apply(self._init_weights)
-        # GPT-2: each residual branch's output projection is scaled so the residual stream's variance
-        # does not grow with depth (two branches per layer). zero_init_proj starts them at zero instead: every
-        # block is then the identity, and the first steps train the embeddings and head on a clean stream.
+        # GPT-2 scales each residual branch's output projection so the stream's variance does not
+        # grow with depth (two branches per layer); zero_init_proj starts them at zero: every block
+        # is then the identity, and the first steps train the embeddings and head on a clean stream.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight") and config.zero_init_proj:
                 nn.init.zeros_(p)
@@ -292,18 +294,18 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """(logits, None) without targets: at every position, or with a KV cache (generating) at the last only.
-        (None, mean cross-entropy over targets != -100) with them: the loss path hands back no logits, since a
-        caller holding a micro-batch's full-vocabulary logits (1.6 GB in bf16 at B=16, T=1024) would keep them
-        alive through the next micro-batch's forward."""
+        """(logits, None) without targets: at every position, or with a KV cache at the last only.
+        (None, mean cross-entropy over targets != -100) with them, no logits: a caller holding a
+        micro-batch's (1.6 GB in bf16 at B=16, T=1024) would keep them through the next forward."""
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
             return self.logits(x if kv_cache is None else x[:, [-1]]), None
         logits = self.logits(x)
-        return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                     ignore_index=-100)
 
     def logits(self, x):
-        """The LM head on final hidden states; with logit_softcap, squashed by tanh into (-cap, cap)."""
+        """The LM head on final hidden states; logit_softcap tanh-squashes them into (-cap, cap)."""
         logits = self.lm_head(x)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
@@ -317,7 +319,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         rotary = None
         if self.config.pos_embedding == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(positions)
         else:
             rotary = self.rotary_cos[start:start + T], self.rotary_sin[start:start + T]
         x = self.blocks(self.transformer.drop(x), idx, kv_cache, rotary)
@@ -326,11 +329,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def blocks(self, x, idx, kv_cache, rotary):
-        """The residual stream through every block, with the value embeddings and U-net skips the options add."""
+        """The residual stream through the blocks, plus value embeddings and U-net skips if on."""
         cfg = self.config
         values = [table(idx) for table in self.transformer.ve] if cfg.value_embeddings else []
         half = cfg.n_layer // 2 if cfg.unet_skips else 0
-        kept = []  # the first half's outputs, taken back last first (an odd middle block takes none)
+        kept = []  # first half's outputs, taken back last first (an odd middle block takes none)
         for layer, block in enumerate(self.transformer.h):
             if layer >= cfg.n_layer - half:
                 x = x + self.skip_weights[len(kept) - 1] * kept.pop()
@@ -343,8 +346,8 @@ class GPT(nn.Module):
     # ---- counting ----
 
     def num_params(self, embeddings=True, trainable_only=False):
-        """Unique parameters (the tied head counted once); without embeddings drops the token, position and value
-        tables; trainable_only counts those that get gradients (with LoRA, the adapters)."""
+        """Unique parameters (a tied head counted once); embeddings=False drops the token, position
+        and value tables; trainable_only counts those with gradients (with LoRA, the adapters)."""
         if trainable_only:
             return sum(p.numel() for p in self.parameters() if p.requires_grad)
         n = sum(p.numel() for p in self.parameters())
@@ -353,46 +356,42 @@ class GPT(nn.Module):
         return n
 
     def lookup_tables_size(self):
-        """Elements of the position and value-embedding tables: only ever read by index, never in a matmul."""
-        return sum(p.numel() for name, p in self.transformer.named_parameters() if name.startswith(("wpe.", "ve.")))
+        """Elements of the position and value tables: read by index only, never in a matmul."""
+        return sum(p.numel() for name, p in self.transformer.named_parameters()
+                   if name.startswith(("wpe.", "ve.")))
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·Q·T.
-
-        N counts every weight that takes part in a matmul: all parameters but the lookup tables (positions,
-        value embeddings; tokens too when the head has its own matrix, else the token table counts once, as the
-        head). The second term is attention's score and value matmuls.
-        """
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·Q·T. N: the
+        weights in matmuls, all parameters but lookup tables (positions, value embeddings, tokens
+        unless the head shares them); the second term: attention's score and value matmuls."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        lookups = self.lookup_tables_size() + (0 if cfg.tie_embeddings else self.transformer.wte.weight.numel())
+        lookups = self.lookup_tables_size() + (0 if cfg.tie_embeddings
+                                               else self.transformer.wte.weight.numel())
         n_matmul = self.num_params() - lookups
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
 
     # ---- generation ----
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None,
-                 generator=None):
-        """Continue each row of `idx` by `max_new_tokens` tokens, with a KV cache.
-
-        One prefill pass fills the cache, then each step feeds only the newest token. The position table
-        is absolute, so once the sequence outgrows block_size the cached keys sit at the wrong positions:
-        from then on every step re-prefills the last block_size tokens (the cost of recomputing, but the
-        same tokens). temperature=0 is greedy; `vocab_limit` keeps padded vocabulary entries from being
-        sampled; `generator` makes sampling reproducible without touching the global RNG. Runs in eval
-        mode (no dropout) and restores the mode it found.
-        """
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 vocab_limit=None, generator=None):
+        """Continue each row of `idx` by `max_new_tokens` tokens, with a KV cache: one prefill, then
+        only the newest token each step. Positions are absolute: once the sequence outgrows
+        block_size the cached keys would sit at wrong positions, so every step re-prefills the last
+        block_size tokens (slower, same tokens). temperature=0 is greedy; `vocab_limit` keeps padded
+        entries unsampled; `generator` makes sampling reproducible apart from the global RNG."""
         was_training = self.training
         self.eval()
         try:
             with generation_attention():
-                return self._generate(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit, generator)
+                return self._generate(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit,
+                                      generator)
         finally:
             self.train(was_training)
 
     def new_cache(self, batch_size, device):
-        """An empty KV cache in the dtype attention's keys and values come in: autocast's where it is on."""
+        """An empty KV cache in the dtype of attention's keys and values: autocast's where on."""
         device_type = torch.device(device).type
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else self.lm_head.weight.dtype
@@ -407,13 +406,14 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -block_size:], kv_cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
-            next_id = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p, generator)
+            next_id = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p,
+                                  generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row from (B, V) logits: greedy at temperature 0, else top-k then nucleus (top-p) sampling."""
+    """One token id per row of logits (B, V): greedy at temperature 0, else top-k, then top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -423,7 +423,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays
+        # drop a token once those ranked above it hold top_p of the mass; the first always stays
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)

@@ -3,9 +3,10 @@
     python plot.py out/log.jsonl                              # writes out/loss.png
     python plot.py out-a/log.jsonl out-b/log.jsonl -o cmp.png # several runs on one plot
 
-After a crash and resume, the steps between the last checkpoint and the crash appear twice in log.jsonl;
-the last line for each (kind, step) wins, which is what a resumed run wrote on its way forward.
-A line that does not parse (one a crash or a full disk cut short) is skipped: read_log, also runlog.read_log.
+After a crash and resume, the steps between the last checkpoint and the crash appear twice in
+log.jsonl; the last line for each (kind, step) wins, which is what a resumed run wrote on its way
+forward. A line that does not parse (one a crash or a full disk cut short) is skipped: read_log,
+also runlog.read_log.
 """
 
 import json
@@ -14,11 +15,12 @@ from pathlib import Path
 
 from configurator import ArgumentParser
 
-MISSING_MATPLOTLIB = "matplotlib is not installed, so no loss.png; `pip install matplotlib` to get it"
+MISSING_MATPLOTLIB = ("matplotlib is not installed, so no loss.png; "
+                      "`pip install matplotlib` to get it")
 
 
 def parse_record(line):
-    """One log line's record, or None for a line that is not a whole JSON object (a torn last line)."""
+    """One log line's record, or None where it is not a whole JSON object (a torn last line)."""
     try:
         record = json.loads(line)
     except ValueError:
@@ -27,15 +29,16 @@ def parse_record(line):
 
 
 def read_log(path):
-    """log.jsonl's records in order, skipping lines that do not parse: what a crash or a full disk left
-    behind must never stop a reader (a resumed run sets such a line aside, but older logs may still hold one)."""
+    """log.jsonl's records in order, skipping lines that do not parse: what a crash or a full disk
+    left behind must never stop a reader (a resumed run sets such a line aside, but older logs may
+    still hold one)."""
     lines = Path(path).read_text(errors="replace").splitlines()
     return [record for record in map(parse_record, lines) if record is not None]
 
 
 def read_curves(log_path):
-    """{'train': [(tokens, loss)], 'val': [(tokens, loss)], 'task': [(tokens, acc_norm)]} from a log, one point
-    per step (the last wins)."""
+    """{'train': [(tokens, loss)], 'val': [(tokens, loss)], 'task': [(tokens, acc_norm)]} from a
+    log, one point per step (the last wins)."""
     curves = {"train": {}, "val": {}, "task": {}}
     for record in read_log(log_path):
         if "val_loss" in record:
@@ -48,7 +51,7 @@ def read_curves(log_path):
 
 
 def draw(log_paths, png_path, labels=None):
-    """Write a loss plot of the given logs to png_path; False (and nothing written) without matplotlib."""
+    """Write a loss plot of the logs to png_path; False (and nothing written) without matplotlib."""
     try:
         import matplotlib  # optional dependency, only needed here
 
@@ -56,9 +59,11 @@ def draw(log_paths, png_path, labels=None):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    runs = [(labels[i] if labels else Path(path).parent.name, read_curves(path)) for i, path in enumerate(log_paths)]
-    with_task = any(curves["task"] for _, curves in runs)  # task_eval's accuracy gets a panel of its own
-    fig, axes = plt.subplots(2 if with_task else 1, 1, figsize=(8, 8 if with_task else 5), squeeze=False, sharex=True)
+    runs = [(labels[i] if labels else Path(path).parent.name, read_curves(path))
+            for i, path in enumerate(log_paths)]
+    with_task = any(curves["task"] for _, curves in runs)  # task_eval's accuracy: its own panel
+    fig, axes = plt.subplots(2 if with_task else 1, 1, figsize=(8, 8 if with_task else 5),
+                             squeeze=False, sharex=True)
     ax = axes[0][0]
     tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
     try:  # a training run draws at every evaluation: a failed draw must not leave its figure open
@@ -66,11 +71,13 @@ def draw(log_paths, png_path, labels=None):
             for split, style in (("train", "-"), ("val", "o-")):
                 if curves[split]:
                     tokens, losses = zip(*curves[split])
-                    ax.plot(tokens, losses, style, color=f"C{i}", alpha=0.5 if split == "train" else 1.0,
-                            markersize=3, label=f"{label} {split}")
+                    ax.plot(tokens, losses, style, color=f"C{i}",
+                            alpha=0.5 if split == "train" else 1.0, markersize=3,
+                            label=f"{label} {split}")
             if curves["task"]:
                 tokens, accuracy = zip(*curves["task"])
-                axes[1][0].plot(tokens, accuracy, "o-", color=f"C{i}", markersize=3, label=f"{label} acc_norm")
+                axes[1][0].plot(tokens, accuracy, "o-", color=f"C{i}", markersize=3,
+                                label=f"{label} acc_norm")
         ax.set_ylabel("loss (nats/token)")
         for panel in [row[0] for row in axes]:
             panel.grid(alpha=0.3)
@@ -102,13 +109,16 @@ def check_log(path):
     except OSError as e:
         fail(f"cannot read {path} ({e.strerror or e}); pass the log.jsonl of a run folder")
     if not curves["train"] and not curves["val"]:
-        fail(f"{path} has no train_loss or val_loss lines: not a training log, or a run that had not yet logged")
+        fail(f"{path} has no train_loss or val_loss lines: not a training log, or a run that had "
+             "not yet logged")
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Plot train and val loss against tokens from log.jsonl files.")
+    parser = ArgumentParser(
+        description="Plot train and val loss against tokens from log.jsonl files.")
     parser.add_argument("logs", nargs="+", help="log.jsonl files of one or more runs")
-    parser.add_argument("-o", "--output", help="PNG to write (default: loss.png beside the first log)")
+    parser.add_argument("-o", "--output",
+                        help="PNG to write (default: loss.png beside the first log)")
     args = parser.parse_args(argv)
     for log in args.logs:
         check_log(log)

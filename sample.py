@@ -1,9 +1,10 @@
-"""Sample text from a trained run: `python sample.py [--out_dir=out] [--start="Once"] [--key=value ...]`, or
-talk to a fine-tuned one: `python sample.py --out_dir=out-sft --chat` (turns read from the console, or from a
-file: `python sample.py --chat < turns.txt`, one user turn per line).
+"""Sample text from a trained run:
+`python sample.py [--out_dir=out] [--start="Once"] [--key=value ...]`, or talk to a fine-tuned
+one: `python sample.py --out_dir=out-sft --chat` (turns read from the console, or from a file:
+`python sample.py --chat < turns.txt`, one user turn per line).
 
-The tokenizer is rebuilt from the meta stored in the checkpoint, so no data folder is needed. Text streams to
-the console as it is sampled (engine.py).
+The tokenizer is rebuilt from the meta stored in the checkpoint, so no data folder is needed. Text
+streams to the console as it is sampled (engine.py).
 """
 
 import sys
@@ -22,16 +23,16 @@ from lora import merge_lora
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to sample from (train.py's default run)
 ckpt = "best"  # which checkpoint: best (lowest val loss) or last {best|last}
-init_from = ""  # instead of a run: GPT-2 weights, gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
-adapters = ""  # LoRA adapters to apply to the init_from weights: a folder from export.py --adapters_only
-start = ""  # prompt text (in bash $'...\n' writes a newline) or FILE:path to read it from; empty starts a new document
+init_from = ""  # instead of a run: gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
+adapters = ""  # LoRA adapters for the init_from weights: a folder from export.py --adapters_only
+start = ""  # prompt text (in bash $'...\n' writes a newline) or FILE:path; empty: a new document
 num_samples = 3  # independent samples to print {> 0}
 max_new_tokens = 500  # tokens generated per sample {> 0}
 temperature = 0.8  # below 1 sharpens, above 1 flattens the distribution; 0 is greedy {>= 0}
 top_k = 200  # sample only among the k most likely tokens; 0 keeps all {>= 0}
-top_p = 1.0  # nucleus sampling: keep the fewest likeliest tokens holding this much probability {(0, 1]}
-stop_at_eot = True  # end a sample at the first end-of-text token it generates (where its document ends)
-stop = ""  # also end a sample where it writes this text (several: separated by |), which is not shown
+top_p = 1.0  # nucleus sampling: the fewest likeliest tokens holding this much probability {(0, 1]}
+stop_at_eot = True  # end a sample at the first end-of-text token it generates (its document's end)
+stop = ""  # also end a sample where it writes this text (several: separated by |), not shown
 chat = False  # talk to a model fine-tuned on prepare.py sft's template: each input line a user turn
 seed = 1337  # makes the samples reproducible
 # device and dtype are devices.DeviceConfig's keys (--help lists them last)
@@ -39,19 +40,21 @@ seed = 1337  # makes the samples reproducible
 
 
 def prompt(tokenizer, start):
-    """(prompt text, its token ids). The ids open a new document, as every document in the training data
-    (and every fine-tuning example) was opened: with the end-of-text token where the tokenizer has one; an
-    empty prompt without one is a newline."""
+    """(prompt text, its token ids). The ids open a new document, as every document in the training
+    data (and every fine-tuning example) was opened: with the end-of-text token where the tokenizer
+    has one; an empty prompt without one is a newline."""
     text = start
     if start.startswith("FILE:"):
         path = Path(start[len("FILE:"):])
         if not path.is_file():
-            raise ConfigError(f"prompt file {path} does not exist; give --start=FILE:path to an existing file")
+            raise ConfigError(f"prompt file {path} does not exist; give --start=FILE:path to an "
+                              "existing file")
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"prompt file {path} cannot be read as UTF-8 text ({type(e).__name__}); give "
-                              "--start=FILE:path to a text file") from None
+            raise ConfigError(f"prompt file {path} cannot be read as UTF-8 text "
+                              f"({type(e).__name__}); give --start=FILE:path "
+                              "to a text file") from None
     if tokenizer.eot_id is None:
         return text, tokenizer.encode(text) if text else tokenizer.document_start()
     return text, tokenizer.document_start() + tokenizer.encode(text)
@@ -61,16 +64,18 @@ GPT2_META = {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257, 
 
 
 def load_model(cfg):
-    """(model, tokenizer meta) from GPT-2 weights (plus adapters) if init_from is set, else from a run's
-    checkpoint. LoRA adapters come merged into the weights: the same tokens, faster."""
+    """(model, tokenizer meta) from GPT-2 weights (plus adapters) if init_from is set, else from a
+    run's checkpoint. LoRA adapters come merged into the weights: the same tokens, faster."""
     if cfg.adapters and not cfg.init_from:
-        raise ConfigError("--adapters apply to base weights: name them with --init_from (e.g. gpt2)")
+        raise ConfigError("--adapters apply to base weights: name them with --init_from "
+                          "(e.g. gpt2)")
     if cfg.init_from:
         folder = Path(cfg.init_from)
         meta = data.read_meta(folder) if (folder / "meta.json").is_file() else GPT2_META
         try:
             model = load_hf(cfg.init_from)
-            return (merge_lora(load_adapters(model, cfg.adapters)) if cfg.adapters else model), meta
+            return (merge_lora(load_adapters(model, cfg.adapters)) if cfg.adapters
+                    else model), meta
         except WeightsError as e:
             raise ConfigError(str(e)) from None
     state = load_checkpoint(saved_checkpoint(cfg.out_dir, cfg.ckpt))
@@ -105,27 +110,29 @@ def streamer(cfg, tokenizer):
 
 
 def converse(cfg, model, meta, tokenizer, rt, sampling):
-    """A chat in the template of prepare.py sft (data.sft_turn): each line read is a user turn, each reply
-    streamed until the model's end-of-text token, the conversation kept in one session's KV cache (returned)."""
+    """A chat in the template of prepare.py sft (data.sft_turn): each line read is a user turn, each
+    reply streamed until the model's end-of-text token, the conversation kept in one session's KV
+    cache (returned)."""
     if meta.get("template") != data.SFT_TEMPLATE:
-        raise ConfigError(f"--chat talks in prepare.py sft's template ({data.SFT_TEMPLATE}), but this model was "
-                          f"trained on {meta.get('dataset')}, not on data in it; fine-tune it on `prepare.py sft` "
-                          "data first (docs/sft.md)")
+        raise ConfigError(f"--chat talks in prepare.py sft's template ({data.SFT_TEMPLATE}), but "
+                          f"this model was trained on {meta.get('dataset')}, not on data in it; "
+                          "fine-tune it on `prepare.py sft` data first (docs/sft.md)")
     session = Session(model, rt.device)
     session.feed(tokenizer.document_start())
     console = sys.stdin.isatty()
     while line := read_turn(console):
-        turn, _ = data.render_sft(data.sft_turn("user", line) + data.sft_turn("assistant", None), tokenizer)
+        turn, _ = data.render_sft(data.sft_turn("user", line) + data.sft_turn("assistant", None),
+                                  tokenizer)
         session.feed(turn)
         stream(session, streamer(cfg, tokenizer), sampling, cfg.max_new_tokens, tokenizer.eot_id)
-        if session.ids[-1] != tokenizer.eot_id:  # cut short: the turn still ends as the template ends it
+        if session.ids[-1] != tokenizer.eot_id:  # cut short: end the turn as the template ends it
             session.feed([tokenizer.eot_id])
         print()
     return session
 
 
 def read_turn(console):
-    """The next user turn: a line from the console (after a prompt) or from a file on stdin; "" at the end."""
+    """The next user turn: a line from the console (after a prompt) or from stdin; "" at the end."""
     try:
         line = input("> " if console else "")
     except EOFError:

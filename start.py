@@ -1,6 +1,6 @@
-"""Where a run starts from, for train.py's set_up: the data it reads (the embedded default prepared on first
-use), the architecture and first weights (the config's, GPT-2's, or a resumed checkpoint's), the fixed
-evaluation batches, and the optimizer and loss-scaler state a resume restores."""
+"""Where a run starts from, for train.py's set_up: the data it reads (the embedded default prepared
+on first use), the architecture and first weights (the config's, GPT-2's or a resumed checkpoint's),
+the fixed evaluation batches, and the optimizer and loss-scaler state a resume restores."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -35,8 +35,8 @@ from model import GPTConfig, architecture_options
 
 
 def load_data(cfg, local_rank, world_size):
-    """The dataset's folder and meta, preparing the embedded default on first use (by one process per
-    machine while the others wait; if it fails every process stops with its error)."""
+    """The dataset's folder and meta, preparing the embedded default on first use (by one process
+    per machine while the others wait; if it fails every process stops with its error)."""
     data_dir = Path(cfg.data_root) / cfg.dataset
     if cfg.dataset == "python_stdlib" and not (data_dir / "meta.json").exists():
         error = prepare_default(data_dir) if local_rank == 0 else None
@@ -50,11 +50,12 @@ def load_data(cfg, local_rank, world_size):
 
 
 def architecture(cfg, meta, weights_from, ckpt, declared):
-    """(GPTConfig, first weights (a state dict) or None, parent). A resume keeps the checkpoint's architecture
-    (resume_changes has refused a config asking for another) and parent; from scratch the config's keys decide;
-    from another run's checkpoint (parent_checkpoint) or GPT-2 weights, theirs do, the position table cropped
-    to block_size, and a shape key or option set to another value (than its default, `declared`) is refused.
-    Dropout and the LoRA keys always come from the config."""
+    """(GPTConfig, first weights (a state dict) or None, parent). A resume keeps the checkpoint's
+    architecture (resume_changes has refused a config asking for another) and parent; from scratch
+    the config's keys decide; from another run's checkpoint (parent_checkpoint) or GPT-2 weights,
+    theirs do, the position table cropped to block_size, and a shape key or option set to another
+    value (than its default, `declared`) is refused. Dropout and the LoRA keys always come from the
+    config."""
     tuning = {"dropout": cfg.dropout, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
               "lora_dropout": cfg.lora_dropout, "lora_targets": cfg.lora_targets}
     if ckpt is not None:
@@ -62,16 +63,18 @@ def architecture(cfg, meta, weights_from, ckpt, declared):
     if weights_from == "scratch":
         vocab = cfg.vocab_size or meta["vocab_size"]
         if vocab < meta["vocab_size"]:
-            raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's {meta['vocab_size']}; "
-                              "use 0 or more")
+            raise ConfigError(f"vocab_size {vocab} is smaller than the dataset's "
+                              f"{meta['vocab_size']}; use 0 or more")
         options = {option: getattr(cfg, option) for option in architecture_options()}
-        return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, bias=cfg.bias, **options, **tuning), None, None
+        return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias, **options,
+                         **tuning), None, None
     pretrained, parent = first_weights(cfg, meta, weights_from)
     check_architecture_kept(cfg, pretrained.config, declared, weights_from)
     if cfg.block_size > pretrained.config.block_size:
-        raise ConfigError(f"block_size {cfg.block_size} exceeds the {pretrained.config.block_size} positions "
-                          f"of {weights_from}; use --block_size={pretrained.config.block_size} or less")
+        raise ConfigError(f"block_size {cfg.block_size} exceeds the "
+                          f"{pretrained.config.block_size} positions of {weights_from}; "
+                          f"use --block_size={pretrained.config.block_size} or less")
     state = pretrained.state_dict()
     if "transformer.wpe.weight" in state:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.block_size]
@@ -79,9 +82,10 @@ def architecture(cfg, meta, weights_from, ckpt, declared):
 
 
 def first_weights(cfg, meta, weights_from):
-    """(the model a new run starts from, its lineage or None): another run's checkpoint, its LoRA adapters
-    merged into the weights (the new run gets its own), on data of the same tokenizer; or a Hugging Face
-    model's weights, on data of the tokenizer its meta.json names (export.py writes one), else GPT-2 BPE."""
+    """(the model a new run starts from, its lineage or None): another run's checkpoint, its LoRA
+    adapters merged into the weights (the new run gets its own), on data of the same tokenizer; or a
+    Hugging Face model's weights, on data of the tokenizer its meta.json names (export.py writes
+    one), else GPT-2 BPE."""
     path = parent_checkpoint(weights_from)
     if path is not None:
         parent = load_checkpoint(path)
@@ -91,8 +95,8 @@ def first_weights(cfg, meta, weights_from):
     if exported_meta.is_file():
         check_same_tokenizer(read_meta(exported_meta.parent), meta, weights_from, cfg.dataset)
     elif not is_gpt2_bpe(meta):
-        raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds {meta['tokenizer']} "
-                          "tokens; prepare the data with --tokenizer gpt2")
+        raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds "
+                          f"{meta['tokenizer']} tokens; prepare the data with --tokenizer gpt2")
     try:
         return load_hf(weights_from, dropout=cfg.dropout), None
     except WeightsError as e:
@@ -101,29 +105,34 @@ def first_weights(cfg, meta, weights_from):
 
 def check_same_tokenizer(parent_meta, meta, path, dataset):
     if tokenizer_identity(parent_meta) != tokenizer_identity(meta):
-        raise DataError(f"{path} was trained on {describe_tokenizer(parent_meta)}, but {dataset} holds "
-                        f"{describe_tokenizer(meta)}, whose ids mean other tokens; prepare the data with the "
-                        "parent's tokenizer (prepare.py --tokenizer), or start from scratch")
+        raise DataError(f"{path} was trained on {describe_tokenizer(parent_meta)}, but {dataset} "
+                        f"holds {describe_tokenizer(meta)}, whose ids mean other tokens; "
+                        "prepare the data with the parent's tokenizer (prepare.py --tokenizer), "
+                        "or start from scratch")
 
 
 def check_architecture_kept(cfg, config, declared, source):
-    """ConfigError where the config sets a shape key or architecture option (to another value than its
-    default) that the weights from `source` have otherwise."""
+    """ConfigError where the config sets a shape key or architecture option (to another value than
+    its default) that the weights from `source` have otherwise."""
     keys = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", *architecture_options())
     asked = [key for key in keys if getattr(cfg, key) != declared[key].default
              and getattr(cfg, key) != getattr(config, key)]
     if asked:
-        raise ConfigError(f"{source} fixes the architecture ({', '.join(f'{k}={getattr(config, k)}' for k in asked)}"
-                          f"), but the config asks for {', '.join(f'{k}={getattr(cfg, k)}' for k in asked)}; leave "
-                          f"{', '.join(asked)} unset to take the weights' own, or start from scratch")
+        kept = ", ".join(f"{k}={getattr(config, k)}" for k in asked)
+        wanted = ", ".join(f"{k}={getattr(cfg, k)}" for k in asked)
+        raise ConfigError(f"{source} fixes the architecture ({kept}), but the config asks for "
+                          f"{wanted}; leave {', '.join(asked)} unset to take the weights' own, or "
+                          "start from scratch")
 
 
 def load_batches(cfg, data_dir, meta, model_config, device, rank=0, world_size=1):
-    """(train data, val data, the fixed evaluation batches of train and val, the test split's or {}); of the
-    fixed batches, this process's share is on the device."""
-    block_size, vocab, sft = model_config.block_size, model_config.vocab_size, meta.get("format") == "sft"
+    """(train data, val data, the fixed evaluation batches of train and val, the test split's or
+    {}); of the fixed batches, this process's share is on the device."""
+    block_size, vocab, sft = (model_config.block_size, model_config.vocab_size,
+                              meta.get("format") == "sft")
     if sft and cfg.val_tokens:
-        raise ConfigError("val_tokens measures a token stream, but this dataset holds SFT examples; leave it 0")
+        raise ConfigError("val_tokens measures a token stream, but this dataset holds SFT "
+                          "examples; leave it 0")
 
     def split(name, packed=False):
         if sft:
@@ -133,7 +142,8 @@ def load_batches(cfg, data_dir, meta, model_config, device, rank=0, world_size=1
     train_data, val_data = split("train", cfg.pack_examples), split("val")
     try:
         eval_batches = {"train": train_data.fixed_batches(cfg.eval_iters, cfg.batch_size),
-                        "val": (val_data.leading_batches(cfg.val_tokens, cfg.batch_size) if cfg.val_tokens
+                        "val": (val_data.leading_batches(cfg.val_tokens, cfg.batch_size)
+                                if cfg.val_tokens
                                 else val_data.fixed_batches(cfg.eval_iters, cfg.batch_size))}
         test_batches = ({"test": split("test").fixed_batches(cfg.eval_iters, cfg.batch_size)}
                         if has_split(data_dir, "test") else {})
@@ -144,27 +154,29 @@ def load_batches(cfg, data_dir, meta, model_config, device, rank=0, world_size=1
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        raise ConfigError(f"the fixed evaluation batches ({cfg.eval_iters} x {cfg.batch_size} rows of "
-                          f"{block_size} tokens per split, or val_tokens {cfg.val_tokens}) do not fit in "
-                          "memory; lower --batch_size, --eval_iters or --val_tokens") from None
+        raise ConfigError(f"the fixed evaluation batches ({cfg.eval_iters} x {cfg.batch_size} "
+                          f"rows of {block_size} tokens per split, or val_tokens {cfg.val_tokens}) "
+                          "do not fit in memory; lower --batch_size, --eval_iters or "
+                          "--val_tokens") from None
     return train_data, val_data, eval_batches, test_batches
 
 
 def own_share_on_device(batches, device, rank, world_size):
     """{split: fixed batches} with this process's share (the ones estimate_loss reads here: every
-    world_size-th from rank) moved to the device once, so that each evaluation reads them there, with no
-    copies from pageable memory."""
+    world_size-th from rank) moved to the device once, so that each evaluation reads them there,
+    with no copies from pageable memory."""
     return {split: [(x.to(device), y.to(device)) if i % world_size == rank else (x, y)
                     for i, (x, y) in enumerate(held)]
             for split, held in batches.items()}
 
 
 def restore_optimizer(ckpt, gpt, optimizer, scaler):
-    """Load a resumed run's optimizer state (moments, step counts) and loss scale. Loading also sets the saved
-    settings, so the config's are put back: a changed learning rate, weight decay or beta takes effect
-    (checks.OPTIMIZER_SETTINGS)."""
-    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    if ckpt.get("sharded"):  # read as the model now is: sharded or whole, on any number of processes
+    """Load a resumed run's optimizer state (moments, step counts) and loss scale. Loading also sets
+    the saved settings, so the config's are put back: a changed learning rate, weight decay or beta
+    takes effect (checks.OPTIMIZER_SETTINGS)."""
+    configured = [{k: v for k, v in group.items() if k != "params"}
+                  for group in optimizer.param_groups]
+    if ckpt.get("sharded"):  # read as the model now is: sharded or whole, any number of processes
         load_sharded_state(ckpt["sharded"], gpt, optimizer)
     else:
         load_optimizer_state(gpt, optimizer, ckpt["optimizer"])

@@ -1,14 +1,13 @@
-"""Train a GPT: `python train.py [config/x.py ...] [--key=value ...]`, or under torchrun for several processes.
+"""Train a GPT: `python train.py [config/x.py ...] [--key=value ...]`, alone or under torchrun.
 
-Read top to bottom: the config (every key with its default and meaning; the device keys come from
-devices.RuntimeConfig, the architecture options from model.GPTConfig), the schedule (`lr_at`), `set_up`
-(data, model, optimizer), `train_step` (one optimizer step, the heart of it), `estimate_loss`, the loop
-(`train_loop`, whose once-in-a-while blocks each call a module that owns its policy), then `train`
+Read top to bottom: the config (every key with its default and meaning), the schedule (`lr_at`),
+`set_up`, `train_step` (one optimizer step, the heart of it), `estimate_loss`, the loop
+(`train_loop`, whose once-in-a-while blocks each call a module owning its policy), then `train`
 (processes) and `main` (exit codes: 2 for refused input, 1 for a diverged run or a failed write).
-Around it, each owning one thing: checks.py (the keys' ranges; on resume, what may change), start.py (data,
-architecture and first weights, what a resume restores), parallel.py (DDP and FSDP), validation.py (best.pt,
-stop rules, task and test scores), monitor.py (step times, divergence guard, progress lines, signals,
-samples), checkpoint.py (TrainingState and writing checkpoints), runlog.py (the run's records).
+Around it, each owning one thing: checks.py (keys' ranges; on resume, what may change), start.py
+(data, architecture, first weights, what a resume restores), parallel.py (DDP, FSDP), validation.py
+(best.pt, stop rules, task and test scores), monitor.py (step times, divergence guard, progress
+lines, signals, samples), checkpoint.py (TrainingState, checkpoint writes), runlog.py (run records).
 """
 
 import functools
@@ -38,7 +37,14 @@ from checkpoint import (
     load_weights,
     write_checkpoint,
 )
-from checks import check_config, check_precision, check_same_data, describe_changes, describe_resume, resume_changes
+from checks import (
+    check_config,
+    check_precision,
+    check_same_data,
+    describe_changes,
+    describe_resume,
+    resume_changes,
+)
 from configurator import ConfigError, all_keys, load_config
 from data import DataError, Examples, Tokenizer, Windows, get_tokenizer
 from devices import Runtime, RuntimeConfig, is_out_of_memory, runtime
@@ -60,19 +66,18 @@ from start import architecture, load_batches, load_data, restore_optimizer
 from validation import record_evaluation, score_task, score_test, stop_reason
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
-# {...} ends a meaning where a key has allowed values or a resume class (configurator.RESUME_CLASSES):
-# `changeable` keys may change when a run resumes; a key with no class is fixed (its change refused)
+# a meaning may end in {allowed values; resume class} (configurator.RESUME_CLASSES; none: fixed)
 
 # the run and its data
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl {changeable}
-init_from = "scratch"  # scratch, resume (out_dir/last.pt), a run or checkpoint, gpt2 ... gpt2-xl, a HF folder {control}
+init_from = "scratch"  # scratch, resume (out_dir), run/ckpt, gpt2 ... gpt2-xl, HF folder {control}
 data_root = "data"  # folder that holds the prepared datasets {changeable}
-dataset = "python_stdlib"  # data_root/<dataset>, from prepare.py (the default is prepared on first use) {changeable}
+dataset = "python_stdlib"  # data_root/<dataset> by prepare.py (default auto-prepared) {changeable}
 seed = 1337  # seeds weights, dropout and the order of training batches {>= 0; changeable}
 # batches
 batch_size = 16  # sequences per micro-batch, per process {> 0; val batches}
 block_size = 128  # context length in tokens {> 0}
-gradient_accumulation_steps = 1  # micro-batches per optimizer step, all processes together {> 0; changeable}
+gradient_accumulation_steps = 1  # micro-batches per step, all processes together {> 0; changeable}
 # model (the architecture options are model.GPTConfig's, listed last in --help)
 n_layer = 4  # transformer blocks {> 0}
 n_head = 4  # attention heads per block {> 0}
@@ -86,55 +91,55 @@ min_lr = 1e-4  # floor the decay ends at {>= 0; changeable}
 max_iters = 1100  # optimizer steps in the run {> 0; changeable}
 warmup_iters = 50  # steps of linear warmup from 0 {>= 0; changeable}
 lr_decay_iters = 0  # step where the decay reaches min_lr; 0 means max_iters {>= 0; changeable}
-lr_schedule = "cosine"  # after warmup: cosine decay, or wsd: constant, then a linear cooldown {cosine|wsd; changeable}
-cooldown_frac = 0.4  # wsd: the cooldown's share of the steps from warmup to lr_decay_iters {(0, 1]; changeable}
-embedding_lr = 0.0  # peak lr of the token, position and value embeddings; 0 means learning_rate {>= 0; optimizer}
-head_lr = 0.0  # peak lr of an untied LM head (tie_embeddings=False); 0 means learning_rate {>= 0; optimizer}
+lr_schedule = "cosine"  # cosine decay or wsd (flat, then linear cooldown) {cosine|wsd; changeable}
+cooldown_frac = 0.4  # wsd: cooldown's share of the decay steps (after warmup) {(0, 1]; changeable}
+embedding_lr = 0.0  # peak lr of token/position/value embeddings; 0: learning_rate {>= 0; optimizer}
+head_lr = 0.0  # untied LM head's peak lr (tie_embeddings=False); 0: learning_rate {>= 0; optimizer}
 weight_decay = 0.1  # applied to 2-D weights and embeddings only {>= 0; optimizer}
 beta1 = 0.9  # AdamW beta1 {[0, 1); optimizer}
 beta2 = 0.99  # AdamW beta2 {[0, 1); optimizer}
 optimizer = "muon"  # muon: Muon for the blocks' matrices, AdamW for the rest; or adamw {muon|adamw}
 muon_lr = 0.02  # with optimizer=muon: the peak learning rate of the Muon matrices {> 0; optimizer}
-muon_split = "head"  # Muon orthogonalises strips one head wide (less work on a CPU) or whole {head|whole; optimizer}
-grad_clip = 1.0  # clip the global gradient norm to this; 0: no clipping (the norm is logged) {>= 0; changeable}
+muon_split = "head"  # Muon: orthogonalise per head (less CPU work) or whole {head|whole; optimizer}
+grad_clip = 1.0  # clip the global gradient norm to this; 0: off (still logged) {>= 0; changeable}
 # evaluation, logging, checkpoints
 eval_interval = 250  # steps between evaluations on the fixed held-out batches {> 0; changeable}
 eval_iters = 20  # batches per split in each evaluation {> 0; val batches}
-val_tokens = 0  # > 0: val is the val split's first val_tokens tokens (the speedrun measure) {>= 0; val batches}
-allow_new_eval_batches = False  # resume with other batch_size, eval_iters or val_tokens (other val batches) {control}
+val_tokens = 0  # > 0: val is the val split's first N tokens (speedrun measure) {>= 0; val batches}
+allow_new_eval_batches = False  # resume with other batch_size, eval_iters or val_tokens {control}
 log_interval = 10  # steps between train lines in the console and log.jsonl {> 0; changeable}
-ckpt_interval = 250  # steps between saves of last.pt (also saved when the run ends or stops) {> 0; changeable}
-sample_interval = 500  # steps between text samples written to the log; 0 turns them off {>= 0; changeable}
+ckpt_interval = 250  # steps between saves of last.pt (and at the end or a stop) {> 0; changeable}
+sample_interval = 500  # steps between text samples written to the log; 0 is off {>= 0; changeable}
 sample_tokens = 200  # length of each sample in tokens {> 0; changeable}
 sample_temperature = 0.8  # temperature of those samples; 0 is greedy {>= 0; changeable}
-sample_top_k = 200  # those samples are drawn among the k likeliest tokens; 0 keeps all {>= 0; changeable}
-stop_iter = 0  # stop after this step, saving last.pt, with the same schedule; 0 is off {>= 0; changeable}
-target_val_loss = 0.0  # stop at the first val loss at or below this (time to target); 0 is off {>= 0; changeable}
-early_stop_patience = 0  # stop after this many evaluations without a new best; 0 is off {>= 0; changeable}
-early_stop_min_delta = 0.0  # how much below the best so far a val loss must be to count {>= 0; changeable}
-task_eval = ""  # multiple-choice task scored while training: hellaswag or a JSON Lines file; empty: off {changeable}
+sample_top_k = 200  # those samples draw from the k likeliest tokens; 0 keeps all {>= 0; changeable}
+stop_iter = 0  # stop after this step, saving last.pt, same schedule; 0 is off {>= 0; changeable}
+target_val_loss = 0.0  # stop once val loss <= this (time to target); 0 is off {>= 0; changeable}
+early_stop_patience = 0  # stop after N evaluations without a new best; 0 is off {>= 0; changeable}
+early_stop_min_delta = 0.0  # how far below the best a val loss must be to count {>= 0; changeable}
+task_eval = ""  # multiple-choice task to score: hellaswag or JSON Lines; empty: off {changeable}
 task_eval_interval = 0  # steps between task evaluations; 0 means eval_interval {>= 0; changeable}
-task_eval_examples = 200  # the task's first N examples are scored each time; 0 scores all {>= 0; changeable}
+task_eval_examples = 200  # score the task's first N examples each time; 0: all {>= 0; changeable}
 # system (the device keys are devices.RuntimeConfig's, listed after train.py's own in --help)
-parallel = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (FSDP2 shards) {ddp|fsdp; changeable}
-activation_checkpointing = False  # recompute each block's activations in the backward: less memory {changeable}
+parallel = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 shards) {ddp|fsdp; changeable}
+activation_checkpointing = False  # recompute each block in the backward: less memory {changeable}
 # safety and records
-checkpoint_format = "full"  # full: last.pt, best.pt; sharded: folders of all shards {full|sharded; changeable}
-keep_last_k = 0  # also keep the k newest periodic checkpoints (ckpt_<step>.pt, last.<step>) {>= 0; changeable}
-max_skipped_steps = 25  # stop after this many updates in a row skipped as non-finite {> 0; changeable}
-loss_spike_factor = 1.5  # warn when a step's loss exceeds this multiple of its running average {> 1; changeable}
+checkpoint_format = "full"  # full: .pt files; sharded: folders of shards {full|sharded; changeable}
+keep_last_k = 0  # keep the k latest periodic saves (ckpt_<step>.pt, last.<step>) {>= 0; changeable}
+max_skipped_steps = 25  # stop after N updates in a row skipped as non-finite {> 0; changeable}
+loss_spike_factor = 1.5  # warn at a step's loss over this times its running mean {> 1; changeable}
 # fine-tuning (SFT data comes from `prepare.py sft`; its prompt tokens are never trained)
-lora_rank = 0  # > 0 trains low-rank adapters (LoRA) of this rank and freezes every other weight {>= 0}
+lora_rank = 0  # > 0 trains low-rank adapters (LoRA) of this rank, freezes every other weight {>= 0}
 lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank {> 0}
 lora_dropout = 0.0  # dropout on the adapters' input {[0, 1); changeable}
-lora_targets = "attn,mlp"  # projections that get adapters: attn (c_attn, c_proj), mlp (c_fc, c_proj), or both
-pack_examples = False  # SFT: rows of whole examples back to back, not one padded per row {changeable}
+lora_targets = "attn,mlp"  # adapted projections: attn (c_attn, c_proj), mlp (c_fc, c_proj) or both
+pack_examples = False  # SFT: pack whole examples back to back, not one padded per row {changeable}
 # Weights & Biases
-wandb_log = False  # also send the logged metrics to Weights & Biases (pip install wandb) {changeable}
+wandb_log = False  # also send logged metrics to Weights & Biases (pip install wandb) {changeable}
 wandb_project = "gpt"  # wandb project name {changeable}
 wandb_run_name = ""  # wandb run name; empty lets wandb choose {changeable}
 # ---- end of config ----
-KEYS_FROM = (RuntimeConfig, GPTConfig)  # whose fields are keys too, after the block's (configurator.all_keys)
+KEYS_FROM = (RuntimeConfig, GPTConfig)  # whose fields are keys too, after the block's (all_keys)
 
 
 @functools.cache  # the declarations are this file's and the classes' source: read once a process
@@ -146,18 +151,17 @@ def declared():
 # ---- schedule ----
 
 def lr_at(it, cfg):
-    """Learning rate for the update that follows `it` completed updates: linear warmup to learning_rate, then
-    to min_lr at lr_decay_iters (0: max_iters), by a cosine or (wsd, warmup-stable-decay) by holding the peak
-    and falling linearly over the last cooldown_frac of the steps after warmup."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    """The learning rate of update `it` + 1: linear warmup to learning_rate, then to min_lr at
+    lr_decay_iters by a cosine or (wsd, warmup-stable-decay) linearly in the last cooldown_frac."""
+    decay_iters, span = cfg.lr_decay_iters or cfg.max_iters, cfg.learning_rate - cfg.min_lr
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
     if it >= decay_iters:
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
     if cfg.lr_schedule == "wsd":
-        return cfg.min_lr + min(1.0, (1.0 - progress) / cfg.cooldown_frac) * (cfg.learning_rate - cfg.min_lr)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+        return cfg.min_lr + min(1.0, (1.0 - progress) / cfg.cooldown_frac) * span
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * span
 
 
 # ---- set-up: the data, the model, its optimizer ----
@@ -173,62 +177,63 @@ class Setup:
     train_data: Windows | Examples
     val_data: Windows | Examples
     eval_batches: dict  # split -> the fixed (x, y) batches of every evaluation
-    test_batches: dict  # {"test": batches} when the data has a test split, scored once at the end; else {}
+    test_batches: dict  # {"test": batches} if the data has a test split, scored at the end; else {}
     task_examples: list  # task_eval's examples (eval.load_task), or [] without task_eval
     meta: dict  # the dataset's meta.json
-    tokenizer: Tokenizer | None  # the data's, for samples and task_eval; None when the run uses neither
-    weights_from: str  # scratch, or the GPT-2 weights or run checkpoint the run started from (a resume keeps it)
-    parent: dict | None  # the checkpoint the run started from: its run, path, step, sha256 (checkpoint.lineage)
+    tokenizer: Tokenizer | None  # the data's, for samples and task_eval; None if neither is used
+    weights_from: str  # scratch, or the GPT-2 weights or checkpoint it began from (kept on resume)
+    parent: dict | None  # checkpoint it began from: run, path, step, sha256 (checkpoint.lineage)
     tokens_per_step: int  # over all micro-batches and processes
     best_saver: BackgroundSaver  # writes best.pt off the training thread
 
 
 def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
-    """The data (start.py); the model with its first weights, sharded, compiled or DDP-wrapped as
-    configured; its optimizer and loss scaler, with their resumed state."""
+    """The data, the model (first weights; sharded, compiled or DDP-wrapped), optimizer, scaler."""
     data_dir, meta = load_data(cfg, local_rank, world_size)
     if ckpt is not None:
         check_same_data(ckpt, meta, data_dir)
     weights_from = ckpt["weights_from"] if ckpt else cfg.init_from
     model_config, pretrained_state, parent = architecture(cfg, meta, weights_from, ckpt, declared())
-    train_data, val_data, eval_batches, test_batches = load_batches(cfg, data_dir, meta, model_config,
-                                                                    rt.device, rank, world_size)
-    # a tokenizer that cannot load (an unknown one, GPT-2's offline without a cache) fails now, not at a sample
+    train_data, val_data, eval_batches, test_batches = load_batches(
+        cfg, data_dir, meta, model_config, rt.device, rank, world_size)
+    # a tokenizer that cannot load (unknown; GPT-2's offline, uncached) fails now, not at a sample
     tokenizer = get_tokenizer(meta) if cfg.sample_interval or cfg.task_eval else None
-    task_examples = load_task(cfg.task_eval, cfg.task_eval_examples, tokenizer=tokenizer) if cfg.task_eval else []
+    task_examples = (load_task(cfg.task_eval, cfg.task_eval_examples, tokenizer=tokenizer)
+                     if cfg.task_eval else [])
 
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process (FSDP shards them as they are)
+    torch.manual_seed(cfg.seed)  # same initial weights in every process (FSDP shards them as is)
     gpt = GPT(model_config).to(rt.device)
-    if pretrained_state is not None:  # LoRA adapters, not in the pretrained weights, keep their initial values
+    if pretrained_state is not None:  # LoRA adapters, not pretrained, keep their initial values
         gpt.load_state_dict({**gpt.state_dict(), **pretrained_state})
     if ckpt is not None and not ckpt.get("sharded"):
         load_weights(gpt, ckpt["model"], ckpt["path"])
-    model = distribute(gpt, rt, cfg, world_size)  # (before the optimizer: FSDP's shards are its params)
+    model = distribute(gpt, rt, cfg, world_size)  # (before the optimizer: it gets FSDP's shards)
     try:
-        optimizer = configure_optimizer(gpt, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                        rt.device_type, cfg.muon_lr if cfg.optimizer == "muon" else None,
-                                        cfg.embedding_lr or None, cfg.head_lr or None, cfg.muon_split)
+        optimizer = configure_optimizer(
+            gpt, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
+            cfg.muon_lr if cfg.optimizer == "muon" else None, cfg.embedding_lr or None,
+            cfg.head_lr or None, cfg.muon_split)
     except ValueError as e:  # a head_lr for a tied head
         raise ConfigError(str(e)) from None
     scaler = rt.grad_scaler()
     if ckpt is not None:
         restore_optimizer(ckpt, gpt, optimizer, scaler)
     tokens_per_step = cfg.batch_size * model_config.block_size * cfg.gradient_accumulation_steps
-    return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches, task_examples,
-                 meta, tokenizer, weights_from, parent, tokens_per_step, BackgroundSaver())
+    return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches,
+                 task_examples, meta, tokenizer, weights_from, parent, tokens_per_step,
+                 BackgroundSaver())
 
 
 # ---- one optimizer step ----
 
 def train_step(model, optimizer, scaler, autocast, batches, grad_clip):
-    """One optimizer step over a list of (x, y) micro-batches at the lr set in the optimizer (set_lr), in
-    four moves: zero the gradients, forward and backward each micro-batch, clip, step the optimizer. The loss
-    is the mean over every trained target (y != -100) of all micro-batches and processes, as one large batch
-    would have it: each micro-batch's mean weighs by its share of those targets (nanochat #59).
+    """One optimizer step over (x, y) micro-batches at the lr set in the optimizer (set_lr). The
+    loss is the mean over every trained target (y != -100) of all micro-batches and processes, as
+    one large batch would have it: each micro-batch's mean weighs by its share (nanochat #59).
 
-    Returns (mean loss, gradient norm before clipping, whether the update was applied). A non-finite loss
-    or gradient skips the update, so a divergence never reaches the weights; reading the two values for
-    that check is the step's one host-device sync. Gradients stay in place until the next call.
+    Returns (mean loss, gradient norm before clipping, whether the update was applied). A non-finite
+    loss or gradient skips the update, so a divergence never reaches the weights; reading the two
+    values for that check is the step's one host-device sync. Gradients stay until the next call.
     """
     optimizer.zero_grad(set_to_none=True)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -241,8 +246,8 @@ def train_step(model, optimizer, scaler, autocast, batches, grad_clip):
         with gradient_sync(model, enabled=micro == len(batches) - 1):
             with autocast:
                 _, loss = model(x, y)
-            # its share times the processes, whose gradients are averaged; a micro-batch with no trained target
-            # (its mean is 0/0) adds nothing. With every target trained, the divisor is the micro-batch count.
+            # its share times the processes (gradients are averaged); with no trained target (mean
+            # 0/0) it adds nothing. With every target trained, the divisor is the micro-batch count.
             loss = torch.where(counts[micro] > 0, loss, 0.0) / (total / (counts[micro] * world))
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -266,10 +271,9 @@ def train_step(model, optimizer, scaler, autocast, batches, grad_clip):
 
 @torch.no_grad()
 def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
-    """{split: (mean loss, its standard error)} over fixed batches per split, in eval mode (no dropout); the
-    standard error is the batch losses' standard deviation over sqrt(batches): the noise in comparing two
-    evaluations. Processes share the batches; each runs the same number of forward passes (FSDP gathers
-    parameters in every one), the surplus ones counting zero."""
+    """{split: (mean loss, its standard error)} over fixed batches per split, in eval mode; the
+    standard error (std over sqrt(batches)) is the noise in comparing two evaluations. Processes
+    share the batches, each running as many forward passes (FSDP gathers parameters in each)."""
     model.eval()
     losses = {}
     for split, split_batches in batches.items():
@@ -279,7 +283,8 @@ def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
             weight = float(i < len(split_batches))
-            total += torch.stack([loss.float(), loss.float() ** 2, torch.tensor(1.0, device=device)]) * weight
+            total += torch.stack([loss.float(), loss.float() ** 2,
+                                  torch.tensor(1.0, device=device)]) * weight
         if world_size > 1:
             dist.all_reduce(total)
         loss_sum, square_sum, n = total.tolist()
@@ -294,8 +299,7 @@ def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
 
 @dataclass
 class Run:
-    """What every piece of the loop reads, built once by train(): the config, the runtime (device, precision,
-    compile), the set-up, the training state, the run's records, and this process's place among the others."""
+    """What every piece of the loop reads, built once by train()."""
 
     cfg: SimpleNamespace
     rt: Runtime
@@ -307,28 +311,28 @@ class Run:
 
 
 def evaluate(run):
-    """The losses on the fixed batches, recorded (validation.py: best.pt, target, early stopping)."""
+    """The fixed batches' losses, recorded (validation.py: best.pt, target, early stopping)."""
     setup, rt = run.setup, run.rt
-    losses = estimate_loss(setup.model, setup.eval_batches, rt.device, rt.autocast(), run.rank, run.world_size)
+    losses = estimate_loss(setup.model, setup.eval_batches, rt.device, rt.autocast(), run.rank,
+                           run.world_size)
     record_evaluation(run, losses)
 
 
 def step_batches(cfg, train_data, first, count, device_type):
-    """Training micro-batches first .. first + count - 1: one step's, on the loader thread while the step
-    before computes."""
-    batches = [train_data.random_batch(cfg.seed, first + micro, cfg.batch_size) for micro in range(count)]
+    """One step's training micro-batches, first .. first + count - 1 (on the loader thread)."""
+    batches = [train_data.random_batch(cfg.seed, first + micro, cfg.batch_size)
+               for micro in range(count)]
     if device_type == "cuda":  # page-locked host memory lets the copies overlap with compute
         batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
     return batches
 
 
 def begin(run, changed, end_step):
-    """Before the first step: a new run (changed is None) evaluates the untrained model, a resumed one says
-    where it resumes and what it changed. Returns the reason a resumed run is already done by its stop rules,
-    or None."""
+    """Before the first step: a new run (changed is None) evaluates the untrained model, a resumed
+    one says where it resumes and what changed. Returns its stop reason if already done, or None."""
     cfg, state = run.cfg, run.state
     if changed is None:
-        if run.rank == 0 and run.setup.weights_from == "scratch":  # (trained weights start far below it)
+        if run.rank == 0 and run.setup.weights_from == "scratch":  # (trained weights start lower)
             vocab = run.setup.gpt.config.vocab_size
             print(f"expected loss at init: ln({vocab}) = {math.log(vocab):.4f}")
         evaluate(run)
@@ -345,10 +349,9 @@ def begin(run, changed, end_step):
 
 
 def after_step(run, end_step):
-    """The evaluations, sample and save due after this step. Returns the stop rules' reason if one now holds
-    (last.pt is then saved at this step), or None."""
+    """The step's evaluations, sample and save; the stop rules' reason if one holds now, or None."""
     cfg, state = run.cfg, run.state
-    final = state.step == cfg.max_iters  # the schedule's end, not stop_iter: a paused run evaluates as the whole
+    final = state.step == cfg.max_iters  # not stop_iter: a paused run evaluates as an unpaused one
     if state.step % cfg.eval_interval == 0 or final:
         evaluate(run)
     if cfg.task_eval and (state.step % (cfg.task_eval_interval or cfg.eval_interval) == 0 or final):
@@ -364,9 +367,8 @@ def after_step(run, end_step):
 
 
 def train_loop(run, changed):
-    """Optimizer steps from state.step to max_iters (or stop_iter), each followed by after_step's work; a stop
-    signal ends it at the next progress line, a stop rule (target, patience) at the evaluation that meets it.
-    `changed`: the keys a resume changed (resume_changes), None for a new run."""
+    """Optimizer steps from state.step to max_iters (or stop_iter), each then after_step's work; a
+    stop signal ends them at a progress line, a stop rule (target, patience) at its evaluation."""
     cfg, setup, state, rt = run.cfg, run.setup, run.state, run.rt
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
     stop_signals = catch_stop_signals()
@@ -380,20 +382,22 @@ def train_loop(run, changed):
         return loader.submit(step_batches, cfg, setup.train_data, first, accum, rt.device_type)
 
     upcoming, progress = next_batches(), Progress(run, end_step)
-    end_reason = done or ("finished" if end_step == cfg.max_iters else f"paused at stop_iter {end_step}")
+    end_reason = done or ("finished" if end_step == cfg.max_iters
+                          else f"paused at stop_iter {end_step}")
     while state.step < end_step:
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg)
         batches = upcoming.result()
         state.data_position += cfg.gradient_accumulation_steps
         upcoming = next_batches()
-        batches = [(x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)) for x, y in batches]
+        batches = [(x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True))
+                   for x, y in batches]
         set_lr(setup.optimizer, lr)
-        loss, grad_norm, applied = train_step(setup.model, setup.optimizer, setup.scaler, rt.autocast(), batches,
-                                              cfg.grad_clip)
+        loss, grad_norm, applied = train_step(setup.model, setup.optimizer, setup.scaler,
+                                              rt.autocast(), batches, cfg.grad_clip)
         state.step += 1
         progress.stepped(time.perf_counter() - t0, lr, loss, grad_norm, applied)
-        may_stop = progress.line_written and state.step < end_step  # at the last step the run has finished
+        may_stop = progress.line_written and state.step < end_step  # the last step finishes the run
         if may_stop and stop_requested(stop_signals, rt.device, run.world_size):
             end_reason = stop_on_signal(run, stop_signals)
             break
@@ -411,7 +415,7 @@ def train_loop(run, changed):
 # ---- processes ----
 
 def train(cfg):
-    """Train as the config says: alone, or as one of torchrun's processes (torchrun sets RANK and the rest)."""
+    """Train as configured: alone, or as one of torchrun's processes (it sets RANK and the rest)."""
     rank, local_rank, world_size, local_processes = place()
     check_config(cfg, world_size)
     rt = runtime(cfg, local_rank, processes=local_processes)
@@ -423,7 +427,7 @@ def train(cfg):
         release_frames(e)
         raise
     finally:
-        # the run's objects go first: a DDP reducer left holding a gloo process group's last reference
+        # the run's objects go first: a DDP reducer holding a gloo process group's last reference
         # destroys it holding the GIL, which can deadlock with gloo's worker thread (pytorch#56297)
         gc.collect()
         if dist.is_initialized():
@@ -431,15 +435,15 @@ def train(cfg):
 
 
 def release_frames(error):
-    """Free the locals (the run's model, activations) of the frames an error and the errors it chains hold."""
+    """Free the locals (the run's model, activations) of the frames an error and its chain hold."""
     while error is not None:
         traceback.clear_frames(error.__traceback__)
         error = error.__cause__ or error.__context__
 
 
 def train_in_folder(cfg, rt, rank, local_rank, world_size):
-    """The run in out_dir, which this process holds (rank 0 takes the folder's lock) from start to end."""
-    lock = runlog.RunFolderLock(cfg.out_dir) if rank == 0 else None  # before anything reads or writes it
+    """The run in out_dir, which this process holds (rank 0 takes its lock) from start to end."""
+    lock = runlog.RunFolderLock(cfg.out_dir) if rank == 0 else None  # before anything touches it
     try:
         ckpt = checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
         if ckpt is None and rank == 0:
@@ -450,11 +454,11 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
             describe_changes(changed, keys)
         setup = set_up(cfg, ckpt, rt, rank, local_rank, world_size)
         state = TrainingState.start(cfg, ckpt, rank, world_size)
-        log = runlog.RunLog(cfg.out_dir, rank == 0)  # the first write of the run: everything is checked by now
+        log = runlog.RunLog(cfg.out_dir, rank == 0)  # the run's first write: all checks done by now
         run = Run(cfg, rt, setup, state, log, rank, world_size)
         try:
-            log.start(cfg, setup.meta, rt.device, rt.dtype, world_size, ckpt["step"] if ckpt else None,
-                      state.wandb_id, changed, setup.parent)
+            log.start(cfg, setup.meta, rt.device, rt.dtype, world_size,
+                      ckpt["step"] if ckpt else None, state.wandb_id, changed, setup.parent)
             if rank == 0:
                 runlog.describe(cfg, setup, rt, world_size)
             train_loop(run, changed)
@@ -470,8 +474,7 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
 
 
 def main(argv=None):
-    # over a file size limit (ulimit -f) a write then fails with EFBIG, which the run reports, instead of the
-    # signal killing the process mid-write
+    # past ulimit -f, a write then fails with EFBIG (the run reports it) instead of a mid-write kill
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         train(load_config(__file__, sys.argv[1:] if argv is None else argv, *KEYS_FROM))

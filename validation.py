@@ -1,5 +1,5 @@
-"""What the loop decides from held-out data: each evaluation's record (best.pt on a new best val loss,
-target_val_loss reached, evaluations without improvement), the stop rules that read them, the
+"""What the loop decides from held-out data: each evaluation's record (best.pt on a new best val
+loss, target_val_loss reached, evaluations without improvement), the stop rules that read them, the
 multiple-choice task scored while training, and the test split scored once at the end."""
 
 import math
@@ -9,9 +9,9 @@ from eval import evaluate_task
 
 
 def record_evaluation(run, losses):
-    """Log an evaluation's {split: (loss, standard error)} of `run` (train.Run); a new best val loss saves
-    best.pt (the weights alone). Counts the evaluations without an improvement of early_stop_min_delta, and
-    records reaching target_val_loss."""
+    """Log an evaluation's {split: (loss, standard error)} of `run` (train.Run); a new best val loss
+    saves best.pt (the weights alone). Counts the evaluations without an improvement of
+    early_stop_min_delta, and records reaching target_val_loss."""
     cfg, state, log = run.cfg, run.state, run.log
     (train_loss, _), (val, val_se) = losses["train"], losses["val"]
     tokens = state.step * run.setup.tokens_per_step
@@ -48,13 +48,13 @@ def stop_reason(cfg, state):
         val, step = state.best_val_loss, state.best_step
         return f"reached target_val_loss {cfg.target_val_loss} (val {val:.4f} at step {step})"
     if cfg.early_stop_patience and state.stale_evals >= cfg.early_stop_patience:
-        return (f"early stop: {state.stale_evals} evaluations without improving val loss by more than "
-                f"{cfg.early_stop_min_delta}; best at step {state.best_step}")
+        return (f"early stop: {state.stale_evals} evaluations without improving val loss by "
+                f"more than {cfg.early_stop_min_delta}; best at step {state.best_step}")
     return None
 
 
 def score_task(run):
-    """Score the multiple-choice task (eval.py's rule) with the current weights and log its accuracy."""
+    """Score the multiple-choice task (eval.py's rule) on the current weights; log its accuracy."""
     cfg, setup, log, step = run.cfg, run.setup, run.log, run.state.step
     result = evaluate_task(setup.gpt, setup.tokenizer, setup.task_examples, run.rt.device,
                            run.rt.autocast(), run.rank, run.world_size)
@@ -68,15 +68,17 @@ def score_task(run):
 
 
 def score_test(run, estimate_loss):
-    """The test split's loss (train.estimate_loss), once, at the end, with the selected checkpoint's weights
-    (best.pt's, else the last's): no decision of the run ever reads it."""
+    """The test split's loss (train.estimate_loss), once, at the end, with the selected checkpoint's
+    weights (best.pt's, else the last's): no decision of the run ever reads it."""
     setup, log, rt = run.setup, run.log, run.rt
     setup.best_saver.wait()
     best = checkpoint_path(run.cfg.out_dir, "best", run.cfg.checkpoint_format)
-    model = model_from_checkpoint(load_checkpoint(best)).to(rt.device) if best.exists() else setup.model
-    test_loss, test_se = estimate_loss(model, setup.test_batches, rt.device, rt.autocast(), run.rank,
-                                       run.world_size)["test"]
+    model = (model_from_checkpoint(load_checkpoint(best)).to(rt.device) if best.exists()
+             else setup.model)
+    test_loss, test_se = estimate_loss(model, setup.test_batches, rt.device, rt.autocast(),
+                                       run.rank, run.world_size)["test"]
     used = best.name if best.exists() else "the final weights"
-    log.log({"step": run.state.step, "test_loss": test_loss, "test_loss_se": test_se, "test_checkpoint": used},
+    log.log({"step": run.state.step, "test_loss": test_loss, "test_loss_se": test_se,
+             "test_checkpoint": used},
             f"test loss {test_loss:.4f} ± {test_se:.4f} ({used}, scored once)")
     log.update(test_loss=test_loss, test_loss_se=test_se, test_checkpoint=used)

@@ -1,8 +1,9 @@
-"""Causal attention forward+backward by precision: `python bench/attention_speed.py [--key=value ...]`.
+"""Causal attention forward+backward per dtype: `python bench/attention_speed.py [--key=value ...]`.
 
-For each shape, times `F.scaled_dot_product_attention` with its backward on fp32 inputs, on bf16 inputs, and
-on bf16 inputs computed in fp32 (upcast, then the output cast back): what model.py does under CPU autocast,
-because at the sequence lengths CPUs train torch's CPU kernels are faster in fp32 than in bf16.
+For each shape, times `F.scaled_dot_product_attention` with its backward on fp32 inputs, on bf16
+inputs, and on bf16 inputs computed in fp32 (upcast, then the output cast back): what model.py does
+under CPU autocast, because at the sequence lengths CPUs train torch's CPU kernels are faster in
+fp32 than in bf16.
 """
 
 import statistics
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# run as `python bench/attention_speed.py`, Python puts bench/ on the path, not the repo root with the project
+# `python bench/attention_speed.py` puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
@@ -21,8 +22,8 @@ from bench import common
 from configurator import ConfigError, run_main
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
-shapes = "12x4x64x32,16x4x128x32,4x12x256x64,1x12x1024x64"  # batch x heads x T x head size, comma-separated
-# device is devices.DeviceKey's key (--help lists it last); there is no dtype key: each precision is timed
+shapes = "12x4x64x32,16x4x128x32,4x12x256x64,1x12x1024x64"  # list of batch x heads x T x head size
+# device is devices.DeviceKey's key (--help lists it last); no dtype key: each precision is timed
 warmup_steps = 5  # untimed passes first, per setting
 steps = 50  # timed forward+backward passes per setting
 seed = 1337  # seeds the random queries, keys and values
@@ -39,7 +40,8 @@ def parse_shapes(text):
     except ValueError:
         parsed = []
     if not parsed or any(len(shape) != 4 or min(shape) <= 0 for shape in parsed):
-        raise ConfigError(f"shapes must be positive BxHxTxD sizes separated by commas, like 12x4x64x32; got {text!r}")
+        raise ConfigError("shapes must be positive BxHxTxD sizes separated by commas, "
+                          f"like 12x4x64x32; got {text!r}")
     return parsed
 
 
@@ -73,11 +75,14 @@ def benchmark(cfg):
     device = devices.runtime(cfg).device
     results = []
     for shape in shapes:
-        timings = {name: pass_ms(shape, dtype, upcast, cfg, device) for name, (dtype, upcast) in SETTINGS.items()}
+        timings = {name: pass_ms(shape, dtype, upcast, cfg, device)
+                   for name, (dtype, upcast) in SETTINGS.items()}
         results.append({"shape": list(shape), "ms": timings})
         print(f"B={shape[0]} heads={shape[1]} T={shape[2]} head size {shape[3]}: "
-              + ", ".join(f"{name} {ms:.2f} ms" for name, ms in timings.items()) + " (forward+backward, median)")
-    common.write_report(cfg.out, {**common.machine_record(device), "config": vars(cfg), "results": results})
+              + ", ".join(f"{name} {ms:.2f} ms" for name, ms in timings.items())
+              + " (forward+backward, median)")
+    common.write_report(cfg.out, {**common.machine_record(device), "config": vars(cfg),
+                                  "results": results})
 
 
 if __name__ == "__main__":

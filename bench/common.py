@@ -1,5 +1,6 @@
-"""What the bench scripts share: running a script on its config, checks of its keys, the model from its shape
-keys, one timed training step, device sync, the record of the machine, peak memory and the JSON report.
+"""What the bench scripts share: running a script on its config, checks of its keys, the model from
+its shape keys, one timed training step, device sync, the record of the machine, peak memory and the
+JSON report.
 
 The device, precision and compile choice come from devices.runtime, as in train.py and sample.py.
 """
@@ -26,7 +27,8 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
 def check_positive(cfg, keys, allow_zero=False):
     for key in keys:
         if getattr(cfg, key) < 0 or (getattr(cfg, key) == 0 and not allow_zero):
-            raise ConfigError(f"{key} must be {'zero or more' if allow_zero else 'positive'}, got {getattr(cfg, key)}")
+            raise ConfigError(f"{key} must be {'zero or more' if allow_zero else 'positive'}, "
+                              f"got {getattr(cfg, key)}")
 
 
 def check_model_shape(cfg):
@@ -39,8 +41,8 @@ def check_model_shape(cfg):
 
 
 def model_config(cfg, vocab):
-    """A GPT-2 model (its options) of a script's shape keys (GPTConfig's defaults fill any it lacks, e.g.
-    dropout) and vocab."""
+    """A GPT-2 model (its options) of a script's shape keys (GPTConfig's defaults fill any it lacks,
+    e.g. dropout) and vocab."""
     shape = {key: getattr(cfg, key) for key in MODEL_KEYS if hasattr(cfg, key)}
     return GPTConfig(vocab_size=vocab, **GPT2_OPTIONS, **shape)
 
@@ -64,23 +66,26 @@ def sync(device):
 
 
 class TrainStep:
-    """A model with its optimizer on a devices.Runtime (device, autocast dtype, compile choice); `step` runs
-    and times one train.train_step, as train.py's loop runs it."""
+    """A model with its optimizer on a devices.Runtime (device, autocast dtype, compile choice);
+    `step` runs and times one train.train_step, as train.py's loop runs it."""
 
     def __init__(self, config, seed, rt):
         torch.manual_seed(seed)  # every model starts from the same weights
         self.rt = rt
         self.raw_model = GPT(config).to(rt.device)
         self.model = rt.compiled(self.raw_model)
-        self.optimizer = configure_optimizer(self.raw_model, train.weight_decay, train.learning_rate,
-                                             (train.beta1, train.beta2), rt.device_type)
+        self.optimizer = configure_optimizer(self.raw_model, train.weight_decay,
+                                             train.learning_rate, (train.beta1, train.beta2),
+                                             rt.device_type)
         self.scaler = rt.grad_scaler()
         self.autocast = rt.autocast()
 
     def step(self, batches):
-        """Seconds for one optimizer step at train.py's default lr and clipping (the cost is the same at any lr)."""
+        """Seconds for one optimizer step at train.py's default lr and clipping (the cost is the
+        same at any lr)."""
         start = time.perf_counter()
-        train.train_step(self.model, self.optimizer, self.scaler, self.autocast, batches, train.grad_clip)
+        train.train_step(self.model, self.optimizer, self.scaler, self.autocast, batches,
+                         train.grad_clip)
         sync(self.rt.device)
         return time.perf_counter() - start
 
@@ -90,7 +95,8 @@ def cpu_model_name():
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return "unknown CPU"
-    return next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    return next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")),
+                "unknown CPU")
 
 
 def machine_record(device):
@@ -101,15 +107,16 @@ def machine_record(device):
         return record | {"device": torch.cuda.get_device_name(device)}
     if device == "mps":
         return record | {"device": "Apple GPU (mps)"}
-    return record | {"device": cpu_model_name(), "cpu_bf16": devices.cpu_has_bf16(), "cpu_cores": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads()}
+    return record | {"device": cpu_model_name(), "cpu_bf16": devices.cpu_has_bf16(),
+                     "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def peak_memory(device):
-    """(MiB, what was measured): the CUDA allocator's peak, else the whole process's peak resident size."""
+    """(MiB, what was measured): the CUDA allocator's peak, else the whole process's peak RSS."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"  # KiB on Linux
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
 
 
 def write_report(path, report):

@@ -1,9 +1,10 @@
-"""Generation speed with the KV cache against recomputing the whole context: `python bench/sample_speed.py`.
+"""Generation speed, the KV cache against recomputing the context: `python bench/sample_speed.py`.
 
-For each (prompt length, new tokens) case, greedy decoding from a random prompt on a randomly initialised
-model, two ways: `GPT.generate(temperature=0)`, which feeds only the newest token once its cache is filled,
-and a loop that runs the full forward over the last block_size tokens for every new token. Both must pick the
-same tokens; a mismatch is reported loudly and makes the exit status 1.
+For each (prompt length, new tokens) case, greedy decoding from a random prompt on a randomly
+initialised model, two ways: `GPT.generate(temperature=0)`, which feeds only the newest token once
+its cache is filled, and a loop that runs the full forward over the last block_size tokens for
+every new token. Both must pick the same tokens; a mismatch is reported loudly and makes the exit
+status 1.
 """
 
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-# run as `python bench/sample_speed.py`, Python puts bench/ on the path, not the repo root with the project
+# `python bench/sample_speed.py` puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import devices
@@ -30,26 +31,26 @@ vocab_size = 50304  # model vocabulary (GPT-2's 50257 padded to a multiple of 64
 bias = False  # biases in Linear layers and LayerNorms
 # cases
 prompt_lengths = "16,128"  # prompt lengths in tokens, comma-separated
-new_tokens = "100,500"  # tokens generated per prompt, comma-separated; every pair with prompt_lengths is a case
+new_tokens = "100,500"  # per prompt, comma-separated; each pair with prompt_lengths is a case
 batch_size = 1  # sequences generated together
 seed = 1337  # seeds the weights and the prompts
-# system: device comes from devices.DeviceConfig (--help lists it last); dtype is declared here for its float32 default
+# system: device from devices.DeviceConfig (listed last); dtype here for its float32 default
 dtype = "float32"  # float32, bfloat16, float16, or auto (devices.pick_dtype's choice)
 out = "bench/results/sample_speed.json"  # JSON report
 # ---- end of config ----
 
-WARMUP_TOKENS = 4  # an untimed short run of each method first, so one-time allocations are not timed
-ISSUE_CASE = (16, 500)  # the acceptance point: the KV cache at least ISSUE_SPEEDUP x faster on CPU at GPT-2 124M
+WARMUP_TOKENS = 4  # a short untimed run of each method first, so one-time allocations go untimed
+ISSUE_CASE = (16, 500)  # acceptance point: KV cache >= ISSUE_SPEEDUP x faster on CPU at GPT-2 124M
 ISSUE_SPEEDUP = 5.0
 
 
 @torch.no_grad()
 def generate_by_recomputing(model, idx, max_new_tokens):
-    """Greedy decoding without a cache: every new token costs a forward pass over the whole (cropped) context."""
+    """Greedy decoding, no cache: every token costs a forward over the whole (cropped) context."""
     block_size = model.config.block_size
-    with generation_attention():  # the kernels generate uses, so that the two differ only by the cache
+    with generation_attention():  # generate's kernels, so the two differ only by the cache
         for _ in range(max_new_tokens):
-            logits = model.logits(model.hidden_states(idx[:, -block_size:])[:, -1])  # the last position's only
+            logits = model.logits(model.hidden_states(idx[:, -block_size:])[:, -1])  # last position
             idx = torch.cat((idx, sample_next(logits.float(), temperature=0)), dim=1)
     return idx
 
@@ -81,12 +82,14 @@ def parse_lengths(key, text):
 def run_case(model, prompt, count, autocast, device):
     """Both methods on one prompt; the figures for one case."""
     cached, cached_s = timed(with_kv_cache, model, prompt, count, autocast, device)
-    recomputed, recomputed_s = timed(generate_by_recomputing, model, prompt, count, autocast, device)
+    recomputed, recomputed_s = timed(generate_by_recomputing, model, prompt, count, autocast,
+                                     device)
     differs = (cached != recomputed).any(dim=0).nonzero()
     generated = count * prompt.size(0)
     return {"prompt_tokens": prompt.size(1), "new_tokens": count, "batch_size": prompt.size(0),
             "kv_cache_s": cached_s, "recompute_s": recomputed_s,
-            "kv_cache_tokens_per_sec": generated / cached_s, "recompute_tokens_per_sec": generated / recomputed_s,
+            "kv_cache_tokens_per_sec": generated / cached_s,
+            "recompute_tokens_per_sec": generated / recomputed_s,
             "speedup": recomputed_s / cached_s, "tokens_match": len(differs) == 0,
             "first_mismatch": int(differs[0]) - prompt.size(1) if len(differs) else None}
 
@@ -96,8 +99,9 @@ def issue_check(cases, device):
     case = next((c for c in cases if (c["prompt_tokens"], c["new_tokens"]) == ISSUE_CASE), None)
     if case is None or device != "cpu":
         return None
-    return {"prompt_tokens": ISSUE_CASE[0], "new_tokens": ISSUE_CASE[1], "required_speedup": ISSUE_SPEEDUP,
-            "speedup": case["speedup"], "holds": case["speedup"] >= ISSUE_SPEEDUP}
+    return {"prompt_tokens": ISSUE_CASE[0], "new_tokens": ISSUE_CASE[1],
+            "required_speedup": ISSUE_SPEEDUP, "speedup": case["speedup"],
+            "holds": case["speedup"] >= ISSUE_SPEEDUP}
 
 
 def benchmark(cfg):
@@ -111,24 +115,28 @@ def benchmark(cfg):
     autocast = rt.autocast()
     torch.manual_seed(cfg.seed)
     model = GPT(common.model_config(cfg, cfg.vocab_size)).to(device).eval()
-    prompts = torch.randint(cfg.vocab_size, (cfg.batch_size, max(p for p, _ in grid)), device=device)
+    prompts = torch.randint(cfg.vocab_size, (cfg.batch_size, max(p for p, _ in grid)),
+                            device=device)
     for method in (with_kv_cache, generate_by_recomputing):
         timed(method, model, prompts[:, :grid[0][0]], WARMUP_TOKENS, autocast, device)
 
-    print(f"GPT {model.num_params() / 1e6:.1f}M ({cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
-          f"random weights), batch {cfg.batch_size}, {common.dtype_name(rt.dtype)} ({rt.dtype_reason}), on {device}")
+    print(f"GPT {model.num_params() / 1e6:.1f}M ({cfg.n_layer} layers, {cfg.n_embd} wide, "
+          f"vocab {cfg.vocab_size}, random weights), batch {cfg.batch_size}, "
+          f"{common.dtype_name(rt.dtype)} ({rt.dtype_reason}), on {device}")
     cases = []
     for prompt_length, count in grid:
         case = run_case(model, prompts[:, :prompt_length], count, autocast, device)
         cases.append(case)
-        print(f"  prompt {prompt_length:>4}, {count:>4} new: KV cache {case['kv_cache_tokens_per_sec']:8.1f} tok/s, "
-              f"recompute {case['recompute_tokens_per_sec']:7.1f} tok/s, speedup {case['speedup']:5.1f}x, "
+        print(f"  prompt {prompt_length:>4}, {count:>4} new: KV cache "
+              f"{case['kv_cache_tokens_per_sec']:8.1f} tok/s, recompute "
+              f"{case['recompute_tokens_per_sec']:7.1f} tok/s, speedup {case['speedup']:5.1f}x, "
               f"tokens {'match' if case['tokens_match'] else 'DIFFER'}")
 
     check = issue_check(cases, device)
     if check:
-        print(f"issue check, KV cache >= {ISSUE_SPEEDUP:g}x recomputation at a {ISSUE_CASE[0]}-token prompt and "
-              f"{ISSUE_CASE[1]} new tokens on CPU: {'holds' if check['holds'] else 'FAILS'} ({check['speedup']:.1f}x)")
+        print(f"issue check, KV cache >= {ISSUE_SPEEDUP:g}x recomputation at a "
+              f"{ISSUE_CASE[0]}-token prompt and {ISSUE_CASE[1]} new tokens on CPU: "
+              f"{'holds' if check['holds'] else 'FAILS'} ({check['speedup']:.1f}x)")
     memory_mib, memory_source = common.peak_memory(device)
     report = {**machine, "config": vars(cfg), "n_params": model.num_params(),
               "dtype": common.dtype_name(rt.dtype), "dtype_reason": rt.dtype_reason, "cases": cases,
@@ -140,8 +148,9 @@ def benchmark(cfg):
 
 def main():
     if not run_main(benchmark, __file__, None, devices.DeviceConfig):
-        print("ERROR: the KV cache and recomputation chose different tokens (see first_mismatch in the report); "
-              "in float32 that is a bug in the cache, under bf16/fp16 it can also be a rounding tie",
+        print("ERROR: the KV cache and recomputation chose different tokens "
+              "(see first_mismatch in the report); in float32 that is a bug in the cache, "
+              "under bf16/fp16 it can also be a rounding tie",
               file=sys.stderr)
         sys.exit(1)
 

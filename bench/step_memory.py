@@ -1,15 +1,16 @@
-"""Peak memory of a training step with several micro-batches: `python bench/step_memory.py [--key=value ...]`.
+"""Peak memory of a step of several micro-batches: `python bench/step_memory.py [--key=value ...]`.
 
-Compares the ways `ways` names: the model's loss path (`model(x, y)` hands back no logits, loss_only) with the
-way the forward used to work (logits_held), returning each micro-batch's full-vocabulary logits with its loss,
-bound to a variable until the next micro-batch's forward has returned, so two micro-batches' logits were alive
-at once; and the loss path with activation checkpointing (checkpointed: parallel.checkpoint_blocks, train.py's
---activation_checkpointing=True), each block's activations recomputed in the backward. Each way runs in a
-fresh process of its own (a process's peak resident size never goes down), measures its memory before the
-first step and its peak over `steps` steps (the CUDA allocator's on a GPU, the process's peak RSS on a CPU,
-with glibc's default of giving each large block its own pages and returning them when freed, so that RSS
-follows the live tensors rather than the heap's fragmentation), and reports the difference: what the steps
-added on top of weights and data; and each step's seconds.
+Compares the ways `ways` names: the model's loss path (`model(x, y)` hands back no logits,
+loss_only) with the way the forward used to work (logits_held), returning each micro-batch's
+full-vocabulary logits with its loss, bound to a variable until the next micro-batch's forward has
+returned, so two micro-batches' logits were alive at once; and the loss path with activation
+checkpointing (checkpointed: parallel.checkpoint_blocks, train.py's
+--activation_checkpointing=True), each block's activations recomputed in the backward. Each way runs
+in a fresh process of its own (a process's peak resident size never goes down), measures its memory
+before the first step and its peak over `steps` steps (the CUDA allocator's on a GPU, the process's
+peak RSS on a CPU, with glibc's default of giving each large block its own pages and returning them
+when freed, so that RSS follows the live tensors rather than the heap's fragmentation), and reports
+the difference: what the steps added on top of weights and data; and each step's seconds.
 """
 
 import json
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for the project's modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, for the project's modules
 
 import devices
 import parallel
@@ -43,13 +44,13 @@ gradient_accumulation_steps = 4  # micro-batches per optimizer step
 steps = 2  # optimizer steps measured
 seed = 1337  # seeds the weights and the random batches
 # system: device, dtype and compile are devices.RuntimeConfig's keys (--help lists them last)
-ways = "loss_only,logits_held"  # the ways compared, comma-separated: loss_only, logits_held, checkpointed
+ways = "loss_only,logits_held"  # compared, comma-separated: loss_only, logits_held, checkpointed
 way = ""  # internal: the way one child process measures; empty runs each of `ways`
 out = "bench/results/step_memory.json"  # JSON report
 # ---- end of config ----
 
 WAYS = ("loss_only", "logits_held", "checkpointed")
-SAVINGS = {  # report key: (the way that holds more, the way that holds less), where both are measured
+SAVINGS = {  # report key: (the way holding more, the way holding less), where both are measured
     "saved_mib": ("logits_held", "loss_only"),
     "checkpointing_saved_mib": ("loss_only", "checkpointed"),
 }
@@ -58,7 +59,8 @@ SAVINGS = {  # report key: (the way that holds more, the way that holds less), w
 def forward_returning_logits(model, x, y):
     """The old forward's contract: (logits, loss)."""
     logits = model(x)[0]
-    return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), ignore_index=-100)
+    return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1),
+                                   ignore_index=-100)
 
 
 def resident_mib(device):
@@ -68,14 +70,16 @@ def resident_mib(device):
 
 
 def measure(cfg, rt):
-    """This process's memory before the steps, its peak over them and each step's seconds, stepping the given way."""
+    """This process's memory before the steps, its peak over them and each step's seconds, stepping
+    the given way."""
     check = common.TrainStep(common.model_config(cfg, cfg.vocab_size), cfg.seed, rt)
-    if cfg.way == "checkpointed":  # (before the first forward, where torch.compile traces the model)
+    if cfg.way == "checkpointed":  # (before the first forward, where torch.compile traces it)
         parallel.checkpoint_blocks(check.raw_model)
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = [[(x.to(rt.device), x.roll(-1, 1).to(rt.device))
-                for x in torch.randint(cfg.vocab_size, (cfg.gradient_accumulation_steps, cfg.batch_size,
-                                                        cfg.block_size), generator=generator)]
+                for x in torch.randint(cfg.vocab_size, (cfg.gradient_accumulation_steps,
+                                                        cfg.batch_size, cfg.block_size),
+                                       generator=generator)]
                for _ in range(cfg.steps)]
     before = resident_mib(rt.device)
     seconds = []
@@ -85,7 +89,7 @@ def measure(cfg, rt):
         for x, y in step_batches:
             with check.autocast:
                 if cfg.way == "logits_held":
-                    logits, loss = forward_returning_logits(check.model, x, y)  # noqa: F841 -- held, as it was
+                    logits, loss = forward_returning_logits(check.model, x, y)  # noqa: F841 -- held
                 else:
                     _, loss = check.model(x, y)
             (loss / len(step_batches)).backward()
@@ -93,8 +97,8 @@ def measure(cfg, rt):
         common.sync(rt.device)
         seconds.append(time.perf_counter() - start)
     peak, measured = common.peak_memory(rt.device)
-    return {"way": cfg.way, "before_mib": before, "peak_mib": peak, "step_mib": peak - before, "measured": measured,
-            "step_s": seconds}
+    return {"way": cfg.way, "before_mib": before, "peak_mib": peak, "step_mib": peak - before,
+            "measured": measured, "step_s": seconds}
 
 
 def compare(cfg):
@@ -102,7 +106,8 @@ def compare(cfg):
     args = [a for a in sys.argv[1:] if not a.startswith(("--way=", "--out="))]
     results = {}
     for way in cfg.ways.split(","):
-        child = subprocess.run([sys.executable, __file__, *args, f"--way={way}"], capture_output=True, text=True)
+        child = subprocess.run([sys.executable, __file__, *args, f"--way={way}"],
+                               capture_output=True, text=True)
         if child.returncode:
             raise SystemExit(child.stderr.strip().splitlines()[-1])
         results[way] = json.loads(child.stdout.strip().splitlines()[-1])
@@ -132,7 +137,8 @@ def benchmark(cfg):
         raise ConfigError(f"way must be empty, {' or '.join(WAYS)}, got {cfg.way!r}")
     ways = cfg.ways.split(",")
     if not set(ways) <= set(WAYS) or len(set(ways)) < len(ways):
-        raise ConfigError(f"ways must name each of {', '.join(WAYS)} at most once, got {cfg.ways!r}")
+        raise ConfigError(f"ways must name each of {', '.join(WAYS)} at most once, "
+                          f"got {cfg.ways!r}")
     if not cfg.way:
         return compare(cfg)
     print(json.dumps(measure(cfg, devices.runtime(cfg, keep_freed=False))))

@@ -1,5 +1,6 @@
-# Fine-tune GPT-2 (124M) on tiny-shakespeare, nanoGPT's classic fine-tune (use gpt2-xl on a big GPU).
-# First: python prepare.py text --input path/to/tinyshakespeare.txt --tokenizer gpt2 --name shakespeare_gpt2
+# Fine-tune GPT-2 (124M) on tiny-shakespeare, nanoGPT's classic fine-tune (gpt2-xl on a big GPU).
+# First: python prepare.py text --input path/to/tinyshakespeare.txt --tokenizer gpt2 \
+#          --name shakespeare_gpt2
 # The weights come from the Hugging Face hub (pip install huggingface_hub) or a local GPT-2 folder.
 init_from = "gpt2"
 dataset = "shakespeare_gpt2"

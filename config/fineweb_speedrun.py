@@ -1,10 +1,12 @@
-# GPT-2 (124M) on FineWeb with the modern recipe, aimed at val <= 3.28 within 1B tokens, on one node of 8 GPUs:
-#   python prepare.py fineweb10B          # val_000000.bin + 100M-token train shards (10 of them are enough)
+# GPT-2 (124M) on FineWeb with the modern recipe, aimed at val <= 3.28 within 1B tokens, on one node
+# of 8 GPUs:
+#   python prepare.py fineweb10B  # val_000000.bin + 100M-token train shards (10 of them are enough)
 #   torchrun --standalone --nproc_per_node=8 train.py config/fineweb_speedrun.py
-# EXPECTED, NOT MEASURED HERE: no GPU run of this file has been made yet. The ideas are those of modded-nanogpt's
-# records of late 2024 (3.28 in about 1B tokens), each measured at small scale in bench/RESULTS.md's ablation;
-# config/fineweb.py is the GPT-2 recipe (3.28 after about 10B tokens) to compare it with.
-# Val is measured as the speedruns measure it: the first 10,485,760 tokens of the val shard, back to back.
+# EXPECTED, NOT MEASURED HERE: no GPU run of this file has been made yet. The ideas are those of
+# modded-nanogpt's records of late 2024 (3.28 in about 1B tokens), each measured at small scale in
+# bench/RESULTS.md's ablation; config/fineweb.py is the GPT-2 recipe (3.28 after about 10B tokens)
+# to compare it with. Val is measured as the speedruns measure it: the first 10,485,760 tokens of
+# the val shard, back to back.
 out_dir = "out-fineweb-speedrun"
 dataset = "fineweb10B"
 
@@ -33,12 +35,12 @@ logit_softcap = 30.0
 value_embeddings = 3
 unet_skips = True
 
-# Muon for the blocks' matrices; AdamW (no decay) for the embeddings, the head and the scalars, each at its own
-# peak lr (learning_rate is that of the norms' and skips' scalars); no warmup, a constant lr, then a linear
-# cooldown over the last 40% of the steps
+# Muon for the blocks' matrices; AdamW (no decay) for the embeddings, the head and the scalars, each
+# at its own peak lr (learning_rate is that of the norms' and skips' scalars); no warmup, a constant
+# lr, then a linear cooldown over the last 40% of the steps
 optimizer = "muon"
 muon_lr = 0.05
-muon_split = "whole"  # whole matrices, as the records orthogonalise: on GPUs at 524,288 tokens a step it is cheap
+muon_split = "whole"  # whole matrices, as in the records: cheap on GPUs at 524,288 tokens a step
 learning_rate = 0.04
 embedding_lr = 0.6
 head_lr = 0.008

@@ -1,9 +1,12 @@
-# Supervised fine-tuning of GPT-2 (124M) on config/sft_example.jsonl: small instruction records whose loss
-# counts only the completion tokens and the end token (prepare.py's docstring gives the rendering rules).
+# Supervised fine-tuning of GPT-2 (124M) on config/sft_example.jsonl: small instruction records
+# whose loss counts only the completion tokens and the end token (prepare.py's docstring gives the
+# rendering rules).
 #   python prepare.py sft --input config/sft_example.jsonl --block_size 128
 #   python train.py config/sft_example.py
-#   python sample.py --out_dir=out-sft --start=$'Reverse the letters of: apple\n' --temperature=0 --num_samples=1
-# LoRA instead of full fine-tuning (adapters only, 1.9% of the parameters at rank 8; a higher rate suits them):
+#   python sample.py --out_dir=out-sft --start=$'Reverse the letters of: apple\n' --temperature=0 \
+#     --num_samples=1
+# LoRA instead of full fine-tuning (adapters only, 1.9% of the parameters at rank 8; a higher rate
+# suits them):
 #   python train.py config/sft_example.py --lora_rank=8 --learning_rate=1e-3 --out_dir=out-sft-lora
 out_dir = "out-sft"
 init_from = "gpt2"

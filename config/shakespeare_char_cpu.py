@@ -1,5 +1,5 @@
 # The character-level shakespeare recipe scaled down for a laptop CPU: about a minute on two cores.
-# First: python prepare.py shakespeare_char   (or add --input PATH to a local copy of tinyshakespeare)
+# First: python prepare.py shakespeare_char  (or --input PATH to a local copy of tinyshakespeare)
 out_dir = "out-shakespeare-char-cpu"
 dataset = "shakespeare_char"
 eval_interval = 250
@@ -30,4 +30,5 @@ min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
 compile = "false"  # at this size compiling costs more time than it saves
-# dtype stays auto: bf16 autocast on a CPU with native bf16 (1.36x per step here, bench/RESULTS.md), else fp32
+# dtype stays auto: bf16 autocast on a CPU with native bf16 (1.36x per step here, bench/RESULTS.md),
+# else fp32

@@ -1,8 +1,8 @@
-# The fastest way found on a 2-core CPU to val <= 1.88 on shakespeare_char (the same data and fixed val batches
-# as config/shakespeare_char_cpu.py, the nanoGPT-comparable baseline): the modern architecture options and Muon,
-# on a shorter schedule: val 1.864 at step 450, in 0.27 of the baseline's training seconds (bench/time_to_loss.py,
-# bench/RESULTS.md).
-# First: python prepare.py shakespeare_char   (or add --input PATH to a local copy of tinyshakespeare)
+# The fastest way found on a 2-core CPU to val <= 1.88 on shakespeare_char (the same data and fixed
+# val batches as config/shakespeare_char_cpu.py, the nanoGPT-comparable baseline): the modern
+# architecture options and Muon, on a shorter schedule: val 1.864 at step 450, in 0.27 of the
+# baseline's training seconds (bench/time_to_loss.py, bench/RESULTS.md).
+# First: python prepare.py shakespeare_char  (or --input PATH to a local copy of tinyshakespeare)
 out_dir = "out-speedrun-char-cpu"
 dataset = "shakespeare_char"
 eval_interval = 50
@@ -26,7 +26,7 @@ qk_norm = True
 
 optimizer = "muon"
 muon_lr = 0.02
-muon_split = "head"  # strips one head wide: 1.88 at the same step as whole matrices, at 0.88 of the time
+muon_split = "head"  # strips a head wide: 1.88 at the same step as whole matrices, 0.88 of the time
 learning_rate = 3e-3
 max_iters = 1000
 lr_decay_iters = 1000

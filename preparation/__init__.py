@@ -1,1 +1,1 @@
-"""The preparation pipelines behind `python prepare.py`: files, web streams and fine-tuning records."""
+"""The preparation pipelines behind `python prepare.py`: files, web streams, fine-tuning records."""

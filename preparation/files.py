@@ -1,6 +1,6 @@
-"""File datasets (python_stdlib, shakespeare_char, text): documents in a fixed pseudo-random order, split by
-bytes into train, val and optionally test (the rule is in prepare.py's docstring), tokenized a batch of chunks at a
-time."""
+"""File datasets (python_stdlib, shakespeare_char, text): documents in a fixed pseudo-random order,
+split by bytes into train, val and optionally test (the rule is in prepare.py's docstring),
+tokenized a batch of chunks at a time."""
 
 import hashlib
 import http.client
@@ -29,8 +29,10 @@ from preparation.common import (
 )
 
 STDLIB_SKIPPED_FOLDERS = {"site-packages", "test", "tests", "idle_test"}
-DOWNLOADED = {  # name: (what it is, URL of one text file fetched once into <data_root>/<name>/, default tokenizer)
-    "shakespeare_char": ("tiny shakespeare, 1 MB", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+# name: (what it is, URL of one text file fetched once into <data_root>/<name>/, default tokenizer)
+DOWNLOADED = {
+    "shakespeare_char": ("tiny shakespeare, 1 MB",
+                         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                          "tinyshakespeare/input.txt", "char"),
 }
 
@@ -39,20 +41,23 @@ def _source_documents(dataset: str, inputs, data_root) -> list[Path]:
     """The dataset's files in split order: by sha256 of the path relative to their input root."""
     if dataset == "python_stdlib":
         if inputs:
-            raise DataError("python_stdlib reads Python's own standard library, so drop --input or use `text`")
+            raise DataError("python_stdlib reads Python's own standard library, so drop --input or "
+                            "use `text`")
         files = stdlib_files()
     elif inputs:
         files = input_files(inputs)
     elif dataset in DOWNLOADED:
         files = {_downloaded_file(dataset, data_root).resolve(): DOWNLOAD_CACHE}
     else:
-        raise DataError("the text dataset needs input: pass --input with files, folders or glob patterns")
+        raise DataError("the text dataset needs input: pass --input with files, folders or glob "
+                        "patterns")
     return sorted(files, key=lambda path: (hashlib.sha256(files[path].encode()).hexdigest(), path))
 
 
 def stdlib_files() -> dict[Path, str]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    return files_under(root, lambda folder: folder not in STDLIB_SKIPPED_FOLDERS, lambda name: name.endswith(".py"))
+    return files_under(root, lambda folder: folder not in STDLIB_SKIPPED_FOLDERS,
+                       lambda name: name.endswith(".py"))
 
 
 def _downloaded_file(dataset: str, data_root) -> Path:
@@ -73,27 +78,34 @@ def _download(dataset: str, url: str, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
         tmp.unlink(missing_ok=True)
-        raise DataError(f"could not download {dataset} ({e}); pass --input PATH to a local copy") from None
+        raise DataError(f"could not download {dataset} ({e}); "
+                        "pass --input PATH to a local copy") from None
 
 
-def _plan_splits(documents: list[Path], val_fraction: float, test_fraction: float) -> tuple[int, dict[str, list]]:
-    """Source size and, per split, its (path, start, end, ends_document) byte segments. Test, when asked for, is
-    the last test_fraction of the bytes, carved out of the val_fraction held out, so train is the same either way."""
+def _plan_splits(documents: list[Path], val_fraction: float,
+                 test_fraction: float) -> tuple[int, dict[str, list]]:
+    """Source size and, per split, its (path, start, end, ends_document) byte segments. Test, when
+    asked for, is the last test_fraction of the bytes, carved out of the val_fraction held out, so
+    train is the same either way."""
     sizes = [path.stat().st_size for path in documents]
     total = sum(sizes)
     if total == 0:
         raise DataError("the input text is empty (0 bytes); pass files that contain text")
-    fractions = {"val": val_fraction, "test": test_fraction} if test_fraction else {"val": val_fraction}
-    cuts = [0, *(_character_start(documents, sizes, int(total * (1 - f))) for f in fractions.values()), total]
+    fractions = ({"val": val_fraction, "test": test_fraction} if test_fraction
+                 else {"val": val_fraction})
+    cuts = [0, *(_character_start(documents, sizes, int(total * (1 - f)))
+                 for f in fractions.values()), total]
     if any(low >= high for low, high in zip(cuts, cuts[1:])):
-        options = " and ".join(f"--{split}_fraction {fraction}" for split, fraction in fractions.items())
+        options = " and ".join(f"--{split}_fraction {fraction}"
+                               for split, fraction in fractions.items())
         wanted = "train, val and test" if test_fraction else "both train and val"
         raise DataError(
-            f"the source ({total:,} bytes) is too small to give {wanted} text at {options}; use more text or other"
-            " fractions"
+            f"the source ({total:,} bytes) is too small to give {wanted} text at {options}; "
+            "use more text or other fractions"
         )
     splits = ["train", *fractions]
-    return total, {split: _segments(documents, sizes, cuts[i], cuts[i + 1]) for i, split in enumerate(splits)}
+    return total, {split: _segments(documents, sizes, cuts[i], cuts[i + 1])
+                   for i, split in enumerate(splits)}
 
 
 def _character_start(documents: list[Path], sizes: list[int], cut: int) -> int:
@@ -115,7 +127,7 @@ def _character_start(documents: list[Path], sizes: list[int], cut: int) -> int:
 
 
 def _segments(documents: list[Path], sizes: list[int], low: int, high: int) -> list[tuple]:
-    """The parts of the documents inside source bytes [low, high), with whether each document ends there."""
+    """The parts of the documents inside source bytes [low, high), with whether each ends there."""
     segments = []
     offset = 0
     for path, size in zip(documents, sizes):
@@ -136,7 +148,8 @@ def _read_chunks(path: Path, start: int, end: int):
         while left:
             block = f.read(min(CHUNK_BYTES, left))
             if not block:
-                raise DataError(f"{path} got shorter while being read; rerun prepare once nothing writes to it")
+                raise DataError(f"{path} got shorter while being read; rerun prepare once "
+                                "nothing writes to it")
             left -= len(block)
             data = carry + block
             cut = _chunk_end(data) if left else len(data)
@@ -160,7 +173,8 @@ def _as_text(chunk: bytes, path: Path) -> str:
     try:
         return chunk.decode()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 ({e.reason}); leave it out of --input or use --tokenizer byte") from None
+        raise DataError(f"{path} is not UTF-8 ({e.reason}); leave it out of --input or use "
+                        "--tokenizer byte") from None
 
 
 def source_chars(documents: list[Path]) -> str:
@@ -180,15 +194,16 @@ def _texts(segments: list[tuple]):
 
 
 def _tokenizer(name: str, vocab_size, documents: list[Path], splits: dict) -> Tokenizer:
-    """char takes its vocabulary from the whole source; bpe learns its own from the train split alone; the others
-    need nothing from the source."""
+    """char takes its vocabulary from the whole source; bpe learns its own from the train split
+    alone; the others need nothing from the source."""
     if name == "bpe":
         return train_bpe(_texts(splits["train"]), vocab_size)
-    return get_tokenizer({"tokenizer": name, "chars": source_chars(documents) if name == "char" else None})
+    return get_tokenizer({"tokenizer": name,
+                          "chars": source_chars(documents) if name == "char" else None})
 
 
 def _split_tokens(segments: list[tuple], tokenizer: Tokenizer, source_hash):
-    """Token arrays of one split in source order, with end-of-text after each document ending in it."""
+    """Token arrays of one split in source order, end-of-text after each document ending in it."""
     eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=tokenizer.dtype)
     batch, batch_bytes = [], 0  # chunks, and the eot array where a document ends
     for path, start, end, ends_document in segments:
@@ -206,13 +221,15 @@ def _split_tokens(segments: list[tuple], tokenizer: Tokenizer, source_hash):
 
 def _encode_batch(batch: list, tokenizer: Tokenizer):
     """Tokenize a batch's chunks in one call; the eot arrays between them pass through in place."""
-    encoded = iter(tokenizer.encode_chunks([item for item in batch if not isinstance(item, np.ndarray)]))
+    encoded = iter(tokenizer.encode_chunks([item for item in batch
+                                            if not isinstance(item, np.ndarray)]))
     for item in batch:
         yield item if isinstance(item, np.ndarray) else next(encoded)
 
 
-def _write_splits(folder: Path, splits: dict, tokenizer: Tokenizer, shard_tokens: int, started: float):
-    """Shards for every split; returns the token counts and the sha256 of the source read on the way."""
+def _write_splits(folder: Path, splits: dict, tokenizer: Tokenizer, shard_tokens: int,
+                  started: float):
+    """Shards for every split; returns the token counts and the sha256 of the source it read."""
     source_hash = hashlib.sha256()
     tokens = {}
     for split, segments in splits.items():
@@ -225,9 +242,9 @@ def _write_splits(folder: Path, splits: dict, tokenizer: Tokenizer, shard_tokens
 
 
 def _leakage(splits: dict, several_files: bool) -> dict:
-    """The leakage audit. With several files a document is a file (its part in the split, exact bytes); a single
-    file, which straddles the cut anyway, is audited by paragraph: a block of non-blank lines, without the
-    whitespace around it (one speech in tiny shakespeare)."""
+    """The leakage audit. With several files a document is a file (its part in the split, exact
+    bytes); a single file, which straddles the cut anyway, is audited by paragraph: a block of
+    non-blank lines, without the whitespace around it (one speech in tiny shakespeare)."""
     audit = LeakageAudit("file" if several_files else "paragraph", splits)
     for split, segments in splits.items():
         for path, start, end, _ in segments:
@@ -243,15 +260,17 @@ def _leakage(splits: dict, several_files: bool) -> dict:
 
 
 def _paragraph_hashes(path: Path, start: int, end: int):
-    """document_hash of each paragraph in path's bytes [start, end), fed a line at a time so that memory stays
-    flat; a line is held back until the next one shows whether it ends its paragraph (and loses trailing space)."""
+    """document_hash of each paragraph in path's bytes [start, end), fed a line at a time so that
+    memory stays flat; a line is held back until the next one shows whether it ends its paragraph
+    (and loses trailing space)."""
     with open(path, "rb") as f:
         f.seek(start)
         left, digest, held = end - start, None, b""
         while left:
             line = f.readline(min(left, CHUNK_BYTES))
             if not line:
-                raise DataError(f"{path} got shorter while being read; rerun prepare once nothing writes to it")
+                raise DataError(f"{path} got shorter while being read; rerun prepare once "
+                                "nothing writes to it")
             left -= len(line)
             if not line.isspace():
                 if digest is None:
@@ -268,8 +287,8 @@ def _paragraph_hashes(path: Path, start: int, end: int):
             yield digest
 
 
-def prepare_files(out_dir, dataset, inputs, tokenizer_name, vocab_size, data_root, val_fraction, test_fraction,
-                  shard_tokens, started) -> dict:
+def prepare_files(out_dir, dataset, inputs, tokenizer_name, vocab_size, data_root, val_fraction,
+                  test_fraction, shard_tokens, started) -> dict:
     documents = _source_documents(dataset, inputs, data_root)
     check_inputs_survive(documents, out_dir)
     source_bytes, splits = _plan_splits(documents, val_fraction, test_fraction)

@@ -1,5 +1,6 @@
-"""Fine-tuning records (sft): JSON Lines of prompt/completion or chat messages, rendered by the template in
-prepare.py's docstring into token ids plus a loss mask, split by record, saved as .npy arrays."""
+"""Fine-tuning records (sft): JSON Lines of prompt/completion or chat messages, rendered by the
+template in prepare.py's docstring into token ids plus a loss mask, split by record, saved as .npy
+arrays."""
 
 import hashlib
 import json
@@ -25,25 +26,31 @@ DEFAULT_SFT_BLOCK_SIZE = 1024  # GPT-2's context
 def _sft_records(files: list[Path]):
     """(where, record) for every non-blank line of the JSON Lines files, where = "file:line"."""
     for path in files:
-        with open(path, "rb") as f:  # bytes, decoded per line, so a line that is not UTF-8 can be named
+        with open(path, "rb") as f:  # bytes, decoded per line, so a non-UTF-8 line can be named
             for number, line in enumerate(f, 1):
                 where = f"{path}:{number}"
                 try:
-                    text = line.decode("utf-8-sig")  # -sig: a byte order mark (some editors write one) is skipped
+                    # -sig: a byte order mark (some editors write one) is skipped
+                    text = line.decode("utf-8-sig")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{where} is not UTF-8 ({e.reason}); save the file as UTF-8") from None
+                    raise DataError(f"{where} is not UTF-8 ({e.reason}); "
+                                    "save the file as UTF-8") from None
                 if text.strip():
                     try:
                         yield where, json.loads(text)
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{where} is not a JSON object ({e.msg}); write one record per line") from None
+                        raise DataError(f"{where} is not a JSON object ({e.msg}); "
+                                        "write one record per line") from None
 
 
 def _pieces(record, where: str):
-    """One record rendered by the template in prepare.py's docstring, before tokenizing: its (text, trained) pieces,
-    each text tokenized on its own, None standing for end-of-text; None if nothing trains."""
-    if not isinstance(record, dict) or ("messages" in record) == ("prompt" in record or "completion" in record):
-        raise DataError(f"{where} needs either prompt and completion or messages (not both); see prepare.py's doc")
+    """One record rendered by the template in prepare.py's docstring, before tokenizing: its pieces
+    (text, trained), each text tokenized on its own, None standing for end-of-text; None if nothing
+    trains."""
+    if (not isinstance(record, dict)
+            or ("messages" in record) == ("prompt" in record or "completion" in record)):
+        raise DataError(f"{where} needs either prompt and completion or messages (not both); "
+                        "see prepare.py's doc")
     pieces = [(None, 0)]
     if "messages" in record:
         turns = record["messages"]
@@ -59,7 +66,8 @@ def _pieces(record, where: str):
             raise DataError(f"{where} needs both prompt and completion")
         pieces += [(_record_text(record["prompt"], where, "prompt"), 0),
                    (_record_text(record["completion"], where, "completion"), 1), (None, 1)]
-    return pieces if any(text for text, trained in pieces if trained) else None  # "": only its end token would train
+    # "": only its end token would train
+    return pieces if any(text for text, trained in pieces if trained) else None
 
 
 def _record_text(value, where: str, what: str) -> str:
@@ -68,12 +76,13 @@ def _record_text(value, where: str, what: str) -> str:
     try:
         value.encode()  # a JSON escape like "\ud800" gives a lone surrogate, which is not text
     except UnicodeEncodeError:
-        raise DataError(f"{where}: {what} holds a lone surrogate (an escape like \\ud800); fix that escape") from None
+        raise DataError(f"{where}: {what} holds a lone surrogate (an escape like \\ud800); "
+                        "fix that escape") from None
     return value
 
 
 def val_records(n: int, val_fraction: float) -> np.ndarray:
-    """Which of n records are held out: v = max(1, round(val_fraction * n)) of them, spread evenly."""
+    """Which of n records are held out: max(1, round(val_fraction * n)) of them, spread evenly."""
     return _spread(n, max(1, round(val_fraction * n)))
 
 
@@ -83,8 +92,9 @@ def _spread(n: int, k: int) -> np.ndarray:
 
 
 def record_splits(n: int, val_fraction: float, test_fraction: float) -> np.ndarray:
-    """Each record's split: the held-out ones (val_records) are val, except that with test_fraction on, t =
-    max(1, round(test_fraction * n)) of them, spread evenly among them, are test. Train is the same either way."""
+    """Each record's split: the held-out ones (val_records) are val, except that with test_fraction
+    on, t = max(1, round(test_fraction * n)) of them, spread evenly among them, are test. Train is
+    the same either way."""
     splits = np.full(n, "train", dtype=object)
     held = val_records(n, val_fraction).nonzero()[0]
     if held.size == n:
@@ -93,35 +103,41 @@ def record_splits(n: int, val_fraction: float, test_fraction: float) -> np.ndarr
     if test_fraction:
         t = max(1, round(test_fraction * n))
         if t >= held.size:
-            raise DataError(f"--test_fraction {test_fraction} takes all {held.size} held-out record(s) of {n}, leaving"
-                            " no val record; raise --val_fraction, of which test is a part")
+            raise DataError(f"--test_fraction {test_fraction} takes all {held.size} held-out "
+                            f"record(s) of {n}, leaving no val record; raise --val_fraction, of "
+                            "which test is a part")
         splits[held[_spread(held.size, t)]] = "test"
     return splits
 
 
 def _tokenizer(name: str, vocab_size, train_pieces: list) -> Tokenizer:
-    """bpe learns its vocabulary from the train records' texts alone; the others need nothing from the records."""
+    """bpe learns its vocabulary from the train records' texts alone; the others need nothing."""
     if name == "bpe":
-        return train_bpe((text for pieces in train_pieces for text, _ in pieces if text), vocab_size)
+        return train_bpe((text for pieces in train_pieces for text, _ in pieces if text),
+                         vocab_size)
     tok = tokenizer_without_source(name)
     if tok.eot_id is None:
-        raise DataError(f"tokenizer {name} has no end-of-text token to end completions; use gpt2 or byte")
+        raise DataError(f"tokenizer {name} has no end-of-text token to end completions; "
+                        "use gpt2 or byte")
     return tok
 
 
-def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, vocab_size, val_fraction: float, test_fraction: float,
-                block_size: int) -> dict:
+def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, vocab_size, val_fraction: float,
+                test_fraction: float, block_size: int) -> dict:
     files = input_files(inputs or [])
     files = sorted(files, key=lambda path: (files[path], path))
     if not files:
-        raise DataError("sft needs --input: JSON Lines files of prompt/completion or messages records")
+        raise DataError("sft needs --input: JSON Lines files of prompt/completion or messages "
+                        "records")
     check_inputs_survive(files, out_dir)
     records = list(_sft_records(files))
     if len(records) < 2:
-        raise DataError(f"{len(records)} record(s) in the input; sft needs at least 2 (one train, one val)")
-    rendered = [(_pieces(record, where), split)
-                for (where, record), split in zip(records, record_splits(len(records), val_fraction, test_fraction))]
-    tok = _tokenizer(tokenizer_name, vocab_size, [pieces for pieces, split in rendered if pieces and split == "train"])
+        raise DataError(f"{len(records)} record(s) in the input; sft needs at least 2 "
+                        "(one train, one val)")
+    rendered = [(_pieces(record, where), split) for (where, record), split
+                in zip(records, record_splits(len(records), val_fraction, test_fraction))]
+    tok = _tokenizer(tokenizer_name, vocab_size,
+                     [pieces for pieces, split in rendered if pieces and split == "train"])
     kept = {"train": [], "val": [], **({"test": []} if test_fraction else {})}
     dropped = {"nothing_to_train": 0, "too_long": 0}
     for pieces, split in rendered:
@@ -134,22 +150,25 @@ def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, vocab_size, val_frac
             kept[split].append(example)
     for split, examples in kept.items():
         if not examples:
-            raise DataError(f"no {split} example is left after dropping {dropped}; add records or raise --block_size")
+            raise DataError(f"no {split} example is left after dropping {dropped}; add records or "
+                            "raise --block_size")
     audit = LeakageAudit("record", kept)  # a record as rendered: its token ids
     for split, examples in kept.items():
         for ids, _ in examples:
             audit.add(split, document_hash(np.asarray(ids, dtype=tok.dtype).tobytes()))
     with new_folder(out_dir) as folder:
-        counts = {split: _write_sft_split(folder, split, examples, tok.dtype) for split, examples in kept.items()}
+        counts = {split: _write_sft_split(folder, split, examples, tok.dtype)
+                  for split, examples in kept.items()}
         source_hash = hashlib.sha256()
         for path in files:
             source_hash.update(path.read_bytes())
         test = {"test_fraction": test_fraction} if test_fraction else {}
-        meta = dataset_meta("sft", tokenizer_name, tok, format="sft", template=SFT_TEMPLATE, block_size=block_size,
-                     examples={split: c[0] for split, c in counts.items()},
+        meta = dataset_meta("sft", tokenizer_name, tok, format="sft", template=SFT_TEMPLATE,
+                     block_size=block_size, examples={split: c[0] for split, c in counts.items()},
                      tokens={split: c[1] for split, c in counts.items()},
                      trained_tokens={split: c[2] for split, c in counts.items()},
-                     max_example_tokens=max(len(ids) for examples in kept.values() for ids, _ in examples),
+                     max_example_tokens=max(len(ids) for examples in kept.values()
+                                            for ids, _ in examples),
                      dropped=dropped, source_bytes=sum(path.stat().st_size for path in files),
                      source_sha256=source_hash.hexdigest(), val_fraction=val_fraction, **test,
                      leakage=audit.report())
@@ -157,12 +176,13 @@ def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, vocab_size, val_frac
         write_meta(folder, meta)
     split_counts = " + ".join(f"{c[0]:,} {split}" for split, c in counts.items())
     print(f"sft: {len(records):,} records -> {split_counts} examples; "
-          f"dropped {dropped['too_long']:,} longer than block_size + 1 = {block_size + 1} tokens and "
-          f"{dropped['nothing_to_train']:,} with nothing to train")
+          f"dropped {dropped['too_long']:,} longer than block_size + 1 = {block_size + 1} tokens "
+          f"and {dropped['nothing_to_train']:,} with nothing to train")
     return meta
 
 
-def _write_sft_split(folder: Path, split: str, examples: list, dtype: np.dtype) -> tuple[int, int, int]:
+def _write_sft_split(folder: Path, split: str, examples: list,
+                     dtype: np.dtype) -> tuple[int, int, int]:
     """Write a split's three arrays, the tokens as `dtype`; (examples, tokens, trained tokens)."""
     ids = np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in examples])
     mask = np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in examples])
