@@ -156,13 +156,21 @@ class Progress:
             log_progress(run, self.end_step, lr, loss, grad_norm, dt, wall_dt)
 
 
+@contextlib.contextmanager
 def catch_stop_signals():
-    """The names of the SIGINT/SIGTERM signals received from now on, which no longer end the
-    process: the loop stops at its next log line, saving last.pt."""
+    """The names of the SIGINT/SIGTERM signals received within, which then no longer end the
+    process: the loop stops at its next log line, saving last.pt. The handlers before are put
+    back after (a caller of train.main, a notebook or a test, gets its Ctrl-C back)."""
     received = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
-    return received
+
+    def note(signum, frame):
+        received.append(signal.Signals(signum).name)
+    before = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def stop_requested(stop_signal, device, world_size):

@@ -366,12 +366,11 @@ def after_step(run, end_step):
     return reason
 
 
-def train_loop(run, changed):
+def train_loop(run, changed, stop_signals):
     """Optimizer steps from state.step to max_iters (or stop_iter), each then after_step's work; a
     stop signal ends them at a progress line, a stop rule (target, patience) at its evaluation."""
     cfg, setup, state, rt = run.cfg, run.setup, run.state, run.rt
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
-    stop_signals = catch_stop_signals()
     done = begin(run, changed, end_step)
     end_step = state.step if done else end_step
     accum = cfg.gradient_accumulation_steps // run.world_size  # micro-batches per process per step
@@ -461,7 +460,8 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
                       ckpt["step"] if ckpt else None, state.wandb_id, changed, setup.parent)
             if rank == 0:
                 runlog.describe(cfg, setup, rt, world_size)
-            train_loop(run, changed)
+            with catch_stop_signals() as stop_signals:
+                train_loop(run, changed, stop_signals)
         except runlog.WriteError as e:
             raise runlog.WriteError(end_on_write_failure(e, run)) from None
         except (RuntimeError, MemoryError) as e:

@@ -80,6 +80,14 @@ def test_sigterm_leaves_last_pt_and_run_record(data_root, tmp_path):
             and record["ended"])
 
 
+def test_a_run_in_this_process_gives_the_signal_handlers_back(data_root, tmp_path):
+    """train.main catches SIGINT/SIGTERM while it trains: its caller's Ctrl-C works again after."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    train.main(tiny_args(data_root, tmp_path / "run", max_iters=2, lr_decay_iters=2, warmup_iters=1,
+                         eval_interval=2))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
 def train_in_process(args, loss_factors):
     """train.main in this process, with the loss of some training steps (1-based) times a factor."""
     original = model.GPT.forward
