@@ -26,40 +26,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+import checkpoint
+import checks
+import monitor
 import runlog
-from checkpoint import (
-    BackgroundSaver,
-    CheckpointError,
-    TrainingState,
-    checkpoint_path,
-    checkpoint_to_resume,
-    end_on_write_failure,
-    load_weights,
-    write_checkpoint,
-)
-from checks import (
-    check_config,
-    check_precision,
-    check_same_data,
-    describe_changes,
-    describe_resume,
-    resume_changes,
-)
 from configurator import ConfigError, all_keys, load_config
 from data import DataError, Examples, Tokenizer, Windows, get_tokenizer
 from devices import Runtime, RuntimeConfig, is_out_of_memory, runtime
 from eval import load_task
 from model import GPT, GPTConfig
-from monitor import (
-    Diverged,
-    OutOfMemory,
-    Progress,
-    catch_stop_signals,
-    end_on_out_of_memory,
-    stop_on_signal,
-    stop_requested,
-    write_sample,
-)
 from optimizers import configure_optimizer, set_lr
 from parallel import distribute, gradient_sync, join, place
 from start import architecture, load_batches, load_data, restore_optimizer
@@ -184,14 +159,14 @@ class Setup:
     weights_from: str  # scratch, or the GPT-2 weights or checkpoint it began from (kept on resume)
     parent: dict | None  # checkpoint it began from: run, path, step, sha256 (checkpoint.lineage)
     tokens_per_step: int  # over all micro-batches and processes
-    best_saver: BackgroundSaver  # writes best.pt off the training thread
+    best_saver: checkpoint.BackgroundSaver  # writes best.pt off the training thread
 
 
 def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     """The data, the model (first weights; sharded, compiled or DDP-wrapped), optimizer, scaler."""
     data_dir, meta = load_data(cfg, local_rank, world_size)
     if ckpt is not None:
-        check_same_data(ckpt, meta, data_dir)
+        checks.check_same_data(ckpt, meta, data_dir)
     weights_from = ckpt["weights_from"] if ckpt else cfg.init_from
     model_config, pretrained_state, parent = architecture(cfg, meta, weights_from, ckpt, declared())
     train_data, val_data, eval_batches, test_batches = load_batches(
@@ -206,7 +181,7 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     if pretrained_state is not None:  # LoRA adapters, not pretrained, keep their initial values
         gpt.load_state_dict({**gpt.state_dict(), **pretrained_state})
     if ckpt is not None and not ckpt.get("sharded"):
-        load_weights(gpt, ckpt["model"], ckpt["path"])
+        checkpoint.load_weights(gpt, ckpt["model"], ckpt["path"])
     model = distribute(gpt, rt, cfg, world_size)  # (before the optimizer: it gets FSDP's shards)
     try:
         optimizer = configure_optimizer(
@@ -221,7 +196,7 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
     tokens_per_step = cfg.batch_size * model_config.block_size * cfg.gradient_accumulation_steps
     return Setup(gpt, model, optimizer, scaler, train_data, val_data, eval_batches, test_batches,
                  task_examples, meta, tokenizer, weights_from, parent, tokens_per_step,
-                 BackgroundSaver())
+                 checkpoint.BackgroundSaver())
 
 
 # ---- one optimizer step ----
@@ -304,7 +279,7 @@ class Run:
     cfg: SimpleNamespace
     rt: Runtime
     setup: Setup
-    state: TrainingState
+    state: checkpoint.TrainingState
     log: runlog.RunLog
     rank: int = 0
     world_size: int = 1
@@ -340,11 +315,11 @@ def begin(run, changed, end_step):
             score_task(run)
         return None
     done = stop_reason(cfg, state)
-    last = checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
+    last = checkpoint.checkpoint_path(cfg.out_dir, "last", cfg.checkpoint_format)
     run.log.log({"step": state.step, "event": "resumed", "changed": changed},
                 f"resumed from {last} at step {state.step}")
     if run.rank == 0:
-        describe_resume(last, done, state.step, end_step, cfg.max_iters)
+        checks.describe_resume(last, done, state.step, end_step, cfg.max_iters)
     return done
 
 
@@ -357,10 +332,10 @@ def after_step(run, end_step):
     if cfg.task_eval and (state.step % (cfg.task_eval_interval or cfg.eval_interval) == 0 or final):
         score_task(run)
     if cfg.sample_interval and (state.step % cfg.sample_interval == 0 or final):
-        write_sample(run)
+        monitor.write_sample(run)
     reason = stop_reason(cfg, state)
     if reason or state.step % cfg.ckpt_interval == 0 or state.step == end_step:
-        write_checkpoint("last", run)
+        checkpoint.write_checkpoint("last", run)
     if reason and run.rank == 0:
         print(f"step {state.step}: stopping: {reason}")
     return reason
@@ -380,7 +355,7 @@ def train_loop(run, changed, stop_signals):
         first = state.data_position + run.rank * accum
         return loader.submit(step_batches, cfg, setup.train_data, first, accum, rt.device_type)
 
-    upcoming, progress = next_batches(), Progress(run, end_step)
+    upcoming, progress = next_batches(), monitor.Progress(run, end_step)
     end_reason = done or ("finished" if end_step == cfg.max_iters
                           else f"paused at stop_iter {end_step}")
     while state.step < end_step:
@@ -397,8 +372,8 @@ def train_loop(run, changed, stop_signals):
         state.step += 1
         progress.stepped(time.perf_counter() - t0, lr, loss, grad_norm, applied)
         may_stop = progress.line_written and state.step < end_step  # the last step finishes the run
-        if may_stop and stop_requested(stop_signals, rt.device, run.world_size):
-            end_reason = stop_on_signal(run, stop_signals)
+        if may_stop and monitor.stop_requested(stop_signals, rt.device, run.world_size):
+            end_reason = monitor.stop_on_signal(run, stop_signals)
             break
         if reason := after_step(run, end_step):
             end_reason = reason
@@ -416,9 +391,9 @@ def train_loop(run, changed, stop_signals):
 def train(cfg):
     """Train as configured: alone, or as one of torchrun's processes (it sets RANK and the rest)."""
     rank, local_rank, world_size, local_processes = place()
-    check_config(cfg, world_size)
+    checks.check_config(cfg, world_size)
     rt = runtime(cfg, local_rank, processes=local_processes)
-    check_precision(cfg, rt, world_size)
+    checks.check_precision(cfg, rt, world_size)
     join(rt, rank)
     try:
         train_in_folder(cfg, rt, rank, local_rank, world_size)
@@ -444,15 +419,15 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
     """The run in out_dir, which this process holds (rank 0 takes its lock) from start to end."""
     lock = runlog.RunFolderLock(cfg.out_dir) if rank == 0 else None  # before anything touches it
     try:
-        ckpt = checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
+        ckpt = checkpoint.checkpoint_to_resume(Path(cfg.out_dir), cfg.init_from == "resume")
         if ckpt is None and rank == 0:
             runlog.check_fresh_folder(cfg.out_dir)
         keys = declared()
-        changed = resume_changes(cfg, ckpt, keys) if ckpt else None
+        changed = checks.resume_changes(cfg, ckpt, keys) if ckpt else None
         if changed and rank == 0:
-            describe_changes(changed, keys)
+            checks.describe_changes(changed, keys)
         setup = set_up(cfg, ckpt, rt, rank, local_rank, world_size)
-        state = TrainingState.start(cfg, ckpt, rank, world_size)
+        state = checkpoint.TrainingState.start(cfg, ckpt, rank, world_size)
         log = runlog.RunLog(cfg.out_dir, rank == 0)  # the run's first write: all checks done by now
         run = Run(cfg, rt, setup, state, log, rank, world_size)
         try:
@@ -460,14 +435,14 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
                       ckpt["step"] if ckpt else None, state.wandb_id, changed, setup.parent)
             if rank == 0:
                 runlog.describe(cfg, setup, rt, world_size)
-            with catch_stop_signals() as stop_signals:
+            with monitor.catch_stop_signals() as stop_signals:
                 train_loop(run, changed, stop_signals)
         except runlog.WriteError as e:
-            raise runlog.WriteError(end_on_write_failure(e, run)) from None
+            raise runlog.WriteError(checkpoint.end_on_write_failure(e, run)) from None
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise
-            raise end_on_out_of_memory(run) from None
+            raise monitor.end_on_out_of_memory(run) from None
     finally:
         if lock is not None:
             lock.release()
@@ -478,10 +453,10 @@ def main(argv=None):
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         train(load_config(__file__, sys.argv[1:] if argv is None else argv, *KEYS_FROM))
-    except (ConfigError, DataError, CheckpointError, runlog.RunFolderError) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError, runlog.RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (Diverged, OutOfMemory, runlog.WriteError) as e:
+    except (monitor.Diverged, monitor.OutOfMemory, runlog.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
