@@ -213,10 +213,12 @@ def run_config_file(path, keys):
 def usage(script_path, keys):
     lines = [f"usage: python {Path(script_path).name} [config_file.py ...] [--key=value ...]", "",
              "Config files run first, in order, then --key=value; every key with its default:"]
-    if any(TAG.search(key.meaning) for key in keys.values()):
+    if any(key.resume != "fixed" for key in keys.values()):  # a tag names a resume class
         lines += ["A meaning may end in {allowed values; resume class}; "
                   "on resume a key of each class"]
         lines += [f"  {word:<12}{what}" for word, what in RESUME_CLASSES.items()]
+    elif any(TAG.search(key.meaning) for key in keys.values()):
+        lines += ["A meaning may end in {allowed values}"]
     width = max(len(k) + len(key.written) for k, key in keys.items()) + 4
     for k, key in keys.items():
         lines += ["", key.heading] if key.heading else []

@@ -1,6 +1,6 @@
-"""What the bench scripts share: running a script on its config, checks of its keys, the model from
-its shape keys, one timed training step, device sync, the record of the machine, peak memory and the
-JSON report.
+"""What the bench scripts share: running a script on its config, the check of its shape keys that
+their tags cannot say, the model from its shape keys, one timed training step, device sync, the
+record of the machine, peak memory and the JSON report.
 
 The device, precision and compile choice come from devices.runtime, as in train.py and sample.py.
 """
@@ -24,20 +24,10 @@ from optimizers import configure_optimizer
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
 
 
-def check_positive(cfg, keys, allow_zero=False):
-    for key in keys:
-        if getattr(cfg, key) < 0 or (getattr(cfg, key) == 0 and not allow_zero):
-            raise ConfigError(f"{key} must be {'zero or more' if allow_zero else 'positive'}, "
-                              f"got {getattr(cfg, key)}")
-
-
 def check_model_shape(cfg):
-    """The shape keys that model_config reads (dropout where the script has it)."""
-    check_positive(cfg, ("n_layer", "n_head", "n_embd", "block_size"))
+    """What the shape keys' tags cannot say: n_embd splits evenly into n_head heads."""
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}")
-    if hasattr(cfg, "dropout") and not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
 
 
 def model_config(cfg, vocab):

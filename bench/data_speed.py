@@ -33,29 +33,23 @@ PREPARE = Path(__file__).resolve().parents[1] / "prepare.py"
 data_root = "data"  # folder that holds the prepared datasets
 dataset = "python_stdlib"  # data_root/<dataset> by prepare.py (the default is made on first use)
 seed = 1337  # seeds the weights and the batch draws
-batch_size = 16  # sequences per micro-batch
-block_size = 128  # context length in tokens
-n_layer = 4  # transformer blocks
-n_head = 4  # attention heads per block
-n_embd = 128  # width of the residual stream
-vocab_size = 0  # model vocabulary; 0 takes the dataset's
+batch_size = 16  # sequences per micro-batch {> 0}
+block_size = 128  # context length in tokens {> 0}
+n_layer = 4  # transformer blocks {> 0}
+n_head = 4  # attention heads per block {> 0}
+n_embd = 128  # width of the residual stream {> 0}
+vocab_size = 0  # model vocabulary; 0 takes the dataset's {>= 0}
 bias = False  # biases in Linear layers and LayerNorms
-dropout = 0.0  # dropout on attention, residual branches and embeddings
+dropout = 0.0  # dropout on attention, residual branches and embeddings {[0, 1)}
 # device, dtype and compile are devices.RuntimeConfig's keys (--help lists them last)
-warmup_steps = 3  # untimed batches and steps first
-steps = 30  # timed batches and steps
+warmup_steps = 3  # untimed batches and steps first {>= 0}
+steps = 30  # timed batches and steps {> 0}
 # 2. tokenizing
 tokenize_input = ""  # file or folder to tokenize; empty: python_stdlib (Python's standard library)
 tokenizers = "byte,gpt2"  # to time, comma-separated (gpt2 needs TIKTOKEN_CACHE_DIR offline)
-tokenize_repeats = 5  # prepare runs per tokenizer; the median counts
+tokenize_repeats = 5  # prepare runs per tokenizer; the median counts {> 0}
 out = "bench/results/data_speed.json"  # JSON report
 # ---- end of config ----
-
-
-def check_config(cfg):
-    common.check_model_shape(cfg)
-    common.check_positive(cfg, ("batch_size", "steps", "tokenize_repeats"))
-    common.check_positive(cfg, ("warmup_steps", "vocab_size"), allow_zero=True)
 
 
 # ---- 1. the loader's share of a step ----
@@ -125,7 +119,7 @@ def tokenize_speed(cfg, tokenizer, data_root):
 
 
 def benchmark(cfg):
-    check_config(cfg)
+    common.check_model_shape(cfg)
     names = [name for name in cfg.tokenizers.split(",") if name]
     rt = devices.runtime(cfg)
     machine = common.machine_record(rt.device)

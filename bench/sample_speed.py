@@ -23,16 +23,16 @@ from model import GPT, generation_attention, sample_next
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # model: the GPT-2 124M shape, random weights
-n_layer = 12  # transformer blocks
-n_head = 12  # attention heads per block
-n_embd = 768  # width of the residual stream
-block_size = 1024  # longest context; longer sequences are cropped to the last block_size tokens
-vocab_size = 50304  # model vocabulary (GPT-2's 50257 padded to a multiple of 64)
+n_layer = 12  # transformer blocks {> 0}
+n_head = 12  # attention heads per block {> 0}
+n_embd = 768  # width of the residual stream {> 0}
+block_size = 1024  # longest context; a longer sequence keeps its last block_size tokens {> 0}
+vocab_size = 50304  # model vocabulary (GPT-2's 50257 padded to a multiple of 64) {> 0}
 bias = False  # biases in Linear layers and LayerNorms
 # cases
 prompt_lengths = "16,128"  # prompt lengths in tokens, comma-separated
 new_tokens = "100,500"  # per prompt, comma-separated; each pair with prompt_lengths is a case
-batch_size = 1  # sequences generated together
+batch_size = 1  # sequences generated together {> 0}
 seed = 1337  # seeds the weights and the prompts
 # system: device from devices.DeviceConfig (listed last); dtype here for its float32 default
 dtype = "float32"  # float32, bfloat16, float16, or auto (devices.pick_dtype's choice)
@@ -106,7 +106,6 @@ def issue_check(cases, device):
 
 def benchmark(cfg):
     common.check_model_shape(cfg)
-    common.check_positive(cfg, ("vocab_size", "batch_size"))
     grid = [(p, n) for p in parse_lengths("prompt_lengths", cfg.prompt_lengths)
             for n in parse_lengths("new_tokens", cfg.new_tokens)]
     rt = devices.runtime(cfg)

@@ -32,16 +32,16 @@ from configurator import ConfigError, run_main
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # model: GPT-2's vocabulary, whose logits dominate a small model's activations
-n_layer = 2  # transformer blocks
-n_head = 4  # attention heads per block
-n_embd = 256  # width of the residual stream
-block_size = 256  # context length T of every sequence
-vocab_size = 50304  # model vocabulary (GPT-2's 50257 padded to a multiple of 64)
+n_layer = 2  # transformer blocks {> 0}
+n_head = 4  # attention heads per block {> 0}
+n_embd = 256  # width of the residual stream {> 0}
+block_size = 256  # context length T of every sequence {> 0}
+vocab_size = 50304  # model vocabulary (GPT-2's 50257 padded to a multiple of 64) {> 0}
 bias = False  # biases in Linear layers and LayerNorms
 # batches of random tokens
-batch_size = 8  # sequences per micro-batch
-gradient_accumulation_steps = 4  # micro-batches per optimizer step
-steps = 2  # optimizer steps measured
+batch_size = 8  # sequences per micro-batch {> 0}
+gradient_accumulation_steps = 4  # micro-batches per optimizer step {> 0}
+steps = 2  # optimizer steps measured {> 0}
 seed = 1337  # seeds the weights and the random batches
 # system: device, dtype and compile are devices.RuntimeConfig's keys (--help lists them last)
 ways = "loss_only,logits_held"  # compared, comma-separated: loss_only, logits_held, checkpointed
@@ -132,7 +132,6 @@ def compare(cfg):
 
 def benchmark(cfg):
     common.check_model_shape(cfg)
-    common.check_positive(cfg, ("vocab_size", "batch_size", "gradient_accumulation_steps", "steps"))
     if cfg.way not in ("", *WAYS):
         raise ConfigError(f"way must be empty, {' or '.join(WAYS)}, got {cfg.way!r}")
     ways = cfg.ways.split(",")

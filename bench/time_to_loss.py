@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 recipes = "config/shakespeare_char_cpu.py,config/speedrun_char_cpu.py"  # config and/or --key=value
-target_val_loss = 1.88  # the val loss every recipe trains to (same data, same fixed val batches)
+target_val_loss = 1.88  # val loss every recipe trains to (same data, same fixed val batches) {> 0}
 stop_at_target = True  # stop each recipe at the target; False runs every schedule out (an ablation)
 val_at_steps = ""  # steps whose val loss the report lists, e.g. 1000,2000 (evaluated steps only)
-turn_steps = 250  # steps each recipe trains per turn before the next recipe's turn
+turn_steps = 250  # steps each recipe trains per turn before the next recipe's turn {> 0}
 shared_args = ""  # --key=value arguments for every recipe, e.g. "--data_root=data --dtype=float32"
 out_root = "bench/results/time_to_loss"  # recipes' run folders: out_root/<config name>; must be new
 out = "bench/results/time_to_loss.json"  # JSON report
@@ -95,9 +95,8 @@ def summary(recipe, out_dir, record, target, val_steps):
 
 def benchmark(cfg):
     names = split_recipes(cfg.recipes)
-    if len(names) < 2 or cfg.target_val_loss <= 0 or cfg.turn_steps <= 0:
-        raise ConfigError("give two or more --recipes, a positive --target_val_loss "
-                          "and positive --turn_steps")
+    if len(names) < 2:
+        raise ConfigError("give two or more --recipes")
     try:
         val_steps = [int(step) for step in cfg.val_at_steps.split(",") if step]
     except ValueError:

@@ -29,24 +29,24 @@ from configurator import ConfigError, run_main
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # model: the GPT-2 124M shape
-n_layer = 12  # transformer blocks
-n_head = 12  # attention heads per block
-n_embd = 768  # width of the residual stream
-block_size = 1024  # context length T of every sequence
-vocab_size = 50304  # model vocabulary (GPT-2's 50257 padded to a multiple of 64)
+n_layer = 12  # transformer blocks {> 0}
+n_head = 12  # attention heads per block {> 0}
+n_embd = 768  # width of the residual stream {> 0}
+block_size = 1024  # context length T of every sequence {> 0}
+vocab_size = 50304  # model vocabulary (GPT-2's 50257 padded to a multiple of 64) {> 0}
 bias = False  # biases in Linear layers and LayerNorms
-dropout = 0.0  # dropout on attention, residual branches and embeddings
+dropout = 0.0  # dropout on attention, residual branches and embeddings {[0, 1)}
 # batches of random tokens
-batch_size = 8  # sequences per micro-batch
-gradient_accumulation_steps = 1  # micro-batches per optimizer step
+batch_size = 8  # sequences per micro-batch {> 0}
+gradient_accumulation_steps = 1  # micro-batches per optimizer step {> 0}
 seed = 1337  # seeds the weights and the random batches
 # system: device, dtype and compile are devices.RuntimeConfig's keys (--help lists them last)
 # measurement
-warmup_steps = 3  # untimed steps first (with compile, the first of them is the compile_s figure)
-steps = 10  # timed optimizer steps (per round with compare_fp32_eager)
-peak_flops = 0.0  # peak FLOP/s for MFU, all settings; 0 looks a GPU up by name (no CPU peak known)
+warmup_steps = 3  # untimed steps first (with compile, the first is the compile_s figure) {>= 0}
+steps = 10  # timed optimizer steps (per round with compare_fp32_eager) {> 0}
+peak_flops = 0.0  # peak FLOP/s for MFU, all settings; 0 looks a GPU up by name (no CPU peak) {>= 0}
 compare_fp32_eager = False  # also time an fp32 eager baseline (rounds alternate) for the speedup
-rounds = 3  # with compare_fp32_eager: rounds of `steps` steps per setting, alternating the two
+rounds = 3  # with compare_fp32_eager: rounds of `steps` steps per setting, alternating {> 0}
 time_matmuls = False  # also time each setting's matmuls replayed alone: their share of the step
 keep_freed_memory = True  # CPU: glibc keeps freed memory to reuse (as train.py); False: its default
 out = "bench/results/train_speed.json"  # JSON report
@@ -201,13 +201,6 @@ def describe(result):
                 if "matmul_ms_per_step" in result else ""))
 
 
-def check_config(cfg):
-    common.check_model_shape(cfg)
-    common.check_positive(cfg, ("vocab_size", "batch_size", "gradient_accumulation_steps", "steps",
-                                "rounds"))
-    common.check_positive(cfg, ("warmup_steps", "peak_flops"), allow_zero=True)
-
-
 def measure(settings, step_batches, cfg):
     """Warm every setting up, then time rounds of steps, alternating settings so a noisy spell slows
     them all."""
@@ -231,7 +224,7 @@ def measure(settings, step_batches, cfg):
 
 
 def benchmark(cfg):
-    check_config(cfg)
+    common.check_model_shape(cfg)
     rt = devices.runtime(cfg, keep_freed=cfg.keep_freed_memory)
     if rt.compile and cfg.warmup_steps < 1:
         raise ConfigError("compiling needs warmup_steps >= 1: "

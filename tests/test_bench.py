@@ -36,6 +36,17 @@ def test_help_lists_every_key_and_unknown_keys_are_one_line_errors(script):
     assert result.stderr.strip() == "error: unknown key --no_such_key; see --help for the keys"
 
 
+@pytest.mark.parametrize(("script", "arg", "message"), [
+    ("bench/train_speed.py", "--steps=0", "steps must be > 0, got 0"),
+    ("bench/data_speed.py", "--dropout=1", "dropout must be in [0, 1), got 1.0"),
+    ("bench/optimizer_speed.py", "--muon_split=x", "muon_split must be whole or head, got 'x'"),
+])
+def test_a_key_outside_its_tag_is_a_one_line_error(script, arg, message):
+    """The bench keys' ranges are their tags, refused by load_config before anything runs."""
+    result = run_here(script, [arg], check=False)
+    assert (result.returncode, result.stderr, result.stdout) == (2, f"error: {message}\n", "")
+
+
 def test_train_speed_compares_with_fp32_eager(tmp_path):
     report = report_of("bench/train_speed.py", [*TINY_MODEL, "--vocab_size=100", "--batch_size=4",
                                                 "--steps=2", "--warmup_steps=1", "--rounds=2",
