@@ -45,7 +45,7 @@ from validation import record_evaluation, score_task, score_test, stop_reason
 
 # the run and its data
 out_dir = "out"  # run folder: last.pt, best.pt, log.jsonl {changeable}
-init_from = "scratch"  # scratch, resume (out_dir), run/ckpt, gpt2 ... gpt2-xl, HF folder {control}
+init_from = "scratch"  # scratch, resume (out_dir), run or .pt, gpt2 ... gpt2-xl, HF dir {control}
 data_root = "data"  # folder that holds the prepared datasets {changeable}
 dataset = "python_stdlib"  # data_root/<dataset> by prepare.py (default auto-prepared) {changeable}
 seed = 1337  # seeds weights, dropout and the order of training batches {>= 0; changeable}
@@ -92,7 +92,7 @@ stop_iter = 0  # stop after this step, saving last.pt, same schedule; 0 is off {
 target_val_loss = 0.0  # stop once val loss <= this (time to target); 0 is off {>= 0; changeable}
 early_stop_patience = 0  # stop after N evaluations without a new best; 0 is off {>= 0; changeable}
 early_stop_min_delta = 0.0  # how far below the best a val loss must be to count {>= 0; changeable}
-task_eval = ""  # multiple-choice task to score: hellaswag or JSON Lines; empty: off {changeable}
+task_eval = ""  # multiple-choice task: hellaswag or a JSON Lines file; empty: off {changeable}
 task_eval_interval = 0  # steps between task evaluations; 0 means eval_interval {>= 0; changeable}
 task_eval_examples = 200  # score the task's first N examples each time; 0: all {>= 0; changeable}
 # system (the device keys are devices.RuntimeConfig's, listed after train.py's own in --help)
@@ -100,7 +100,7 @@ parallel = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 shards) {ddp|f
 activation_checkpointing = False  # recompute each block in the backward: less memory {changeable}
 # safety and records
 checkpoint_format = "full"  # full: .pt files; sharded: folders of shards {full|sharded; changeable}
-keep_last_k = 0  # keep the k latest periodic saves (ckpt_<step>.pt, last.<step>) {>= 0; changeable}
+keep_last_k = 0  # also keep the k latest saves (ckpt_<step>.pt, last.<step>) {>= 0; changeable}
 max_skipped_steps = 25  # stop after N updates in a row skipped as non-finite {> 0; changeable}
 loss_spike_factor = 1.5  # warn at a step's loss over this times its running mean {> 1; changeable}
 # fine-tuning (SFT data comes from `prepare.py sft`; its prompt tokens are never trained)
@@ -126,8 +126,8 @@ def declared():
 # ---- schedule ----
 
 def lr_at(it, cfg):
-    """The learning rate of update `it` + 1: linear warmup to learning_rate, then to min_lr at
-    lr_decay_iters by a cosine or (wsd, warmup-stable-decay) linearly in the last cooldown_frac."""
+    """The lr of the update after `it` done: linear warmup to learning_rate, then to min_lr at
+    lr_decay_iters (0: max_iters) by a cosine, or (wsd) held, then linear over cooldown_frac."""
     decay_iters, span = cfg.lr_decay_iters or cfg.max_iters, cfg.learning_rate - cfg.min_lr
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
@@ -163,7 +163,7 @@ class Setup:
 
 
 def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
-    """The data, the model (first weights; sharded, compiled or DDP-wrapped), optimizer, scaler."""
+    """Data, model (first weights; sharded, compiled or DDP-wrapped), optimizer, scaler, resumed."""
     data_dir, meta = load_data(cfg, local_rank, world_size)
     if ckpt is not None:
         checks.check_same_data(ckpt, meta, data_dir)
@@ -204,7 +204,7 @@ def set_up(cfg, ckpt, rt, rank, local_rank, world_size):
 def train_step(model, optimizer, scaler, autocast, batches, grad_clip):
     """One optimizer step over (x, y) micro-batches at the lr set in the optimizer (set_lr). The
     loss is the mean over every trained target (y != -100) of all micro-batches and processes, as
-    one large batch would have it: each micro-batch's mean weighs by its share (nanochat #59).
+    one large batch would: each micro-batch's mean weighs by its share of them (nanochat #59).
 
     Returns (mean loss, gradient norm before clipping, whether the update was applied). A non-finite
     loss or gradient skips the update, so a divergence never reaches the weights; reading the two
@@ -248,7 +248,7 @@ def train_step(model, optimizer, scaler, autocast, batches, grad_clip):
 def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
     """{split: (mean loss, its standard error)} over fixed batches per split, in eval mode; the
     standard error (std over sqrt(batches)) is the noise in comparing two evaluations. Processes
-    share the batches, each running as many forward passes (FSDP gathers parameters in each)."""
+    share the batches, each the same number of passes (FSDP gathers in each), surplus ones at 0."""
     model.eval()
     losses = {}
     for split, split_batches in batches.items():
@@ -324,7 +324,7 @@ def begin(run, changed, end_step):
 
 
 def after_step(run, end_step):
-    """The step's evaluations, sample and save; the stop rules' reason if one holds now, or None."""
+    """The step's evals, sample and save; a stop rule's reason (last.pt then saved), or None."""
     cfg, state = run.cfg, run.state
     final = state.step == cfg.max_iters  # not stop_iter: a paused run evaluates as an unpaused one
     if state.step % cfg.eval_interval == 0 or final:
@@ -342,8 +342,9 @@ def after_step(run, end_step):
 
 
 def train_loop(run, changed, stop_signals):
-    """Optimizer steps from state.step to max_iters (or stop_iter), each then after_step's work; a
-    stop signal ends them at a progress line, a stop rule (target, patience) at its evaluation."""
+    """Steps from state.step to max_iters (or stop_iter), each then after_step's; a stop signal
+    (in stop_signals) ends them at a progress line, a stop rule at its evaluation. `changed`: what
+    the resume changed (None: a new run)."""
     cfg, setup, state, rt = run.cfg, run.setup, run.state, run.rt
     end_step = min(cfg.stop_iter or cfg.max_iters, cfg.max_iters)
     done = begin(run, changed, end_step)
@@ -430,19 +431,19 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
         state = checkpoint.TrainingState.start(cfg, ckpt, rank, world_size)
         log = runlog.RunLog(cfg.out_dir, rank == 0)  # the run's first write: all checks done by now
         run = Run(cfg, rt, setup, state, log, rank, world_size)
-        try:
-            log.start(cfg, setup.meta, rt.device, rt.dtype, world_size,
-                      ckpt["step"] if ckpt else None, state.wandb_id, changed, setup.parent)
-            if rank == 0:
-                runlog.describe(cfg, setup, rt, world_size)
-            with monitor.catch_stop_signals() as stop_signals:
+        with monitor.catch_stop_signals() as stop_signals:  # also through an ending's writes
+            try:
+                log.start(cfg, setup.meta, rt.device, rt.dtype, world_size,
+                          ckpt["step"] if ckpt else None, state.wandb_id, changed, setup.parent)
+                if rank == 0:
+                    runlog.describe(cfg, setup, rt, world_size)
                 train_loop(run, changed, stop_signals)
-        except runlog.WriteError as e:
-            raise runlog.WriteError(checkpoint.end_on_write_failure(e, run)) from None
-        except (RuntimeError, MemoryError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise monitor.end_on_out_of_memory(run) from None
+            except runlog.WriteError as e:
+                raise runlog.WriteError(checkpoint.end_on_write_failure(e, run)) from None
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise monitor.end_on_out_of_memory(run) from None
     finally:
         if lock is not None:
             lock.release()
