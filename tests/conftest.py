@@ -1,11 +1,14 @@
 import contextlib
+import faulthandler
 import io
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from unittest.mock import patch
 
@@ -62,14 +65,18 @@ def run_script(script, args, check=True, timeout=300):
     return result
 
 
-def run_here(script, args, check=True):
-    """run_script's result from the script run as __main__ in this process, as `python script args`
-    would: no interpreter or torch to start (seconds a run). For runs whose outcome a test reads; a
-    test of the process itself (signals, memory, torchrun) uses run_script."""
-    argv, cwd = [str(script), *map(str, args)], os.getcwd()
-    out, err = io.StringIO(), io.StringIO()
-    with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
-          patch.object(sys, "argv", argv)):
+def run_here(script, args, check=True, timeout=300):
+    """run_script's result from the script run as __main__ in this process: no interpreter or torch
+    to start (seconds a run). As `python script args`, but on this process's modules (a test's
+    monkeypatches apply) and with no interpreter exit; its warnings, shown as the interpreter's
+    default filters would, end its stderr. For runs whose outcome a test reads; a test of the
+    process itself (signals, memory, torchrun) uses run_script."""
+    argv, out, err = [str(script), *map(str, args)], io.StringIO(), io.StringIO()
+    with (process_state_kept(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
+          patch.object(sys, "argv", argv), warnings.catch_warnings(record=True) as shown):
+        interpreter_warning_filters()
+        # a hang ends the worker (its traceback on the real stderr), not CI
+        faulthandler.dump_traceback_later(timeout, exit=True, file=sys.__stderr__)
         try:
             os.chdir(ROOT)  # where run_script runs it
             runpy.run_path(argv[0], run_name="__main__")
@@ -82,11 +89,41 @@ def run_here(script, args, check=True):
             traceback.print_exc()
             code = 1
         finally:
-            os.chdir(cwd)
+            faulthandler.cancel_dump_traceback_later()
+        for w in shown:
+            err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     result = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+def interpreter_warning_filters():
+    """A fresh interpreter's: each warning once per place, deprecations only from __main__."""
+    warnings.resetwarnings()
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+
+
+@contextlib.contextmanager
+def process_state_kept():
+    """The process-wide settings a script may change, put back after it: threads, deterministic
+    mode, the SIGXFSZ handler (train.py ignores it), sys.path, the environment, the directory."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    file_size_signal, path, environ = signal.getsignal(signal.SIGXFSZ), sys.path[:], {**os.environ}
+    cwd = os.getcwd()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        signal.signal(signal.SIGXFSZ, file_size_signal)
+        sys.path[:] = path
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
 
 
 def read_log(out_dir):
