@@ -80,7 +80,8 @@ def check_schedule(cfg):
 # declared in its tag (configurator.RESUME_CLASSES): a key with none is fixed, a change refused.
 # Fixed are the model's shape and options, the LoRA keys and the optimizer (the saved weights and
 # optimizer state are of their shape), and any new key until its line declares a class: the safe
-# default. NOTES: what is said beside a change.
+# default.
+# what describe_changes says beside a change of each class
 NOTES = {"optimizer": " (set in the optimizer)", "val batches": " (new val batches)"}
 # what a checkpoint older than these keys ran with: its model had GPT-2's options, its val the
 # random windows, its Muon whole matrices
@@ -93,7 +94,7 @@ def resume_changes(cfg, ckpt, declared):
     A key the checkpoint's config lacks (older than the key) is compared with BEFORE_THE_KEY's value
     where it has one, else not at all; Muon's settings are not compared for an AdamW run."""
     saved = {**BEFORE_THE_KEY, **ckpt["config"]}
-    unused = ("muon_lr", "muon_split") if cfg.optimizer != "muon" else ()  # settings not in use
+    unused = ("muon_lr", "muon_split") if cfg.optimizer != "muon" else ()  # Muon's, unused by AdamW
     classes = {key: declared[key].resume if key in declared else "fixed" for key in vars(cfg)}
     changed = {key: [saved[key], value] for key, value in vars(cfg).items() if key in saved
                and key not in unused and classes[key] != "control" and saved[key] != value}
@@ -117,9 +118,9 @@ def resume_changes(cfg, ckpt, declared):
 
 def describe_changes(changed, declared):
     """The console line of what a resume changed."""
-    print("changed on resume: " + ", ".join(f"{key} {old} -> {new}"
-                                             f"{NOTES.get(declared[key].resume, '')}"
-                                             for key, (old, new) in changed.items()))
+    print("changed on resume: " + ", ".join(
+        f"{key} {old} -> {new}{NOTES.get(declared[key].resume, '')}"
+        for key, (old, new) in changed.items()))
 
 
 def describe_resume(last, done, step, end_step, max_iters):

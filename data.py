@@ -83,8 +83,8 @@ def _as_shard_dtype(tokens) -> np.ndarray:
     tokens = np.asarray(tokens)
     if tokens.dtype == np.uint32:
         return np.ascontiguousarray(tokens, dtype="<u4")
-    if tokens.dtype != np.uint16 and tokens.size and (tokens.min() < 0
-                                                      or tokens.max() >= 2**16):
+    if (tokens.dtype != np.uint16 and tokens.size
+            and (tokens.min() < 0 or tokens.max() >= 2**16)):
         raise ValueError("token ids must fit uint16 (0..65535);"
                          " pass a uint32 array for larger ones")
     return np.ascontiguousarray(tokens, dtype="<u2")

@@ -37,7 +37,7 @@ class RuntimeConfig(DeviceConfig):
 
     compile: str = "auto"  # torch.compile; auto: on CUDA with Triton {auto|true|false; changeable}
     deterministic: bool = False  # same bits each run, GPU too (bitwise resume); slower {changeable}
-    peak_tflops: float = 0.0  # dense peak TFLOP/s at dtype (MFU); 0: look it up {>= 0; changeable}
+    peak_tflops: float = 0.0  # dense peak TFLOP/s at dtype (MFU); 0: GPU table {>= 0; changeable}
 
 
 @dataclass(frozen=True)

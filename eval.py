@@ -134,7 +134,7 @@ def parse_example(line, path, number):
                              f"{LAYOUT} object") from None
     fields = record if isinstance(record, dict) else {}
     ctx, endings, label = fields.get("ctx"), fields.get("endings"), fields.get("label")
-    if not isinstance(ctx, str) or not ctx:  # an ending's first token is predicted from the context
+    if not isinstance(ctx, str) or not ctx:  # an ending's first token needs a context
         problem = "has no ctx (a non-empty string)"
     elif (not isinstance(endings, list) or len(endings) < 2
           or not all(isinstance(e, str) for e in endings)):
@@ -161,7 +161,7 @@ def score(model, tokenizer, example, device, autocast):
     targets = torch.full_like(idx, -100)
     for i, row in enumerate(rows):
         kept = row[-block_size:]
-        scored = min(len(row) - len(context), len(kept) - 1)  # none predicts the first kept token
+        scored = min(len(row) - len(context), len(kept) - 1)  # the first kept token is unscored
         idx[i, :len(kept)] = torch.tensor(kept)
         targets[i, len(kept) - 1 - scored:len(kept) - 1] = torch.tensor(kept[len(kept) - scored:])
     with autocast:

@@ -456,8 +456,8 @@ def load_adapters(gpt, folder):
     adapters = {name.removeprefix("base_model.model.").removesuffix(".weight"): t
                 for name, t in tensors.items()}
     expected = adapter_state(model)
-    if adapters.keys() != expected.keys() or any(adapters[k].shape != t.shape
-                                                 for k, t in expected.items()):
+    if (adapters.keys() != expected.keys()
+            or any(adapters[k].shape != t.shape for k, t in expected.items())):
         raise WeightsError(f"the adapters in {folder} do not fit this model's layers; they were "
                            "trained on other base weights")
     model.load_state_dict({**gpt.state_dict(), **adapters})

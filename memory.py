@@ -273,8 +273,8 @@ def ways_to_fit(cfg, gpt, rt, world_size, available):
             fit = for_run(cfg, gpt, rt, processes, **batch, **keys)
             if fit.total <= available:
                 arguments = " ".join(f"--{key}={value}" for key, value in (batch | keys).items())
-                found.append((arguments + (f" under torchrun, {processes} GPUs"
-                                           if processes > world_size else ""), fit))
+                where = f" under torchrun, {processes} GPUs" if processes > world_size else ""
+                found.append((arguments + where, fit))
                 largest = micro_batch
                 break
     return found

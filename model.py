@@ -24,7 +24,8 @@ Option = Annotated[Value, "architecture option"]  # marks GPTConfig's architectu
 class GPTConfig:
     """The model's shape and options as `name: type = default  # meaning` lines that configurator.py
     reads, so each can be a train.py key (this meaning where train.py has none). Option[...] fields
-    are the architecture options. A new option is a field here plus the code using it."""
+    are the architecture options (a string option's Literal lists its values; GPT2_OPTIONS holds
+    GPT-2's). A new option is a field here plus the code using it."""
 
     # the string options' types, named so that each field, default and meaning fit on one line
     Positions = Option[Literal["learned", "rope"]]
@@ -43,13 +44,13 @@ class GPTConfig:
     # time; rmsnorm + swiglu match layernorm + relu2 and export to Qwen3's layout, bench/RESULTS.md)
     pos_embedding: Positions = "rope"  # learned (position table, GPT-2) or rope (rotary embeddings)
     norm: Norms = "rmsnorm"  # layernorm (GPT-2) or rmsnorm
-    mlp: MLPs = "swiglu"  # gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same parameters)
+    mlp: MLPs = "swiglu"  # gelu (GPT-2), relu2 (squared ReLU) or swiglu (gated, same param count)
     qk_norm: Option[bool] = True  # RMS-normalise each head's queries and keys before attention
     tie_embeddings: Option[bool] = True  # the LM head shares the token embedding's matrix (GPT-2)
-    zero_init_proj: Option[bool] = False  # output projections start at 0: each block the identity
+    zero_init_proj: Option[bool] = False  # blocks' output projections start at 0: each the identity
     logit_softcap: Option[float] = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 is off
-    value_embeddings: Option[int] = 0  # token tables; table i: values of layers i and n_layer-1-i
-    unet_skips: Option[bool] = False  # first-half outputs added back before their mirror blocks
+    value_embeddings: Option[int] = 0  # token tables; i: attn values of layers i and n_layer-1-i
+    unet_skips: Option[bool] = False  # U-net: first-half outputs added back before mirror blocks
     # fine-tuning
     lora_rank: int = 0  # > 0: targeted projections get trained low-rank adapters; all else frozen
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
@@ -295,8 +296,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None):
         """(logits, None) without targets: at every position, or with a KV cache at the last only.
-        (None, mean cross-entropy over targets != -100) with them, no logits: a caller holding a
-        micro-batch's (1.6 GB in bf16 at B=16, T=1024) would keep them through the next forward."""
+        (None, mean cross-entropy over targets != -100) with them, no logits: a caller holding
+        a micro-batch's (1.6 GB in bf16 at B=16, T=1024) would keep them past the next forward."""
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
             return self.logits(x if kv_cache is None else x[:, [-1]]), None
@@ -380,7 +381,7 @@ class GPT(nn.Module):
         only the newest token each step. Positions are absolute: once the sequence outgrows
         block_size the cached keys would sit at wrong positions, so every step re-prefills the last
         block_size tokens (slower, same tokens). temperature=0 is greedy; `vocab_limit` keeps padded
-        entries unsampled; `generator` makes sampling reproducible apart from the global RNG."""
+        entries unsampled; `generator` draws without the global RNG. In eval mode, then restored."""
         was_training = self.training
         self.eval()
         try:

@@ -30,7 +30,7 @@ num_samples = 3  # independent samples to print {> 0}
 max_new_tokens = 500  # tokens generated per sample {> 0}
 temperature = 0.8  # below 1 sharpens, above 1 flattens the distribution; 0 is greedy {>= 0}
 top_k = 200  # sample only among the k most likely tokens; 0 keeps all {>= 0}
-top_p = 1.0  # nucleus sampling: the fewest likeliest tokens holding this much probability {(0, 1]}
+top_p = 1.0  # nucleus: keep the fewest likeliest tokens holding this much probability {(0, 1]}
 stop_at_eot = True  # end a sample at the first end-of-text token it generates (its document's end)
 stop = ""  # also end a sample where it writes this text (several: separated by |), not shown
 chat = False  # talk to a model fine-tuned on prepare.py sft's template: each input line a user turn

@@ -46,7 +46,7 @@ warmup_steps = 3  # untimed batches and steps first {>= 0}
 steps = 30  # timed batches and steps {> 0}
 # 2. tokenizing
 tokenize_input = ""  # file or folder to tokenize; empty: python_stdlib (Python's standard library)
-tokenizers = "byte,gpt2"  # to time, comma-separated (gpt2 needs TIKTOKEN_CACHE_DIR offline)
+tokenizers = "byte,gpt2"  # tokenizers to time (gpt2 needs TIKTOKEN_CACHE_DIR offline)
 tokenize_repeats = 5  # prepare runs per tokenizer; the median counts {> 0}
 out = "bench/results/data_speed.json"  # JSON report
 # ---- end of config ----

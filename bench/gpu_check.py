@@ -54,7 +54,7 @@ from parallel import shard
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 device = "cuda"  # cuda (the check), or cpu with tiny=True (the dry run)
 tiny = False  # tiny shapes and a few steps everywhere: the CPU dry run
-sections = "matmul,gpt2,resume,fsdp,tests,sampling,muon,speedrun,char,memory"  # run in this order
+sections = "matmul,gpt2,resume,fsdp,tests,sampling,muon,speedrun,char,memory"  # sections, in order
 budget_s = 480.0  # no section starts after this many seconds, and each is cut off at what is left
 data_root = "data"  # holds shakespeare_char and shakespeare_gpt2, prepared from `text` if missing
 text = "../shared/data/tinyshakespeare.txt"  # tiny shakespeare, to prepare both datasets from
@@ -352,8 +352,8 @@ def section_sampling(cfg, rt, started):
     torch.manual_seed(1337)
     model = GPT(config).to(rt.device).eval()
     prompt_length, count = (8, 16) if cfg.tiny else (16, 500)
-    kernels = kernel_choice(model, torch.randint(config.vocab_size, (1, prompt_length),
-                                                 device=rt.device), rt)
+    prompt = torch.randint(config.vocab_size, (1, prompt_length), device=rt.device)
+    kernels = kernel_choice(model, prompt, rt)
     cases = []
     for batch_size in (1, 8):
         prompt = torch.randint(config.vocab_size, (batch_size, prompt_length), device=rt.device)

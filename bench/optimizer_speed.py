@@ -122,7 +122,7 @@ def time_shape(sizes, cfg, rt):
             setting.step(batches)
     # one more AdamW step sets the round's length
     steps = max(1, round(cfg.round_s / settings[0].step(batches)))
-    if dist.is_initialized():  # rank 0's count for all: Muon's steps are collectives
+    if dist.is_initialized():  # rank 0's count for all: as many (collective) Muon steps in each
         steps = torch.tensor(steps, device=rt.device)  # (on the device: NCCL sends no CPU tensors)
         dist.broadcast(steps, 0)
         steps = int(steps)

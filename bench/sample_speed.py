@@ -31,7 +31,7 @@ vocab_size = 50304  # model vocabulary (GPT-2's 50257 padded to a multiple of 64
 bias = False  # biases in Linear layers and LayerNorms
 # cases
 prompt_lengths = "16,128"  # prompt lengths in tokens, comma-separated
-new_tokens = "100,500"  # per prompt, comma-separated; each pair with prompt_lengths is a case
+new_tokens = "100,500"  # tokens to generate per prompt; each pair with prompt_lengths is a case
 batch_size = 1  # sequences generated together {> 0}
 seed = 1337  # seeds the weights and the prompts
 # system: device from devices.DeviceConfig (listed last); dtype here for its float32 default

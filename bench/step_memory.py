@@ -44,7 +44,7 @@ gradient_accumulation_steps = 4  # micro-batches per optimizer step {> 0}
 steps = 2  # optimizer steps measured {> 0}
 seed = 1337  # seeds the weights and the random batches
 # system: device, dtype and compile are devices.RuntimeConfig's keys (--help lists them last)
-ways = "loss_only,logits_held"  # compared, comma-separated: loss_only, logits_held, checkpointed
+ways = "loss_only,logits_held"  # ways to compare: loss_only, logits_held, checkpointed
 way = ""  # internal: the way one child process measures; empty runs each of `ways`
 out = "bench/results/step_memory.json"  # JSON report
 # ---- end of config ----
