@@ -48,7 +48,7 @@ warmup_steps = 2  # untimed whole steps of each optimizer first, per shape {>= 0
 rounds = 4  # rounds per shape; each times both optimizers {> 0}
 round_s = 2.0  # seconds of whole AdamW steps per round: sets the steps per round (at least 1) {> 0}
 max_ratio = 1.15  # the issue's acceptance: Muon's whole step at most this many times AdamW's {> 0}
-muon_split = "head"  # as in train.py: orthogonalise head-wide strips or whole matrices {whole|head}
+muon_split = "head"  # as in train.py: orthogonalise head-wide strips or whole matrices {head|whole}
 # system: device and the rest from devices.RuntimeConfig; dtype, compile declared here for defaults
 dtype = "float32"  # float32 (no autocast; as the issue measured), bfloat16, float16, or auto
 compile = "false"  # torch.compile the model: false (the issue's figures), true, auto (on for CUDA)

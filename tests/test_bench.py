@@ -39,7 +39,7 @@ def test_help_lists_every_key_and_unknown_keys_are_one_line_errors(script):
 @pytest.mark.parametrize(("script", "arg", "message"), [
     ("bench/train_speed.py", "--steps=0", "steps must be > 0, got 0"),
     ("bench/data_speed.py", "--dropout=1", "dropout must be in [0, 1), got 1.0"),
-    ("bench/optimizer_speed.py", "--muon_split=x", "muon_split must be whole or head, got 'x'"),
+    ("bench/optimizer_speed.py", "--muon_split=x", "muon_split must be head or whole, got 'x'"),
 ])
 def test_a_key_outside_its_tag_is_a_one_line_error(script, arg, message):
     """The bench keys' ranges are their tags, refused by load_config before anything runs."""
