@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lora import adapter_state, merge_lora
-from model import GPT, GPT2_OPTIONS, GPTConfig, mlp_width
+from model import GPT, GPT2_OPTIONS, ROPE_THETA, GPTConfig, mlp_width
 
 HUB_REPOS = {name: f"openai-community/{name}"
              for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -202,7 +202,7 @@ ROTARY_OUTER_NAMES = {"transformer.wte": "model.embed_tokens", "transformer.ln_f
 ROTARY_SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "intermediate_size")
 RMS_NORM_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm's default eps for fp32 inputs
-ROPE = {"rope_type": "default", "rope_theta": 10000.0}  # model.rotary_tables' frequencies
+ROPE = {"rope_type": "default", "rope_theta": ROPE_THETA}  # model.rotary_tables' frequencies
 # what LlamaConfig and Qwen3Config assume for a key config.json lacks (None: from the shape keys)
 ROTARY_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "attention_bias": False,
                    "mlp_bias": False, "use_sliding_window": False}
@@ -317,9 +317,9 @@ class Layout:
         return [key for key, values in self.holds.items() if getattr(config, key) not in values]
 
     def why_not(self, config):
-        found = ", ".join(f"{key}={getattr(config, key)}" for key in self.misfits(config))
-        needed = ", ".join(f"{key}={'/'.join(map(str, self.holds[key]))}"
-                           for key in self.misfits(config))
+        misfits = self.misfits(config)
+        found = ", ".join(f"{key}={getattr(config, key)}" for key in misfits)
+        needed = ", ".join(f"{key}={'/'.join(map(str, self.holds[key]))}" for key in misfits)
         return f"the {self.name} layout cannot hold {found} ({self.architecture} needs {needed})"
 
 
@@ -347,8 +347,9 @@ LAYOUTS = (  # at most one holds a model's options
 def layout_for(config):
     """The layout that holds `config`'s options, or WeightsError naming those that the nearest
     layouts (the fewest options off) cannot hold."""
-    fewest = min(len(layout.misfits(config)) for layout in LAYOUTS)
-    nearest = [layout for layout in LAYOUTS if len(layout.misfits(config)) == fewest]
+    counts = [len(layout.misfits(config)) for layout in LAYOUTS]
+    fewest = min(counts)
+    nearest = [layout for layout, count in zip(LAYOUTS, counts) if count == fewest]
     if fewest:
         raise WeightsError(f"no Hugging Face layout holds this model's options; nearest: "
                            f"{', and '.join(layout.why_not(config) for layout in nearest)}; "

@@ -142,11 +142,14 @@ def value_table(config, layer):
     return None
 
 
+ROPE_THETA = 10000.0  # RoFormer's base of the rotary frequencies (hf.py writes it to config.json)
+
+
 def rotary_tables(config):
-    """cos and sin of each position's angles, (block_size, head_dim / 2), RoFormer's base 10000."""
+    """cos and sin of each position's angles, (block_size, head_dim / 2), at base ROPE_THETA."""
     head_dim = config.n_embd // config.n_head
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-    inverse_frequency = 1.0 / 10000 ** exponents
+    inverse_frequency = 1.0 / ROPE_THETA ** exponents
     angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inverse_frequency)
     return angles.cos(), angles.sin()
 
