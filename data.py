@@ -265,9 +265,8 @@ def describe_data(meta: dict) -> str:
 def tokenizer_identity(meta: dict) -> tuple:
     """What makes two datasets' token ids mean the same: the tiktoken encoding (under any name) or
     the tokenizer's kind with its characters or its trained file's sha256, and the vocab size."""
-    kind = meta["tokenizer"]
-    return (meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind), meta.get("chars"),
-            meta["vocab_size"], meta.get("tokenizer_sha256"))
+    return (encoding_name(meta), meta.get("chars"), meta["vocab_size"],
+            meta.get("tokenizer_sha256"))
 
 
 def describe_tokenizer(meta: dict) -> str:
@@ -470,7 +469,14 @@ def get_tokenizer(meta: dict) -> Tokenizer:
         return CharTokenizer(meta["chars"])
     if kind == "bpe":
         return BPETokenizer(meta["tokenizer_json"])
-    return TiktokenTokenizer(meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind))
+    return TiktokenTokenizer(encoding_name(meta))
+
+
+def encoding_name(meta: dict) -> str:
+    """The tiktoken encoding a meta names (older metas name it by their tokenizer, as gpt2), or
+    the tokenizer's kind for a char or bpe one."""
+    kind = meta["tokenizer"]
+    return meta.get("encoding") or TIKTOKEN_ALIASES.get(kind, kind)
 
 
 def is_gpt2_bpe(meta: dict) -> bool:
