@@ -181,11 +181,11 @@ def prepare(
     _check_options(dataset, val_fraction, test_fraction, shard_tokens, val_tokens, test_tokens,
                    max_docs, block_size)
     tokenizer_name = tokenizer or DEFAULT_TOKENIZER[dataset]
-    if tokenizer_name == "bpe":
-        check_vocab_size(vocab_size)
-    elif vocab_size is not None:
+    if tokenizer_name != "bpe" and vocab_size is not None:
         raise DataError("--vocab_size is the size of the vocabulary that --tokenizer bpe learns;"
                         f" {tokenizer_name} has its own, so drop it")
+    if tokenizer_name == "bpe" and dataset not in WEB_DATASETS:  # web data refuses bpe (common.py)
+        check_vocab_size(vocab_size)
     out_dir = Path(data_root) / (name or dataset)
     val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     if dataset == "sft":

@@ -126,8 +126,10 @@ def test_bad_vocabulary_options_are_one_line_and_write_nothing(tmp_path, capsys,
 
 
 def test_web_data_and_meta_refuse_bpe(tmp_path, capsys):
-    for arguments in (["fineweb10B", "--input", PLAY], ["meta", "--name", "shards"]):
-        status, _, err = prepare_cli(capsys, *arguments, "--tokenizer=bpe", "--vocab_size=300",
+    for arguments in (["fineweb10B", "--input", PLAY, "--vocab_size=300"],
+                      ["fineweb10B", "--input", PLAY],  # refused as web data, not for --vocab_size
+                      ["meta", "--name", "shards", "--vocab_size=300"]):
+        status, _, err = prepare_cli(capsys, *arguments, "--tokenizer=bpe",
                                      "--data_root", tmp_path / "data")
         assert status == 2 and "the bpe tokenizer learns its vocabulary from the train split" in err
         assert err.count("\n") == 1 and not (tmp_path / "data").exists()
