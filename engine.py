@@ -5,7 +5,7 @@ loop uses; this is the one-at-a-time one, as nanochat keeps its engine beside th
 
 import torch
 
-from model import sample_next
+from model import generation_attention, sample_next
 
 
 class Session:
@@ -22,15 +22,16 @@ class Session:
     def feed(self, ids):
         block_size = self.model.config.block_size
         self.ids += ids
-        if self.cache is None or self.cache.pos + len(ids) > block_size:
-            tail = self.ids[-(block_size // 2):] if len(self.ids) > block_size else self.ids
-            self.cache = self.model.new_cache(1, self.device)
-            self.logits = self.model(torch.tensor([tail], device=self.device),
-                                     kv_cache=self.cache)[0][0, -1]
-            return
-        for token in ids:
-            self.logits = self.model(torch.tensor([[token]], device=self.device),
-                                     kv_cache=self.cache)[0][0, -1]
+        with generation_attention():  # model.generate's kernels: no cuDNN plan per key length
+            if self.cache is None or self.cache.pos + len(ids) > block_size:
+                tail = self.ids[-(block_size // 2):] if len(self.ids) > block_size else self.ids
+                self.cache = self.model.new_cache(1, self.device)
+                self.logits = self.model(torch.tensor([tail], device=self.device),
+                                         kv_cache=self.cache)[0][0, -1]
+                return
+            for token in ids:
+                self.logits = self.model(torch.tensor([[token]], device=self.device),
+                                         kv_cache=self.cache)[0][0, -1]
 
 
 class Streamer:
