@@ -1,11 +1,55 @@
-"""Generation for people (sample.py): one sequence fed through a KV cache kept between calls, so a
-chat's earlier turns are not recomputed, and text streamed to the console as it is sampled, ending
-at the end-of-text token or at a stop string. model.generate is the batched sampler the training
-loop uses; this is the one-at-a-time one, as nanochat keeps its engine beside the model."""
+"""Generation: the parts both samplers share, then generation for people.
+
+model.generate is the batched sampler the training loop uses (a fresh KV cache per call); Session
+is sample.py's one sequence, fed through a KV cache kept between calls so a chat's earlier turns
+are not recomputed, and Streamer prints its text as it is sampled, ending at the end-of-text token
+or at a stop string. Both use KVCache, generation_attention and sample_next, kept here beside the
+model as nanochat keeps its engine (model.py imports them; this file imports nothing of ours)."""
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import generation_attention, sample_next
+
+class KVCache:
+    """Every layer's keys and values for the positions seen so far, preallocated to `block_size`."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size,
+                 config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled; all layers write [pos, pos + T) before pos advances
+
+    def update(self, layer, k, v):
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def generation_attention():
+    """Attention kernels for generation: all but cuDNN's, which plans per key length (one per
+    generated token) and made H200 KV-cache sampling slower than recomputing (bench/RESULTS.md)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V): greedy at temperature 0, else top-k, then top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once those ranked above it hold top_p of the mass; the first always stays
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 class Session:

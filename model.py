@@ -1,8 +1,9 @@
 """A GPT language model: the GPT-2 architecture and options, a KV-cache generator, FLOP counting.
 
-Reading order: GPTConfig (the architecture options) and its readers, the blocks (KV cache,
-attention, MLP), GPT, then sampling. Around it: lora.py (adapters), optimizers.py (which optimizer
-trains what), hf.py (Hugging Face, PEFT files). The model knows nothing of training (train.py).
+Reading order: GPTConfig (the architecture options) and its readers, the blocks (attention, MLP),
+GPT, then generation. Around it: engine.py (the KV cache, attention kernels and token choice that
+generation uses), lora.py (adapters), optimizers.py (which optimizer trains what), hf.py (Hugging
+Face, PEFT files). The model knows nothing of training (train.py).
 """
 
 import math
@@ -12,8 +13,8 @@ from typing import Annotated, Literal, TypeVar, get_args, get_origin, get_type_h
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine import KVCache, generation_attention, sample_next
 from lora import LoRALinear
 
 Value = TypeVar("Value")
@@ -93,30 +94,6 @@ def check_options(values):
                          f"table feeds one of the first and one of the last layers), got {tables}")
 
 
-class KVCache:
-    """Every layer's keys and values for the positions seen so far, preallocated to `block_size`."""
-
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size,
-                 config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # positions filled; all layers write [pos, pos + T) before pos advances
-
-    def update(self, layer, k, v):
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-def generation_attention():
-    """Attention kernels for generation: all but cuDNN's, which plans per key length (one per
-    generated token) and made H200 KV-cache sampling slower than recomputing (bench/RESULTS.md)."""
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
-
-
 def projection(config, part, in_features, out_features):
     """A block's Linear, with LoRA adapters if lora_rank > 0 and lora_targets names this part."""
     if config.lora_rank > 0 and part in config.lora_targets.split(","):
@@ -194,7 +171,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             assert kv_cache.pos == 0 or T == 1, ("the cache takes one prefill from position 0, "
                                                  "then single tokens")
-            k, v = kv_cache.update(self.layer, k, v)
+            k, v = kv_cache.update(self.layer, k, v)  # every position's so far (engine.KVCache)
         dropout_p = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             # torch's CPU attention is 2-3x slower in bf16 than fp32 at the lengths CPUs train (T=64
@@ -415,20 +392,3 @@ class GPT(nn.Module):
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row of logits (B, V): greedy at temperature 0, else top-k, then top-p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token once those ranked above it hold top_p of the mass; the first always stays
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)

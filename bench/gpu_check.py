@@ -46,7 +46,8 @@ import train
 from bench import common, optimizer_speed, sample_speed
 from checkpoint import full_state, load_checkpoint, load_sharded_state, save_sharded
 from configurator import ConfigError, load_config, run_main
-from model import GPT, GPT2_OPTIONS, GPTConfig, generation_attention
+from engine import generation_attention
+from model import GPT, GPT2_OPTIONS, GPTConfig
 from muon import orthogonalize
 from optimizers import configure_optimizer
 from parallel import shard
@@ -366,7 +367,7 @@ def section_sampling(cfg, rt, started):
 
 def kernel_choice(model, prompt, rt, count=32):
     """Seconds for `count` KV-cache tokens with every attention kernel torch may pick (cuDNN's
-    included) and with those model.generation_attention allows."""
+    included) and with those engine.generation_attention allows."""
     seconds = {}
     for name, kernels in (("any", contextlib.nullcontext),
                           ("generation_attention", generation_attention)):

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import devices
 from bench import common
 from configurator import ConfigError, run_main
-from model import GPT, generation_attention, sample_next
+from engine import generation_attention, sample_next
+from model import GPT
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 # model: the GPT-2 124M shape, random weights

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPT2_OPTIONS, GPTConfig, sample_next
+from engine import KVCache, sample_next
+from model import GPT, GPT2_OPTIONS, GPTConfig
 from optimizers import optimizer_groups
 
 TINY = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32,
@@ -123,7 +124,6 @@ def test_kv_cache_greedy_matches_full_recompute(new_tokens):
 def test_kv_cache_logits_match_full_forward():
     model = tiny_model()
     idx = torch.randint(0, 50, (2, 12))
-    from model import KVCache
     cache = KVCache(model.config, 2, "cpu", torch.float32)
     model(idx[:, :5], kv_cache=cache)
     for t in range(5, 12):

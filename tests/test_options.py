@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import read_log, run_here, tiny_args
 
 from data import Windows
+from engine import KVCache
 from hf import WeightsError, save_hf
-from model import GPT, GPT2_OPTIONS, GPTConfig, KVCache, value_table
+from model import GPT, GPT2_OPTIONS, GPTConfig, value_table
 from muon import orthogonalize
 from optimizers import configure_optimizer
 
