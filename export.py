@@ -84,8 +84,9 @@ def report_adapters(folder, model, base):
           f"{model.config.lora_rank} on {model.config.lora_targets}, "
           f"{sum(t.numel() for t in adapter_state(model).values()):,} parameters")
     command = shlex.join(["python", "sample.py", f"--init_from={base}", f"--adapters={folder}"])
+    architecture = layout_for(model.config).architecture
     print(f"apply them to {base}: here `{command}`; with PEFT PeftModel.from_pretrained("
-          f"GPT2LMHeadModel.from_pretrained({str(base)!r}), {str(folder)!r})")
+          f"{architecture}.from_pretrained({str(base)!r}), {str(folder)!r})")
 
 
 def report(folder, model, meta, crop_vocab):

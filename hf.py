@@ -184,6 +184,11 @@ def gpt2_state_to_hf(state, config):
             for name, like in reference.items() if name != "lm_head.weight"}
 
 
+def gpt2_linear_names(module):
+    """Our Linears keep GPT-2's names."""
+    return [module]
+
+
 # ---- the Llama and Qwen3 layouts (LlamaForCausalLM, Qwen3ForCausalLM) ----
 # Their blocks compute what ours do with rope, rmsnorm and swiglu: rotate_half turns the same pairs
 # of halves as model.rotate, with the same frequencies (so q and k need no permutation),
@@ -267,6 +272,11 @@ def rotary_names(name):
     return [f"model.layers.{layer}.{theirs}.{kind}" for theirs in ROTARY_BLOCK_NAMES[part]]
 
 
+def rotary_linear_names(module):
+    """The Llama-layout names of the Linears our Linear `module` stacks by rows."""
+    return [name.removesuffix(".weight") for name in rotary_names(f"{module}.weight")]
+
+
 def rotary_state_from_hf(layout, tensors, model, folder):
     """`model`'s state dict from a Llama or Qwen3's tensors, each checked by name and shape."""
     tied = model.config.tie_embeddings
@@ -306,6 +316,8 @@ class Layout:
     config_from_hf: Callable  # (layout, config.json, dropout) -> GPTConfig
     state_to_hf: Callable  # (our state dict, GPTConfig) -> its tensors
     state_from_hf: Callable  # (layout, its tensors, our model, folder) -> our state dict
+    linear_names: Callable  # our Linear's name -> the names of its Linears, stacked by rows in ours
+    conv1d: bool  # its projections store weights as (in, out), GPT-2's Conv1D (PEFT fan_in_fan_out)
 
     def fixed_options(self):
         """The GPTConfig fields this layout holds one value of, with that value: what a model loaded
@@ -334,13 +346,15 @@ ROTARY_OPTIONS = {"pos_embedding": ("rope",), "norm": ("rmsnorm",), "mlp": ("swi
                   "tie_embeddings": (True, False)}
 LAYOUTS = (  # at most one holds a model's options
     Layout("GPT-2", "gpt2", "GPT2LMHeadModel", holding(), gpt2_config_to_hf, gpt2_config_from_hf,
-           gpt2_state_to_hf, gpt2_state_from_hf),
+           gpt2_state_to_hf, gpt2_state_from_hf, gpt2_linear_names, conv1d=True),
     Layout("Llama", "llama", "LlamaForCausalLM", holding(**ROTARY_OPTIONS), llama_config_to_hf,
-           rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf),
+           rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf, rotary_linear_names,
+           conv1d=False),
     # Qwen3MLP has no biases, so a model with biases has no place there
     Layout("Qwen3", "qwen3", "Qwen3ForCausalLM",
            holding(**ROTARY_OPTIONS, qk_norm=(True,), bias=(False,)), qwen3_config_to_hf,
-           rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf),
+           rotary_config_from_hf, rotary_state_to_hf, rotary_state_from_hf, rotary_linear_names,
+           conv1d=False),
 )
 
 
@@ -418,27 +432,41 @@ def save_tokenizer_config(folder, eos_token):
 
 # ---- PEFT's LoRA adapters ----
 
-PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora_targets -> modules
+PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora_targets -> ours
+
+
+def peft_targets(layout, part):
+    """PEFT's target_modules for one of lora_targets' parts, in `layout` (their names past the
+    layer: attn.c_attn, or self_attn.q_proj and its siblings)."""
+    return [name.split(".", 3)[3] for ours in PEFT_TARGETS[part]
+            for name in layout.linear_names(f"transformer.h.0.{part}.{ours}")]
 
 
 def save_adapters(gpt, folder, base_model):
     """Write `gpt`'s LoRA adapters alone in PEFT's layout (adapter_config.json,
-    adapter_model.safetensors):
-    `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), folder)` applies them to
-    transformers' GPT-2, `load_adapters(load_hf(base_model), folder)` to this one."""
-    cfg = gpt.config
-    modules = [f"{part}.{name}" for part, names in PEFT_TARGETS.items()
-               if part in cfg.lora_targets.split(",") for name in names]
+    adapter_model.safetensors), named for the Hugging Face layout of its options (layout_for, as
+    save_hf writes `base_model`): PeftModel.from_pretrained applies them to that transformers model
+    (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM), load_adapters(load_hf(base_model),
+    folder) to this one. An adapter on a fused projection (c_attn: q, k, v) becomes one on each of
+    its Linears: A repeated, B split by rows, the same update."""
+    cfg, layout = gpt.config, layout_for(gpt.config)
+    modules = [target for part in PEFT_TARGETS if part in cfg.lora_targets.split(",")
+               for target in peft_targets(layout, part)]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
               "base_model_name_or_path": str(base_model), "r": cfg.lora_rank,
               "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-              "target_modules": modules, "fan_in_fan_out": True, "bias": "none",
+              "target_modules": modules, "fan_in_fan_out": layout.conv1d, "bias": "none",
               "inference_mode": True}
+    tensors = {}
+    for name, tensor in adapter_state(gpt).items():  # <Linear>.lora_A (r, in) or .lora_B (out, r)
+        module, kind = name.rsplit(".", 1)
+        theirs = layout.linear_names(module)
+        parts = [tensor] * len(theirs) if kind == "lora_A" else tensor.chunk(len(theirs))
+        for their, part in zip(theirs, parts):
+            tensors[f"base_model.model.{their}.{kind}.weight"] = part.float().cpu().contiguous()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {f"base_model.model.{name}.weight": t.detach().float().cpu().contiguous()
-               for name, t in adapter_state(gpt).items()}
     write_safetensors(folder / "adapter_model.safetensors", tensors)
 
 
@@ -451,18 +479,43 @@ def load_adapters(gpt, folder):
     except (OSError, ValueError) as e:
         raise WeightsError(f"{folder} holds no readable LoRA adapters ({e}); write them with "
                            "`python export.py CKPT FOLDER --adapters_only`") from None
-    parts = sorted({module.split(".")[0] for module in config["target_modules"]})
+    layout = layout_for(gpt.config)
+    parts = [part for part in PEFT_TARGETS
+             if set(peft_targets(layout, part)) <= set(config["target_modules"])]
     model = type(gpt)(replace(gpt.config, lora_rank=config["r"], lora_alpha=config["lora_alpha"],
                               lora_targets=",".join(parts)))
-    adapters = {name.removeprefix("base_model.model.").removesuffix(".weight"): t
-                for name, t in tensors.items()}
-    expected = adapter_state(model)
-    if (adapters.keys() != expected.keys()
-            or any(adapters[k].shape != t.shape for k, t in expected.items())):
-        raise WeightsError(f"the adapters in {folder} do not fit this model's layers; they were "
-                           "trained on other base weights")
+    left = dict(tensors)  # each taken once; any left over fits no adapter of ours
+    adapters = {name: stacked_adapter(layout, name, like, left, folder)
+                for name, like in adapter_state(model).items()}
+    if left:
+        raise adapters_misfit(folder)
     model.load_state_dict({**gpt.state_dict(), **adapters})
     return model.to(gpt.lm_head.weight.device)
+
+
+def stacked_adapter(layout, name, like, tensors, folder):
+    """Our adapter tensor `name` (shaped `like`), taken out of PEFT's `tensors` for the Linears it
+    stacks: their shared A, or their Bs stacked by rows (save_adapters' split undone)."""
+    module, kind = name.rsplit(".", 1)
+    names = layout.linear_names(module)
+    shapes = [like.shape] * len(names) if kind == "lora_A" else [
+        part.shape for part in like.chunk(len(names))]
+    theirs = [tensors.pop(f"base_model.model.{their}.{kind}.weight", None) for their in names]
+    if any(t is None or t.shape != shape for t, shape in zip(theirs, shapes)):
+        raise adapters_misfit(folder)
+    if kind == "lora_B":
+        return torch.cat(theirs)
+    if not all(torch.equal(t, theirs[0]) for t in theirs):
+        raise WeightsError(f"the adapters in {folder} give {', '.join(names)} A matrices of "
+                           f"their own, which our one adapter on {module} cannot hold; merge "
+                           "them into the base weights with PEFT (merge_and_unload) and load "
+                           "those")
+    return theirs[0]
+
+
+def adapters_misfit(folder):
+    return WeightsError(f"the adapters in {folder} do not fit this model's layers; they were "
+                        "trained on other base weights")
 
 
 # ---- safetensors ----

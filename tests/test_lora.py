@@ -1,10 +1,13 @@
 """LoRA: adapters start as a no-op, merge into the weights without changing the logits, are the only
 thing a LoRA run trains, and travel alone in PEFT's layout."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import PLAY, run_here, tiny_args
 
+import hf
 import prepare
 from checkpoint import load_checkpoint, model_from_checkpoint
 from hf import WeightsError, load_adapters, load_hf, save_adapters, save_hf
@@ -13,13 +16,16 @@ from model import GPT, GPT2_OPTIONS, GPTConfig
 
 BASE = GPTConfig(**GPT2_OPTIONS, block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32,
                  bias=True)
+ROTARY = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+LAYOUT_OPTIONS = {"GPT2LMHeadModel": {}, "LlamaForCausalLM": ROTARY,  # the base's HF layout
+                  "Qwen3ForCausalLM": {**ROTARY, "qk_norm": True}}
 
 
-def lora_model(targets="attn,mlp", rank=4):
+def lora_model(targets="attn,mlp", rank=4, options=None):
     """A LoRA model whose adapters are random (B starts at zero, which would hide any mix-up)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**BASE.__dict__, "lora_rank": rank, "lora_alpha": 8.0,
-                             "lora_targets": targets}))
+    model = GPT(GPTConfig(**{**BASE.__dict__, **(options or {}), "lora_rank": rank,
+                             "lora_alpha": 8.0, "lora_targets": targets}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -55,34 +61,55 @@ def test_new_adapters_change_nothing_and_only_they_train():
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 4
 
 
-def test_adapters_round_trip_alone_and_refuse_other_weights(tmp_path):
+def base_of(model):
+    """The LoRA model's base: a plain model of its options holding its frozen weights."""
+    plain = GPT(replace(model.config, lora_rank=0))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    return plain
+
+
+@pytest.mark.parametrize("targets", ["attn", "mlp", "attn,mlp"])
+@pytest.mark.parametrize("layout", LAYOUT_OPTIONS)
+def test_adapters_round_trip_alone_in_each_layout(tmp_path, layout, targets):
+    model = lora_model(targets, options=LAYOUT_OPTIONS[layout])
+    save_adapters(model, tmp_path / "adapters", base_model="base")
+    again = load_adapters(base_of(model), tmp_path / "adapters").eval()
+    assert again.config.lora_targets == targets
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_adapters_refuse_other_weights_and_separate_a_matrices(tmp_path):
     model = lora_model()
     save_adapters(model, tmp_path / "adapters", base_model="base")
-    plain = GPT(BASE)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
-    again = load_adapters(plain, tmp_path / "adapters").eval()
-    assert torch.equal(logits(again), logits(model))
+    plain = base_of(model)
     wider = GPT(GPTConfig(**{**BASE.__dict__, "n_embd": 64}))
     with pytest.raises(WeightsError, match="do not fit"):
         load_adapters(wider, tmp_path / "adapters")
     with pytest.raises(WeightsError, match="no readable LoRA adapters"):
         load_adapters(plain, tmp_path)
+    # PEFT adapters trained on Llama's q, k and v apart: our fused c_attn has one A for all three
+    llama = lora_model(options=ROTARY)
+    save_adapters(llama, tmp_path / "llama", base_model="base")
+    tensors = hf.read_safetensors(tmp_path / "llama" / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] += 1
+    hf.write_safetensors(tmp_path / "llama" / "adapter_model.safetensors", tensors)
+    with pytest.raises(WeightsError, match="A matrices of their own"):
+        load_adapters(base_of(llama), tmp_path / "llama")
 
 
-def test_peft_applies_our_adapters_to_transformers_gpt2(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUT_OPTIONS)
+def test_peft_applies_our_adapters_to_transformers_models(tmp_path, layout):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    model = lora_model()
+    model = lora_model(options=LAYOUT_OPTIONS[layout])
     base = merge_lora(model)
-    plain = GPT(BASE)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
-    save_hf(plain, tmp_path / "base")
+    save_hf(base_of(model), tmp_path / "base")
     save_adapters(model, tmp_path / "adapters", base_model=tmp_path / "base")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
-    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapters").eval()
+    theirs = getattr(transformers, layout).from_pretrained(tmp_path / "base")
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapters").eval()
     ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (hf(ids).logits - logits(model)).abs().max().item() <= 1e-4
+        assert (theirs(ids).logits - logits(model)).abs().max().item() <= 1e-4
     assert (logits(base) - logits(model)).abs().max().item() <= 1e-5
 
 
@@ -122,10 +149,10 @@ def test_a_lora_run_exports_merged_or_alone_and_samples(gpt2_run, tmp_path):
     tmp, _ = gpt2_run
     run_here("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "merged")])
     ours = model_from_checkpoint(load_checkpoint(tmp / "run" / "best.pt")).eval()
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     ids = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (hf(ids).logits - ours(ids)[0]).abs().max().item() <= 1e-4
+        assert (theirs(ids).logits - ours(ids)[0]).abs().max().item() <= 1e-4
     run_here("export.py", [str(tmp / "run" / "best.pt"), str(tmp_path / "adapters"),
                            "--adapters_only"])
     sample_args = ["--num_samples=1", "--max_new_tokens=8", "--device=cpu", "--temperature=0"]
