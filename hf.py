@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import data
 from lora import adapter_state, merge_lora
 from model import GPT, GPT2_OPTIONS, ROPE_THETA, GPTConfig, mlp_width
 
@@ -29,6 +30,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                       "U8": torch.uint8, "BOOL": torch.bool}
 VOCABULARY_ROWS = ("transformer.wte.weight", "lm_head.weight")  # the tensors --crop_vocab crops
+GPT2_META = {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257, "eot_id": 50256}
 
 
 class WeightsError(Exception):
@@ -58,6 +60,23 @@ def hf_folder(name_or_dir):
         raise WeightsError(f"{name_or_dir} is not in the Hugging Face cache and could not be "
                            f"downloaded ({type(e).__name__}); go online once, or pass a local "
                            "folder in the Hugging Face layout") from None
+
+
+def weights_meta(name_or_dir):
+    """The tokenizer meta of Hugging Face weights: the meta.json export.py writes beside them, else
+    GPT-2 BPE for the hub's GPT-2s and a GPT-2-layout folder whose vocabulary holds it; WeightsError
+    for any other folder without one, whose tokenizer is not ours to guess."""
+    folder = Path(name_or_dir)
+    if not folder.is_dir():  # a hub GPT-2 by name (hf_folder refuses any other name)
+        return GPT2_META
+    if (folder / "meta.json").is_file():
+        return data.read_meta(folder)
+    hf = read_hf_config(folder)
+    if layout_of_hf(hf).model_type != "gpt2" or hf.get("vocab_size", 0) < GPT2_META["vocab_size"]:
+        raise WeightsError(f"{folder} has no meta.json naming its tokenizer, and only a GPT-2 "
+                           "model is taken to read GPT-2 BPE; export.py writes meta.json beside "
+                           "the weights (a folder from elsewhere needs one naming its tokens)")
+    return GPT2_META
 
 
 def read_hf_config(folder):

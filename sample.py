@@ -17,7 +17,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, 
 from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
 from engine import Session, Streamer, stream
-from hf import WeightsError, load_adapters, load_hf
+from hf import WeightsError, load_adapters, load_hf, weights_meta
 from lora import merge_lora
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
@@ -60,9 +60,6 @@ def prompt(tokenizer, start):
     return text, tokenizer.document_start() + tokenizer.encode(text)
 
 
-GPT2_META = {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257, "eot_id": 50256}
-
-
 def load_model(cfg):
     """(model, tokenizer meta) from GPT-2 weights (plus adapters) if init_from is set, else from a
     run's checkpoint. LoRA adapters come merged into the weights: the same tokens, faster."""
@@ -70,10 +67,8 @@ def load_model(cfg):
         raise ConfigError("--adapters apply to base weights: name them with --init_from "
                           "(e.g. gpt2)")
     if cfg.init_from:
-        folder = Path(cfg.init_from)
-        meta = data.read_meta(folder) if (folder / "meta.json").is_file() else GPT2_META
         try:
-            model = load_hf(cfg.init_from)
+            meta, model = weights_meta(cfg.init_from), load_hf(cfg.init_from)
             return (merge_lora(load_adapters(model, cfg.adapters)) if cfg.adapters
                     else model), meta
         except WeightsError as e:

@@ -23,13 +23,12 @@ from data import (
     Windows,
     describe_tokenizer,
     has_split,
-    is_gpt2_bpe,
     prepare_default,
     read_meta,
     tokenizer_identity,
 )
 from devices import is_out_of_memory
-from hf import WeightsError, load_hf
+from hf import WeightsError, load_hf, weights_meta
 from lora import merge_lora
 from model import GPTConfig, architecture_options
 
@@ -84,20 +83,14 @@ def architecture(cfg, meta, weights_from, ckpt, declared):
 def first_weights(cfg, meta, weights_from):
     """(the model a new run starts from, its lineage or None): another run's checkpoint, its LoRA
     adapters merged into the weights (the new run gets its own), on data of the same tokenizer; or a
-    Hugging Face model's weights, on data of the tokenizer its meta.json names (export.py writes
-    one), else GPT-2 BPE."""
+    Hugging Face model's weights, on data of the tokenizer hf.weights_meta names."""
     path = parent_checkpoint(weights_from)
     if path is not None:
         parent = load_checkpoint(path)
         check_same_tokenizer(parent["meta"], meta, path, cfg.dataset)
         return merge_lora(model_from_checkpoint(parent)), lineage(path, parent)
-    exported_meta = Path(weights_from) / "meta.json"
-    if exported_meta.is_file():
-        check_same_tokenizer(read_meta(exported_meta.parent), meta, weights_from, cfg.dataset)
-    elif not is_gpt2_bpe(meta):
-        raise ConfigError(f"GPT-2 weights read GPT-2 BPE tokens, but {cfg.dataset} holds "
-                          f"{meta['tokenizer']} tokens; prepare the data with --tokenizer gpt2")
     try:
+        check_same_tokenizer(weights_meta(weights_from), meta, weights_from, cfg.dataset)
         return load_hf(weights_from, dropout=cfg.dropout), None
     except WeightsError as e:
         raise ConfigError(str(e)) from None
@@ -107,7 +100,7 @@ def check_same_tokenizer(parent_meta, meta, path, dataset):
     if tokenizer_identity(parent_meta) != tokenizer_identity(meta):
         raise DataError(f"{path} was trained on {describe_tokenizer(parent_meta)}, but {dataset} "
                         f"holds {describe_tokenizer(meta)}, whose ids mean other tokens; "
-                        "prepare the data with the parent's tokenizer (prepare.py --tokenizer), "
+                        "prepare the data with that tokenizer (prepare.py --tokenizer), "
                         "or start from scratch")
 
 

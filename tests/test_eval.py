@@ -19,9 +19,8 @@ from conftest import ROOT
 import data
 import eval
 from checkpoint import save_checkpoint
-from hf import save_hf
+from hf import GPT2_META, save_hf
 from model import GPT, GPT2_OPTIONS, GPTConfig
-from sample import GPT2_META
 
 BLOCK_SIZE = 32  # short, so that the long contexts below run past it
 WORDS = ("the man woman dog ball water house runs jumps slowly quickly red green table chair "

@@ -243,4 +243,17 @@ def test_pretrained_weights_need_gpt2_tokens(data_root, tmp_path):
     save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=50257, n_layer=2, n_head=2,
                           n_embd=32)), hf)
     result = run_here("train.py", tiny_args(data_root, tmp_path / "run", init_from=hf), check=False)
-    assert result.returncode == 2 and "prepare the data with --tokenizer gpt2" in result.stderr
+    assert result.returncode == 2 and "was trained on gpt2 tokens" in result.stderr
+    assert "whose ids mean other tokens; prepare the data with that tokenizer" in result.stderr
+
+
+def test_weights_of_another_layout_need_a_meta_json_naming_their_tokenizer(data_root, tmp_path):
+    llama = tmp_path / "llama"
+    save_hf(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32,
+                          bias=False, qk_norm=False)), llama)
+    for script, args in (("sample.py", [f"--init_from={llama}", "--device=cpu"]),
+                         ("train.py", tiny_args(data_root, tmp_path / "run", init_from=llama))):
+        result = run_here(script, args, check=False)
+        assert result.returncode == 2 and result.stderr.startswith(
+            f"error: {llama} has no meta.json naming its tokenizer"), result.stderr
+    assert not (tmp_path / "run").exists()
