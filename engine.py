@@ -54,9 +54,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 class Session:
     """A growing token sequence and the model's next-token logits after it. Tokens fed go through
-    the KV cache one at a time (the cache takes one prefill, then single tokens); when it would
-    overflow the context, it starts again from the sequence's last half context, prefilled at once
-    (forgetting earlier tokens)."""
+    the KV cache in one forward; when they would overflow the context, it starts again from the
+    sequence's last half context (forgetting earlier tokens)."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
@@ -66,16 +65,12 @@ class Session:
     def feed(self, ids):
         block_size = self.model.config.block_size
         self.ids += ids
+        if self.cache is None or self.cache.pos + len(ids) > block_size:
+            self.cache = self.model.new_cache(1, self.device)
+            ids = self.ids[-(block_size // 2):] if len(self.ids) > block_size else self.ids
         with generation_attention():  # model.generate's kernels: no cuDNN plan per key length
-            if self.cache is None or self.cache.pos + len(ids) > block_size:
-                tail = self.ids[-(block_size // 2):] if len(self.ids) > block_size else self.ids
-                self.cache = self.model.new_cache(1, self.device)
-                self.logits = self.model(torch.tensor([tail], device=self.device),
-                                         kv_cache=self.cache)[0][0, -1]
-                return
-            for token in ids:
-                self.logits = self.model(torch.tensor([[token]], device=self.device),
-                                         kv_cache=self.cache)[0][0, -1]
+            self.logits = self.model(torch.tensor([ids], device=self.device),
+                                     kv_cache=self.cache)[0][0, -1]
 
 
 class Streamer:

@@ -166,22 +166,25 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rotary is not None:  # (cos, sin) of these T positions
             q, k = rotate(q, *rotary), rotate(k, *rotary)
-        # causal only if T > 1: one new token sees no future in the cache; prefill starts it at 0
-        is_causal = T > 1
+        start = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
-            assert kv_cache.pos == 0 or T == 1, ("the cache takes one prefill from position 0, "
-                                                 "then single tokens")
             k, v = kv_cache.update(self.layer, k, v)  # every position's so far (engine.KVCache)
+        # causal: query i sees keys up to start + i. SDPA's is_causal aligns query 0 with key 0,
+        # right without cached keys; after them, T > 1 new tokens need the mask written out
+        mask = (torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+                if start and T > 1 else None)
+        is_causal = T > 1 and not start
         dropout_p = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             # torch's CPU attention is 2-3x slower in bf16 than fp32 at the lengths CPUs train (T=64
             # forward+backward, bench/attention_speed.py): under CPU autocast it runs in fp32
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask,
                                                    dropout_p=dropout_p,
                                                    is_causal=is_causal).to(q.dtype)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p,
+                                               is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -123,13 +123,16 @@ def test_kv_cache_greedy_matches_full_recompute(new_tokens):
 
 def test_kv_cache_logits_match_full_forward():
     model = tiny_model()
-    idx = torch.randint(0, 50, (2, 12))
+    idx = torch.randint(0, 50, (2, 16))
     cache = KVCache(model.config, 2, "cpu", torch.float32)
     model(idx[:, :5], kv_cache=cache)
     for t in range(5, 12):
         step_logits, _ = model(idx[:, t:t + 1], kv_cache=cache)
         full_logits, _ = model(idx[:, :t + 1])
         torch.testing.assert_close(step_logits[:, -1], full_logits[:, -1], rtol=1e-5, atol=1e-5)
+    # several tokens after cached ones: each sees the cache and the new tokens before it
+    x = model.hidden_states(idx[:, 12:], cache)
+    torch.testing.assert_close(x, model.hidden_states(idx)[:, 12:], rtol=1e-5, atol=1e-5)
 
 
 def test_generate_respects_vocab_limit_and_generator():
