@@ -211,18 +211,24 @@ def run_config_file(path, keys):
 
 
 def usage(script_path, keys):
+    """--help: every key with its default and meaning. Resume classes are told only by a script
+    whose own keys name them (train.py): one that takes shared keys (devices.DeviceConfig's
+    {changeable}) but resumes nothing shows their allowed values alone."""
     lines = [f"usage: python {Path(script_path).name} [config_file.py ...] [--key=value ...]", "",
              "Config files run first, in order, then --key=value; every key with its default:"]
-    if any(key.resume != "fixed" for key in keys.values()):  # a tag names a resume class
+    resumes = any(key.resume != "fixed" for key in declared_keys(script_path).values())
+    if resumes:
         lines += ["A meaning may end in {allowed values; resume class}; "
                   "on resume a key of each class"]
         lines += [f"  {word:<12}{what}" for word, what in RESUME_CLASSES.items()]
-    elif any(TAG.search(key.meaning) for key in keys.values()):
+    elif any(key.allowed for key in keys.values()):
         lines += ["A meaning may end in {allowed values}"]
     width = max(len(k) + len(key.written) for k, key in keys.items()) + 4
     for k, key in keys.items():
+        meaning = key.meaning if resumes else TAG.sub(f" {{{key.allowed}}}" if key.allowed else "",
+                                                      key.meaning)
         lines += ["", key.heading] if key.heading else []
-        lines.append(f"  --{k}={key.written}".ljust(width + 2) + f"  {key.meaning}")
+        lines.append(f"  --{k}={key.written}".ljust(width + 2) + f"  {meaning}")
     return "\n".join(lines)
 
 

@@ -137,6 +137,20 @@ def test_a_keys_tag_declares_its_allowed_values_and_resume_class(tmp_path):
         configurator.all_keys(script)
 
 
+def test_help_tells_resume_classes_only_where_the_scripts_own_keys_name_them(tmp_path):
+    """A script that resumes nothing but takes devices.DeviceConfig's keys (sample.py, eval.py,
+    the benchmarks) shows their allowed values, not train.py's resume classes."""
+    script = tmp_path / "script.py"
+    script.write_text("steps = 3  # count {>= 1}\n")
+    text = configurator.usage(script, configurator.all_keys(script, devices.DeviceConfig))
+    assert "resume" not in text and "changeable" not in text
+    assert "{auto|float32|bfloat16|float16}" in text and "count {>= 1}" in text
+    script.write_text("rate = 0.5  # share {(0, 1]; changeable}\n")
+    text = configurator.usage(script, configurator.all_keys(script, devices.DeviceConfig))
+    assert "on resume a key of each class" in text
+    assert "{auto|float32|bfloat16|float16; changeable}" in text
+
+
 @pytest.mark.slow
 def test_training_loss_falls_and_logs(data_root, tmp_path):
     out = tmp_path / "run"
