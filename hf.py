@@ -30,6 +30,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                       "U8": torch.uint8, "BOOL": torch.bool}
 VOCABULARY_ROWS = ("transformer.wte.weight", "lm_head.weight")  # the tensors --crop_vocab crops
+TIED_HEAD = "lm_head.weight"  # with tie_embeddings, wte's matrix: every layout stores it as wte
 GPT2_META = {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257, "eot_id": 50256}
 
 
@@ -181,26 +182,26 @@ def conv1d_layout(name, tensor):
     return tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
 
 
-def gpt2_state_from_hf(layout, tensors, model, folder):
-    """`model`'s state dict from a GPT-2's tensors, each checked by name and shape."""
-    # the head is tied to wte; GPT2Model checkpoints (the hub's gpt2) lack the `transformer.` prefix
+def gpt2_state_from_hf(layout, tensors, expected, folder):
+    """Our `expected` tensors (name -> one like it) from a GPT-2's, each checked by name and
+    shape."""
+    # GPT2Model checkpoints (the hub's gpt2) lack the `transformer.` prefix
     tensors = {name if name.startswith("transformer.") else f"transformer.{name}": tensor
-               for name, tensor in tensors.items()
-               if name != "lm_head.weight" and not name.endswith(HF_MASK_BUFFERS)}
+               for name, tensor in tensors.items() if not name.endswith(HF_MASK_BUFFERS)}
     state = {name: conv1d_layout(name, take_tensor(tensors, name, conv1d_layout(name, like).shape,
                                                    folder, layout))
-             for name, like in model.state_dict().items() if name != "lm_head.weight"}
+             for name, like in expected.items()}
     check_all_taken(tensors, folder, layout)
-    return {**state, "lm_head.weight": state["transformer.wte.weight"]}
+    return state
 
 
 def gpt2_state_to_hf(state, config):
-    """GPT-2's tensors for our state dict: Conv1D layout, zero biases where the model has none, the
-    tied head left out (transformers ties it on loading)."""
+    """GPT-2's tensors for our state dict (its tied head left out): Conv1D layout, zero biases where
+    the model has none."""
     with torch.device("meta"):  # a GPT-2 shaped reference: every name and shape, no memory
         reference = GPT(replace(config, bias=True)).state_dict()
     return {name: conv1d_layout(name, state[name] if name in state else torch.zeros(like.shape))
-            for name, like in reference.items() if name != "lm_head.weight"}
+            for name, like in reference.items() if name != TIED_HEAD}
 
 
 def gpt2_linear_names(module):
@@ -296,29 +297,24 @@ def rotary_linear_names(module):
     return [name.removesuffix(".weight") for name in rotary_names(f"{module}.weight")]
 
 
-def rotary_state_from_hf(layout, tensors, model, folder):
-    """`model`'s state dict from a Llama or Qwen3's tensors, each checked by name and shape."""
-    tied = model.config.tie_embeddings
-    tensors = {name: tensor for name, tensor in tensors.items()
-               if not (tied and name == "lm_head.weight")}
+def rotary_state_from_hf(layout, tensors, expected, folder):
+    """Our `expected` tensors (name -> one like it) from a Llama or Qwen3's, each checked by name
+    and shape."""
     state = {}
-    for name, like in model.state_dict().items():
-        if not (tied and name == "lm_head.weight"):
-            names = rotary_names(name)
-            state[name] = torch.cat([take_tensor(tensors, theirs, part.shape, folder, layout)
-                                     for theirs, part in zip(names, like.chunk(len(names)))])
+    for name, like in expected.items():
+        names = rotary_names(name)
+        state[name] = torch.cat([take_tensor(tensors, theirs, part.shape, folder, layout)
+                                 for theirs, part in zip(names, like.chunk(len(names)))])
     check_all_taken(tensors, folder, layout)
-    return {**state, "lm_head.weight": state["transformer.wte.weight"]} if tied else state
+    return state
 
 
 def rotary_state_to_hf(state, config):
-    """Llama's or Qwen3's tensors for our state dict, the tied head left out (transformers ties it
-    on loading)."""
+    """Llama's or Qwen3's tensors for our state dict (its tied head left out)."""
     tensors = {}
     for name, tensor in state.items():
-        if not (config.tie_embeddings and name == "lm_head.weight"):
-            names = rotary_names(name)
-            tensors.update(zip(names, tensor.chunk(len(names))))
+        names = rotary_names(name)
+        tensors.update(zip(names, tensor.chunk(len(names))))
     return tensors
 
 
@@ -334,7 +330,7 @@ class Layout:
     config_to_hf: Callable  # (GPTConfig, eot_id) -> config.json minus architectures and model_type
     config_from_hf: Callable  # (layout, config.json, dropout) -> GPTConfig
     state_to_hf: Callable  # (our state dict, GPTConfig) -> its tensors
-    state_from_hf: Callable  # (layout, its tensors, our model, folder) -> our state dict
+    state_from_hf: Callable  # (layout, its tensors, our names -> a tensor like it, folder) -> ours
     linear_names: Callable  # our Linear's name -> the names of its Linears, stacked by rows in ours
     conv1d: bool  # its projections store weights as (in, out), GPT-2's Conv1D (PEFT fan_in_fan_out)
 
@@ -412,7 +408,12 @@ def load_hf(name_or_dir, dropout=None):
     hf = read_hf_config(folder)
     layout = layout_of_hf(hf)
     model = GPT(layout.config_from_hf(layout, hf, dropout or 0.0))
-    model.load_state_dict(layout.state_from_hf(layout, read_hf_tensors(folder), model, folder))
+    tensors, expected = read_hf_tensors(folder), model.state_dict()
+    if model.config.tie_embeddings:  # wte's matrix is the one read; transformers may store it twice
+        tensors.pop(TIED_HEAD, None)
+        del expected[TIED_HEAD]
+    state = layout.state_from_hf(layout, tensors, expected, folder)
+    model.load_state_dict({TIED_HEAD: state["transformer.wte.weight"], **state})  # untied: its own
     return model
 
 
@@ -433,6 +434,8 @@ def save_hf(gpt, folder, vocab_size=None, eot_id=None):
     config = replace(gpt.config, vocab_size=vocab_size)
     state = {name: (t[:vocab_size] if name in VOCABULARY_ROWS else t).to("cpu", torch.float32)
              for name, t in gpt.state_dict().items()}
+    if config.tie_embeddings:  # stored once, as wte: transformers ties the head on loading
+        del state[TIED_HEAD]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf_config = {"architectures": [layout.architecture], "model_type": layout.model_type,
