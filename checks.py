@@ -20,8 +20,6 @@ def check_config(cfg, world_size):
         raise ConfigError(f"val_tokens {cfg.val_tokens} must be 0 or a multiple of batch_size x "
                           f"block_size ({cfg.batch_size * cfg.block_size}), so that every val "
                           "batch is whole")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}")
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be "
                           f"divisible by the {world_size} processes")

@@ -81,11 +81,15 @@ def option_choices():
 
 
 def check_options(values):
-    """ValueError for the first field in `values` (name -> value) its Literal or range refuses."""
+    """ValueError for the first field in `values` (name -> value) its Literal or range refuses,
+    or for heads that do not split n_embd evenly."""
     for option, allowed in option_choices().items():
         if option in values and values[option] not in allowed:
             raise ValueError(f"{option} must be one of {', '.join(allowed)}, "
                              f"got {values[option]!r}")
+    width, heads = values.get("n_embd", 0), values.get("n_head")
+    if heads and width % heads:
+        raise ValueError(f"n_embd {width} must be divisible by n_head {heads}")
     if values.get("logit_softcap", 0.0) < 0:
         raise ValueError(f"logit_softcap must be 0 (off) or more, got {values['logit_softcap']}")
     tables, limit = values.get("value_embeddings", 0), values.get("n_layer", 0) // 2
@@ -140,7 +144,6 @@ def rotate(x, cos, sin):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.layer = layer
         self.n_head = config.n_head
         self.dropout = config.dropout

@@ -180,9 +180,8 @@ def _as_text(chunk: bytes, path: Path) -> str:
 def source_chars(documents: list[Path]) -> str:
     """The char tokenizer's vocabulary: every distinct character of the source (one extra read)."""
     chars = set()
-    for path in documents:
-        for chunk in _read_chunks(path, 0, path.stat().st_size):
-            chars.update(_as_text(chunk, path))
+    for text in _texts([(path, 0, path.stat().st_size, None) for path in documents]):
+        chars.update(text)
     return "".join(sorted(chars))
 
 
