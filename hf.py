@@ -13,6 +13,7 @@ trained tokenizer), then save_adapters / load_adapters (PEFT), then safetensors.
 import json
 import os
 import pickle
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -74,9 +75,10 @@ def weights_meta(name_or_dir):
         return data.read_meta(folder)
     hf = read_hf_config(folder)
     if layout_of_hf(hf).model_type != "gpt2" or hf.get("vocab_size", 0) < GPT2_META["vocab_size"]:
-        raise WeightsError(f"{folder} has no meta.json naming its tokenizer, and only a GPT-2 "
-                           "model is taken to read GPT-2 BPE; export.py writes meta.json beside "
-                           "the weights (a folder from elsewhere needs one naming its tokens)")
+        raise WeightsError(f"{folder} has no meta.json naming its tokenizer, and only GPT-2 "
+                           "weights (the GPT-2 layout, vocab_size >= 50257) are taken to read "
+                           "GPT-2 BPE without one; export.py writes meta.json beside the weights "
+                           "(its fields: docs/data.md)")
     return GPT2_META
 
 
@@ -407,7 +409,11 @@ def load_hf(name_or_dir, dropout=None):
     folder = hf_folder(name_or_dir)
     hf = read_hf_config(folder)
     layout = layout_of_hf(hf)
-    model = GPT(layout.config_from_hf(layout, hf, dropout or 0.0))
+    try:
+        model = GPT(layout.config_from_hf(layout, hf, dropout or 0.0))
+    except ValueError as e:  # GPTConfig's own checks, e.g. heads that do not split n_embd
+        raise WeightsError(f"{folder}/config.json describes no model this GPT can be: "
+                           f"{e}") from None
     tensors, expected = read_hf_tensors(folder), model.state_dict()
     if model.config.tie_embeddings:  # wte's matrix is the one read; transformers may store it twice
         tensors.pop(TIED_HEAD, None)
@@ -455,6 +461,7 @@ def save_tokenizer_config(folder, eos_token):
 # ---- PEFT's LoRA adapters ----
 
 PEFT_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": ("c_fc", "c_proj")}  # lora_targets -> ours
+ADAPTED_LINEAR = re.compile(r"\.\d+\.(.+)\.lora_[AB]\.weight$")  # PEFT tensor -> Linear past layer
 
 
 def peft_targets(layout, part):
@@ -502,8 +509,12 @@ def load_adapters(gpt, folder):
         raise WeightsError(f"{folder} holds no readable LoRA adapters ({e}); write them with "
                            "`python export.py CKPT FOLDER --adapters_only`") from None
     layout = layout_for(gpt.config)
-    parts = [part for part in PEFT_TARGETS
-             if set(peft_targets(layout, part)) <= set(config["target_modules"])]
+    if not layout.conv1d and any(".transformer.h." in name for name in tensors):
+        raise WeightsError(f"the adapters in {folder} carry GPT-2's module names, which export.py "
+                           "wrote for every base before 2026-12-05, so PEFT cannot apply them to "
+                           f"a {layout.architecture}; export them again with --adapters_only")
+    adapted = {found[1] for name in tensors if (found := ADAPTED_LINEAR.search(name))}
+    parts = [part for part in PEFT_TARGETS if adapted & set(peft_targets(layout, part))]
     model = type(gpt)(replace(gpt.config, lora_rank=config["r"], lora_alpha=config["lora_alpha"],
                               lora_targets=",".join(parts)))
     left = dict(tensors)  # each taken once; any left over fits no adapter of ours
@@ -523,16 +534,16 @@ def stacked_adapter(layout, name, like, tensors, folder):
     shapes = [like.shape] * len(names) if kind == "lora_A" else [
         part.shape for part in like.chunk(len(names))]
     theirs = [tensors.pop(f"base_model.model.{their}.{kind}.weight", None) for their in names]
-    if any(t is None or t.shape != shape for t, shape in zip(theirs, shapes)):
+    found = [t for t in theirs if t is not None]
+    if found and (len(found) < len(names) or kind == "lora_A"
+                  and not all(torch.equal(t, found[0]) for t in found)):
+        raise WeightsError(f"the adapters in {folder} do not adapt {', '.join(names)} as one (some "
+                           "lack an adapter, or each has an A matrix of its own), as our one "
+                           f"adapter on {module} does; merge them into the base weights with PEFT "
+                           "(merge_and_unload) and load those")
+    if len(found) < len(names) or any(t.shape != shape for t, shape in zip(found, shapes)):
         raise adapters_misfit(folder)
-    if kind == "lora_B":
-        return torch.cat(theirs)
-    if not all(torch.equal(t, theirs[0]) for t in theirs):
-        raise WeightsError(f"the adapters in {folder} give {', '.join(names)} A matrices of "
-                           f"their own, which our one adapter on {module} cannot hold; merge "
-                           "them into the base weights with PEFT (merge_and_unload) and load "
-                           "those")
-    return theirs[0]
+    return found[0] if kind == "lora_A" else torch.cat(found)
 
 
 def adapters_misfit(folder):

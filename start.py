@@ -100,7 +100,8 @@ def check_same_tokenizer(parent_meta, meta, path, dataset):
     if tokenizer_identity(parent_meta) != tokenizer_identity(meta):
         raise DataError(f"{path} was trained on {describe_tokenizer(parent_meta)}, but {dataset} "
                         f"holds {describe_tokenizer(meta)}, whose ids mean other tokens; "
-                        "prepare the data with that tokenizer (prepare.py --tokenizer), "
+                        f"prepare the data with that tokenizer (prepare.py --tokenizer "
+                        f"{parent_meta['tokenizer']}), "
                         "or start from scratch")
 
 

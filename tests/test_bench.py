@@ -40,9 +40,11 @@ def test_help_lists_every_key_and_unknown_keys_are_one_line_errors(script):
     ("bench/train_speed.py", "--steps=0", "steps must be > 0, got 0"),
     ("bench/data_speed.py", "--dropout=1", "dropout must be in [0, 1), got 1.0"),
     ("bench/optimizer_speed.py", "--muon_split=x", "muon_split must be head or whole, got 'x'"),
+    ("bench/sample_speed.py", "--n_head=5", "n_embd 768 must be divisible by n_head 5"),
 ])
 def test_a_key_outside_its_tag_is_a_one_line_error(script, arg, message):
-    """The bench keys' ranges are their tags, refused by load_config before anything runs."""
+    """The bench keys' ranges are their tags, refused by load_config before anything runs (the
+    shape's heads, which no tag can say, by model.check_options)."""
     result = run_here(script, [arg], check=False)
     assert (result.returncode, result.stderr, result.stdout) == (2, f"error: {message}\n", "")
 

@@ -14,6 +14,7 @@ import torch
 import devices
 import train
 from bench.sample_speed import generate_by_recomputing
+from engine import generation_attention
 from model import GPT, GPTConfig
 from muon import orthogonalize
 from optimizers import configure_optimizer
@@ -72,6 +73,22 @@ def test_kv_cache_generation_equals_recomputing_in_fp32():
     prompt = torch.randint(CONFIG.vocab_size, (2, 5), device="cuda")
     cached = model.generate(prompt, 30, temperature=0)
     assert torch.equal(cached, generate_by_recomputing(model, prompt, 30))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_a_chunk_after_the_kv_cache_matches_the_full_forward(dtype, tolerance):
+    """Several new tokens after cached ones attend through an explicit mask (memory-efficient
+    attention under generation_attention, as a chat turn is fed): one forward's hidden states."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG).cuda().eval()
+    idx = torch.randint(CONFIG.vocab_size, (2, 40), device="cuda")
+    with (torch.no_grad(), generation_attention(),
+          torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)):
+        cache = model.new_cache(2, "cuda")
+        model(idx[:, :24], kv_cache=cache)
+        chunk = model.hidden_states(idx[:, 24:], cache)
+        full = model.hidden_states(idx)[:, 24:]
+    torch.testing.assert_close(chunk.float(), full.float(), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("shape", [(768, 3072), (768, 2304), (3072, 768)])

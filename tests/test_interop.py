@@ -244,16 +244,32 @@ def test_pretrained_weights_need_gpt2_tokens(data_root, tmp_path):
                           n_embd=32)), hf)
     result = run_here("train.py", tiny_args(data_root, tmp_path / "run", init_from=hf), check=False)
     assert result.returncode == 2 and "was trained on gpt2 tokens" in result.stderr
-    assert "whose ids mean other tokens; prepare the data with that tokenizer" in result.stderr
+    assert "prepare the data with that tokenizer (prepare.py --tokenizer gpt2)" in result.stderr
 
 
-def test_weights_of_another_layout_need_a_meta_json_naming_their_tokenizer(data_root, tmp_path):
-    llama = tmp_path / "llama"
+def test_weights_other_than_gpt2s_need_a_meta_json_naming_their_tokenizer(data_root, tmp_path):
+    """A Llama-layout folder, and a GPT-2 one whose vocabulary cannot hold GPT-2 BPE."""
+    llama, small = tmp_path / "llama", tmp_path / "small"
     save_hf(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32,
                           bias=False, qk_norm=False)), llama)
-    for script, args in (("sample.py", [f"--init_from={llama}", "--device=cpu"]),
-                         ("train.py", tiny_args(data_root, tmp_path / "run", init_from=llama))):
-        result = run_here(script, args, check=False)
-        assert result.returncode == 2 and result.stderr.startswith(
-            f"error: {llama} has no meta.json naming its tokenizer"), result.stderr
-    assert not (tmp_path / "run").exists()
+    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2, n_head=2,
+                          n_embd=32)), small)
+    run = tmp_path / "run"
+    for folder in (llama, small):
+        for script, args in (("sample.py", [f"--init_from={folder}", "--device=cpu"]),
+                             ("train.py", tiny_args(data_root, run, init_from=folder))):
+            result = run_here(script, args, check=False)
+            assert result.returncode == 2 and result.stderr.startswith(
+                f"error: {folder} has no meta.json naming its tokenizer"), result.stderr
+    assert not run.exists()
+
+
+def test_a_config_json_no_gpt_can_hold_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "odd"
+    save_hf(GPT(GPTConfig(**GPT2_OPTIONS, block_size=64, vocab_size=100, n_layer=2, n_head=2,
+                          n_embd=32)), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_head": 3}))
+    with pytest.raises(WeightsError, match="config.json describes no model this GPT can be: "
+                                           "n_embd 32 must be divisible by n_head 3"):
+        load_hf(folder)

@@ -1,6 +1,7 @@
 """LoRA: adapters start as a no-op, merge into the weights without changing the logits, are the only
 thing a LoRA run trains, and travel alone in PEFT's layout."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -78,7 +79,7 @@ def test_adapters_round_trip_alone_in_each_layout(tmp_path, layout, targets):
     assert torch.equal(logits(again), logits(model))
 
 
-def test_adapters_refuse_other_weights_and_separate_a_matrices(tmp_path):
+def test_adapters_refuse_other_weights_and_what_one_fused_adapter_cannot_hold(tmp_path):
     model = lora_model()
     save_adapters(model, tmp_path / "adapters", base_model="base")
     plain = base_of(model)
@@ -87,14 +88,28 @@ def test_adapters_refuse_other_weights_and_separate_a_matrices(tmp_path):
         load_adapters(wider, tmp_path / "adapters")
     with pytest.raises(WeightsError, match="no readable LoRA adapters"):
         load_adapters(plain, tmp_path)
-    # PEFT adapters trained on Llama's q, k and v apart: our fused c_attn has one A for all three
+    with pytest.raises(WeightsError, match="carry GPT-2's module names.*LlamaForCausalLM"):
+        load_adapters(base_of(lora_model(options=ROTARY)), tmp_path / "adapters")
+    # PEFT's own ways of naming targets: bare names, or a string; the tensors say what is adapted
     llama = lora_model(options=ROTARY)
     save_adapters(llama, tmp_path / "llama", base_model="base")
-    tensors = hf.read_safetensors(tmp_path / "llama" / "adapter_model.safetensors")
-    tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] += 1
-    hf.write_safetensors(tmp_path / "llama" / "adapter_model.safetensors", tensors)
-    with pytest.raises(WeightsError, match="A matrices of their own"):
-        load_adapters(base_of(llama), tmp_path / "llama")
+    config_path = tmp_path / "llama" / "adapter_config.json"
+    for targets in (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                    "all-linear"):
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                           "target_modules": targets}))
+        again = load_adapters(base_of(llama), tmp_path / "llama").eval()
+        assert torch.equal(logits(again), logits(llama))
+    # adapters on Llama's q, k and v apart: our fused c_attn has one A for all three, on all three
+    path = tmp_path / "llama" / "adapter_model.safetensors"
+    tensors = hf.read_safetensors(path)
+    k_proj = "base_model.model.model.layers.0.self_attn.k_proj"
+    for change in ({f"{k_proj}.lora_A.weight": tensors[f"{k_proj}.lora_A.weight"] + 1},
+                   {f"{k_proj}.lora_A.weight": None, f"{k_proj}.lora_B.weight": None}):
+        hf.write_safetensors(path, {name: change.get(name, t) for name, t in tensors.items()
+                                    if change.get(name, t) is not None})
+        with pytest.raises(WeightsError, match=r"do not adapt .*q_proj, .*k_proj, .*v_proj as one"):
+            load_adapters(base_of(llama), tmp_path / "llama")
 
 
 @pytest.mark.parametrize("layout", LAYOUT_OPTIONS)

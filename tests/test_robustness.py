@@ -461,6 +461,7 @@ def test_an_absurd_batch_size_is_one_line(data_root, tmp_path, capsys):
     ({"muon_lr": 0.0}, "muon_lr must be > 0"),
     ({"muon_split": "rows"}, "muon_split must be head or whole, got 'rows'"),
     ({"loss_spike_factor": 0.5}, "loss_spike_factor must be > 1"),
+    ({"n_embd": 48, "n_head": 5}, "n_embd 48 must be divisible by n_head 5"),
 ])
 @pytest.mark.slow
 def test_out_of_range_settings_are_refused_before_anything_is_written(data_root, tmp_path, capsys,
