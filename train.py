@@ -252,19 +252,24 @@ def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
     model.eval()
     losses = {}
     for split, split_batches in batches.items():
-        total = torch.zeros(3, device=device)  # sum of losses, of their squares, count
+        total = torch.zeros(2, device=device)  # sum of losses, count
+        kept = []  # this process's losses
         for i in range(rank, math.ceil(len(split_batches) / world_size) * world_size, world_size):
             x, y = split_batches[min(i, len(split_batches) - 1)]
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
             weight = float(i < len(split_batches))
-            total += torch.stack([loss.float(), loss.float() ** 2,
-                                  torch.tensor(1.0, device=device)]) * weight
+            total += torch.stack([loss.float(), torch.tensor(1.0, device=device)]) * weight
+            kept += [loss.float()] if weight else []
         if world_size > 1:
             dist.all_reduce(total)
-        loss_sum, square_sum, n = total.tolist()
+        loss_sum, n = total.tolist()
         mean = loss_sum / n
-        variance = max(square_sum / n - mean ** 2, 0.0) * n / (n - 1) if n > 1 else 0.0
+        # spread about the mean: as E[x^2] - mean^2, float32 cancels it to noise (0 at 2 batches)
+        spread = sum(((loss - mean) ** 2 for loss in kept), torch.zeros((), device=device))
+        if world_size > 1:
+            dist.all_reduce(spread)
+        variance = spread.item() / (n - 1) if n > 1 else 0.0
         losses[split] = mean, math.sqrt(variance / n)
     model.train()
     return losses

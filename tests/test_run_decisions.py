@@ -69,6 +69,12 @@ def test_val_loss_standard_error_is_that_of_the_batch_losses():
     mean, se = train.estimate_loss(FixedLosses(), batches, "cpu",
                                    torch.autocast("cpu", enabled=False))["val"]
     assert mean == 3.0 and se == pytest.approx(math.sqrt((4 + 1 + 0 + 9) / 3 / 4))
+    # losses near 3.44 that differ in the fourth decimal: E[x^2] - mean^2 in float32 gave 0
+    values = (3.4438, 3.4446)
+    batches = {"val": [(torch.full((2, 3), v), torch.zeros(2, 3)) for v in values]}
+    _, se = train.estimate_loss(FixedLosses(), batches, "cpu",
+                                torch.autocast("cpu", enabled=False))["val"]
+    assert se == pytest.approx(0.0004, rel=1e-3)  # sample std 0.0004 * sqrt(2), over sqrt(2)
 
 
 def test_a_test_split_is_scored_once_with_the_selected_checkpoint(tmp_path):
