@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -102,11 +103,13 @@ class RunLog:
         self.said_no_plot = False  # a plot that cannot be drawn is said once, not every evaluation
 
     def start(self, cfg, meta, device, dtype, world_size, resumed_from, wandb_id, changed=None,
-              parent=None):
+              parent=None, model=None):
         """Write run.json's opening state and, with wandb_log, open (or reopen) the wandb run. A
         resumed run keeps what run.json already says about the run's start, progress and best
         checkpoint, and records the config keys this resume changed ({key: [old, new]}). `parent`:
-        the checkpoint the run started from (checkpoint.lineage), or None."""
+        the checkpoint the run started from (checkpoint.lineage), or None; `model`: the GPTConfig
+        that trains, whose shape and options are the weights' where they come from elsewhere (the
+        config's keys left at their defaults say nothing of them then)."""
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +118,7 @@ class RunLog:
             set_aside_torn_line(self.out_dir / "log.jsonl")
         self.record = {
             "code": code_version(), "config": vars(cfg), "seed": cfg.seed,
+            "model": asdict(model) if model else None,
             "data": {k: meta.get(k) for k in ("dataset", "tokenizer", "vocab_size",
                                               "tokenizer_sha256", "source_sha256", "tokens")},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,

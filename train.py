@@ -439,7 +439,8 @@ def train_in_folder(cfg, rt, rank, local_rank, world_size):
         with monitor.catch_stop_signals() as stop_signals:  # also through an ending's writes
             try:
                 log.start(cfg, setup.meta, rt.device, rt.dtype, world_size,
-                          ckpt["step"] if ckpt else None, state.wandb_id, changed, setup.parent)
+                          ckpt["step"] if ckpt else None, state.wandb_id, changed, setup.parent,
+                          setup.gpt.config)
                 if rank == 0:
                     runlog.describe(cfg, setup, rt, world_size)
                 train_loop(run, changed, stop_signals)

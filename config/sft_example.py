@@ -5,7 +5,7 @@
 #   python train.py config/sft_example.py
 #   python sample.py --out_dir=out-sft --start=$'Reverse the letters of: apple\n' --temperature=0 \
 #     --num_samples=1
-# LoRA instead of full fine-tuning (adapters only, 1.9% of the parameters at rank 8; a higher rate
+# LoRA instead of full fine-tuning (adapters only, 0.95% of the parameters at rank 8; a higher rate
 # suits them):
 #   python train.py config/sft_example.py --lora_rank=8 --learning_rate=1e-3 --out_dir=out-sft-lora
 out_dir = "out-sft"

@@ -229,6 +229,9 @@ def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
     assert (ckpt["weights_from"] == str(hf)
             and ckpt["model_config"]["block_size"] == 32)  # cropped to the config
     assert ckpt["model_config"]["n_embd"] == 32 and ckpt["model_config"]["bias"] is True
+    # run.json says what trains: GPT-2's options, whatever train.py's defaults are
+    model = json.loads((out / "run.json").read_text())["model"]
+    assert model == ckpt["model_config"] and model == {**model, **GPT2_OPTIONS}
     run_here("train.py", [*args, "--init_from=resume"])
     evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
     assert evals[-1] < evals[0]
