@@ -326,9 +326,12 @@ def load_checkpoint(path, map_location="cpu"):
     saying what is wrong. A sharded one's has `sharded` (its folder) in place of model and
     optimizer."""
     if not Path(path).exists():
-        raise CheckpointError(f"no checkpoint at {path}; train one first, or point --out_dir at a "
-                              "run folder")
+        raise CheckpointError(f"no checkpoint at {path}; train one first, or name a run folder "
+                              "that holds one")
     file = state_file(path)
+    if not file.exists():
+        raise CheckpointError(f"{path} is a folder but no checkpoint (a sharded one holds "
+                              "trainer_state.pt); name a checkpoint in it, such as its best.pt")
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:

@@ -34,7 +34,7 @@ from sample import load_model
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to evaluate (train.py's default run)
 ckpt = "best"  # which checkpoint: best (lowest val loss) or last {best|last}
-init_from = ""  # instead of a run: gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
+init_from = ""  # weights: gpt2 ... gpt2-xl, a Hugging Face folder, or a run folder or checkpoint
 adapters = ""  # LoRA adapters for the init_from weights: a folder from export.py --adapters_only
 task = "hellaswag"  # hellaswag (its val split, downloaded once) or a JSON Lines file in its layout
 max_examples = 0  # evaluate the task's first N examples only; 0 evaluates all {>= 0}

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import data
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, parent_checkpoint
 from configurator import ArgumentParser
 from hf import WeightsError, layout_for, save_adapters, save_hf, save_tokenizer_config
 from lora import adapter_state
@@ -28,7 +28,8 @@ class ExportError(Exception):
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint",
-                        help="a run's checkpoint, e.g. out/best.pt (or out/best, a sharded one)")
+                        help="a run's checkpoint, e.g. out/best.pt (or out/best, a sharded one), "
+                             "or a run folder (its best)")
     parser.add_argument("folder",
                         help="where to write config.json, model.safetensors and meta.json")
     parser.add_argument("--crop_vocab", action="store_true",
@@ -56,7 +57,7 @@ def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=Fals
     alone), and its tokenizer meta, to `folder`."""
     folder = Path(folder)
     check_destination(folder, force)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(parent_checkpoint(checkpoint) or checkpoint)  # a run folder: best
     model, meta = model_from_checkpoint(ckpt), ckpt["meta"]
     if adapters_only:
         if not model.config.lora_rank:
@@ -84,9 +85,14 @@ def report_adapters(folder, model, base):
           f"{model.config.lora_rank} on {model.config.lora_targets}, "
           f"{sum(t.numel() for t in adapter_state(model).values()):,} parameters")
     command = shlex.join(["python", "sample.py", f"--init_from={base}", f"--adapters={folder}"])
+    hf_base, export_base = str(base), ""
+    if parent_checkpoint(base) is not None:  # a run of ours: PEFT needs it in a Hugging Face layout
+        hf_base = f"{Path(base).with_suffix('')}-hf"
+        export_base = f" after `{shlex.join(['python', 'export.py', str(base), hf_base])}`"
     architecture = layout_for(model.config).architecture
-    print(f"apply them to {base}: here `{command}`; with PEFT PeftModel.from_pretrained("
-          f"{architecture}.from_pretrained({str(base)!r}), {str(folder)!r})")
+    print(f"apply them to {base}: here `{command}`; with PEFT{export_base} "
+          f"PeftModel.from_pretrained({architecture}.from_pretrained({hf_base!r}), "
+          f"{str(folder)!r})")
 
 
 def report(folder, model, meta, crop_vocab):

@@ -510,9 +510,10 @@ def load_adapters(gpt, folder):
                            "`python export.py CKPT FOLDER --adapters_only`") from None
     layout = layout_for(gpt.config)
     if not layout.conv1d and any(".transformer.h." in name for name in tensors):
-        raise WeightsError(f"the adapters in {folder} carry GPT-2's module names, which export.py "
-                           "wrote for every base before 2026-12-05, so PEFT cannot apply them to "
-                           f"a {layout.architecture}; export them again with --adapters_only")
+        raise WeightsError(f"the adapters in {folder} name GPT-2's modules, but this base is a "
+                           f"{layout.architecture}: they were trained on another base, or written "
+                           "by an export.py older than 2026-12-05 (export them again with "
+                           "--adapters_only)")
     adapted = {found[1] for name in tensors if (found := ADAPTED_LINEAR.search(name))}
     parts = [part for part in PEFT_TARGETS if adapted & set(peft_targets(layout, part))]
     model = type(gpt)(replace(gpt.config, lora_rank=config["r"], lora_alpha=config["lora_alpha"],

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 import data
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, saved_checkpoint
+from checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    parent_checkpoint,
+    saved_checkpoint,
+)
 from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
 from engine import Session, Streamer, stream
@@ -23,7 +29,7 @@ from lora import merge_lora
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to sample from (train.py's default run)
 ckpt = "best"  # which checkpoint: best (lowest val loss) or last {best|last}
-init_from = ""  # instead of a run: gpt2 ... gpt2-xl or a Hugging Face folder (e.g. from export.py)
+init_from = ""  # weights: gpt2 ... gpt2-xl, a Hugging Face folder, or a run folder or checkpoint
 adapters = ""  # LoRA adapters for the init_from weights: a folder from export.py --adapters_only
 start = ""  # prompt text (in bash $'...\n' writes a newline) or FILE:path; empty: a new document
 num_samples = 3  # independent samples to print {> 0}
@@ -61,21 +67,46 @@ def prompt(tokenizer, start):
 
 
 def load_model(cfg):
-    """(model, tokenizer meta) from GPT-2 weights (plus adapters) if init_from is set, else from a
-    run's checkpoint. LoRA adapters come merged into the weights: the same tokens, faster."""
+    """(model, tokenizer meta): init_from's weights (plus adapters, with their fine-tune's meta) if
+    set, else out_dir's run's. LoRA adapters come merged into the weights: the same tokens,
+    faster."""
     if cfg.adapters and not cfg.init_from:
         raise ConfigError("--adapters apply to base weights: name them with --init_from "
                           "(e.g. gpt2)")
-    if cfg.init_from:
-        try:
-            meta, model = weights_meta(cfg.init_from), load_hf(cfg.init_from)
-            return (merge_lora(load_adapters(model, cfg.adapters)) if cfg.adapters
-                    else model), meta
-        except WeightsError as e:
-            raise ConfigError(str(e)) from None
-    state = load_checkpoint(saved_checkpoint(cfg.out_dir, cfg.ckpt))
+    try:
+        model, meta = base_model(cfg)
+        if cfg.adapters:
+            model = merge_lora(load_adapters(model, cfg.adapters))
+            meta = adapters_meta(cfg, meta)
+        return model, meta
+    except WeightsError as e:
+        raise ConfigError(str(e)) from None
+
+
+def base_model(cfg):
+    """(model, meta) of a checkpoint of ours (init_from's run or checkpoint, else out_dir's ckpt),
+    its LoRA adapters merged, or of Hugging Face weights (init_from)."""
+    path = parent_checkpoint(cfg.init_from) if cfg.init_from else saved_checkpoint(cfg.out_dir,
+                                                                                   cfg.ckpt)
+    if path is None:
+        return load_hf(cfg.init_from), weights_meta(cfg.init_from)
+    state = load_checkpoint(path)
     model = model_from_checkpoint(state)
     return (merge_lora(model) if model.config.lora_rank else model), state["meta"]
+
+
+def adapters_meta(cfg, base_meta):
+    """The meta export.py wrote beside the adapters (their fine-tune's data, e.g. its SFT template),
+    else the base's; WeightsError where its tokens are not the base's."""
+    if not (Path(cfg.adapters) / "meta.json").is_file():
+        return base_meta
+    meta = data.read_meta(cfg.adapters)
+    if data.tokenizer_identity(meta) != data.tokenizer_identity(base_meta):
+        raise WeightsError(f"the adapters in {cfg.adapters} were trained on "
+                           f"{data.describe_tokenizer(meta)}, but {cfg.init_from} reads "
+                           f"{data.describe_tokenizer(base_meta)}; apply them to the base they "
+                           "were trained on")
+    return meta
 
 
 def sample(cfg):
@@ -109,8 +140,9 @@ def converse(cfg, model, meta, tokenizer, rt, sampling):
     reply streamed until the model's end-of-text token, the conversation kept in one session's KV
     cache (returned)."""
     if meta.get("template") != data.SFT_TEMPLATE:
+        trained_on = meta.get("dataset") or "data without a template"
         raise ConfigError(f"--chat talks in prepare.py sft's template ({data.SFT_TEMPLATE}), but "
-                          f"this model was trained on {meta.get('dataset')}, not on data in it; "
+                          f"this model was trained on {trained_on}, not on data in it; "
                           "fine-tune it on `prepare.py sft` data first (docs/sft.md)")
     session = Session(model, rt.device)
     session.feed(tokenizer.document_start())

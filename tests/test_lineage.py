@@ -4,6 +4,7 @@ from it, run.json names the parent; a checkpoint of another tokenizer, a key tha
 architecture, a foreign or missing file: one line, exit 2, nothing written."""
 
 import hashlib
+import io
 import json
 import math
 
@@ -58,18 +59,27 @@ def test_a_run_continues_from_another_runs_weights_on_other_data(parent, tmp_pat
     assert json.loads((child / "run.json").read_text())["parent"] == record["parent"]
 
 
-def test_lora_fine_tuning_starts_from_a_run_checkpoint_file(parent, tmp_path):
+def test_lora_fine_tuning_starts_from_a_run_checkpoint_file(parent, tmp_path, monkeypatch):
     source = tmp_path / "records.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     prepare.prepare("sft", inputs=[str(source)], tokenizer="byte", name="qa",
                     data_root=parent / "data", block_size=32, val_fraction=0.25)
-    out = tmp_path / "sft"
-    run_here("train.py", byte_args(parent / "data", "qa", out,
-                                   init_from=parent / "parent" / "last.pt", lora_rank=4,
+    out, base = tmp_path / "sft", parent / "parent" / "last.pt"
+    run_here("train.py", byte_args(parent / "data", "qa", out, init_from=base, lora_rank=4,
                                    learning_rate=1e-2))
     evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
     assert evals[-1] < evals[0]
     assert json.loads((out / "run.json").read_text())["parent"]["checkpoint"].endswith("last.pt")
+    # its adapters alone (export.py takes the run folder: its best) apply to that checkpoint, and
+    # chat in the fine-tune's template as the run does; PEFT needs the base exported first
+    report = run_here("export.py", [out, tmp_path / "adapters", "--adapters_only"]).stdout
+    assert f"after `python export.py {base} {parent / 'parent' / 'last-hf'}`" in report
+    chats, adapters = [], tmp_path / "adapters"
+    for args in ([f"--out_dir={out}"], [f"--init_from={base}", f"--adapters={adapters}"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("name 3?\n"))
+        chats.append(run_here("sample.py", [*args, "--chat", "--temperature=0",
+                                            "--max_new_tokens=8", "--device=cpu"]).stdout)
+    assert chats[0] == chats[1] and chats[0]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -542,3 +542,13 @@ def test_commands_quote_paths_with_spaces(data_root, tmp_path, monkeypatch, caps
         "prepare-option", "prepare-input"])
 def test_every_script_ends_bad_input_in_one_line(main, args, capsys):
     refused(main, args, capsys)
+
+
+def test_a_folder_that_holds_no_checkpoint_is_named_so(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert "hf is a folder but no checkpoint" in refused(export.main, [str(tmp_path / "hf"),
+                                                                       str(tmp_path / "out")],
+                                                         capsys)
+    assert "run folder that holds one" in refused(export.main, [str(tmp_path / "run"),
+                                                                str(tmp_path / "out")], capsys)
