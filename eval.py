@@ -71,13 +71,13 @@ def hellaswag_file(cache_dir=""):
         content = fetch(HELLASWAG_URL)
     except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
         raise data.DataError(f"could not download HellaSwag's val split ({e}); without a network, "
-                             "pass --task=<local path> to a copy of hellaswag_val.jsonl") from None
+                             "give the task as the path of a copy of hellaswag_val.jsonl") from None
     digest = hashlib.sha256(content).hexdigest()
     if digest != HELLASWAG_SHA256:
         raise data.DataError(f"the downloaded hellaswag_val.jsonl has sha256 {digest}, not "
                              f"{HELLASWAG_SHA256}, so it is not the official val split and was not "
-                             f"kept; retry, or download {HELLASWAG_URL} yourself and pass "
-                             "--task=<local path>")
+                             f"kept; retry, or download {HELLASWAG_URL} yourself and give "
+                             "the task as its path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # each torchrun process writes its own
     tmp.write_bytes(content)
@@ -92,8 +92,8 @@ def load_task(task, max_examples=0, cache_dir="", tokenizer=None):
     every process, not mid-scoring."""
     path = hellaswag_file(cache_dir) if task == "hellaswag" else Path(task)
     if not path.is_file():
-        raise data.DataError(f"task file {path} does not exist; give --task=hellaswag or the path "
-                             f"of a JSON Lines file of {LAYOUT} lines")
+        raise data.DataError(f"task file {path} does not exist; give the task as hellaswag or "
+                             f"the path of a JSON Lines file of {LAYOUT} lines")
     examples = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):

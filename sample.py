@@ -7,6 +7,7 @@ The tokenizer is rebuilt from the meta stored in the checkpoint, so no data fold
 streams to the console as it is sampled (engine.py).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -170,7 +171,12 @@ def read_turn(console):
 
 
 def main(argv=None):
-    return run_main(sample, __file__, argv, DeviceConfig, errors=(CheckpointError, data.DataError))
+    try:
+        return run_main(sample, __file__, argv, DeviceConfig,
+                        errors=(CheckpointError, data.DataError))
+    except BrokenPipeError:  # `| head` stopped reading: end quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -205,11 +205,12 @@ def test_hellaswag_checksum_mismatch_and_offline_are_one_line(monkeypatch, capsy
     args = ["--task=hellaswag", f"--cache_dir={tmp_path}"]
     monkeypatch.setattr(eval, "fetch", fake_fetch(b'{"ctx": "tampered"}\n'))
     expect_error(args, capsys, "hellaswag_val.jsonl has sha256", eval.HELLASWAG_SHA256,
-                 "--task=<local path>")
+                 "give the task as its path")
     assert list(tmp_path.iterdir()) == []  # nothing cached, no temporary file left
     monkeypatch.setattr(eval, "fetch",
                         fake_fetch(urllib.error.URLError("[Errno -3] name resolution failed")))
-    expect_error(args, capsys, "could not download HellaSwag", "--task=<local path>")
+    expect_error(args, capsys, "could not download HellaSwag",
+                 "give the task as the path of a copy")
 
 
 @pytest.mark.parametrize(("lines", "message"), [
