@@ -330,8 +330,10 @@ def load_checkpoint(path, map_location="cpu"):
                               "that holds one")
     file = state_file(path)
     if not file.exists():
-        raise CheckpointError(f"{path} is a folder but no checkpoint (a sharded one holds "
-                              "trainer_state.pt); name a checkpoint in it, such as its best.pt")
+        what = ("a Hugging Face folder (config.json)" if (Path(path) / "config.json").exists()
+                else "a folder")
+        raise CheckpointError(f"{path} is {what}, not a checkpoint; name a run folder or a "
+                              "checkpoint that train.py wrote")
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
@@ -353,15 +355,15 @@ def load_checkpoint(path, map_location="cpu"):
             **({"sharded": Path(path).resolve()} if Path(path).is_dir() else {})}
 
 
-def parent_checkpoint(init_from):
-    """The checkpoint of this trainer that init_from names, for a new run to start from: a
-    checkpoint file, a sharded checkpoint folder, or a run folder (its best checkpoint); None where
-    it names none (a Hugging Face folder holds config.json)."""
+def parent_checkpoint(init_from, name="best"):
+    """The checkpoint of this trainer that init_from names, for a new run to start from (or
+    sample.py to read): a checkpoint file, a sharded checkpoint folder, or a run folder (its
+    checkpoint `name`); None where it names none (a Hugging Face folder holds config.json)."""
     path = Path(init_from)
     if path.is_file() or (path / "trainer_state.pt").is_file():
         return path
     if path.is_dir() and not (path / "config.json").exists():
-        return saved_checkpoint(path, "best")
+        return saved_checkpoint(path, name)
     return None
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from checkpoint import CheckpointError, saved_checkpoint
+from checkpoint import CheckpointError, parent_checkpoint, saved_checkpoint
 from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
 from sample import load_model
@@ -218,7 +218,9 @@ def report(cfg, result, seconds, block_size):
               f"{result['cut_tokens']} tokens cut in all")
     if cfg.out:
         summary = {"task": cfg.task,
-                   "model": cfg.init_from or str(saved_checkpoint(cfg.out_dir, cfg.ckpt)),
+                   "model": str(parent_checkpoint(cfg.init_from, cfg.ckpt) or cfg.init_from
+                                if cfg.init_from else saved_checkpoint(cfg.out_dir, cfg.ckpt)),
+                   "adapters": cfg.adapters or None,
                    "examples_per_s": speed, **result}
         Path(cfg.out).write_text(json.dumps(summary) + "\n")
         print(f"wrote {cfg.out}")

@@ -64,20 +64,26 @@ def export(checkpoint, folder, crop_vocab=False, force=False, adapters_only=Fals
             raise ExportError(f"{checkpoint} is not a LoRA run (lora_rank 0), so it has no "
                               "adapters; export it without --adapters_only")
         if ckpt["weights_from"] == "scratch":
-            command = shlex.join(["python", "sample.py", f"--out_dir={Path(checkpoint).parent}"])
+            command = shlex.join(["python", "sample.py", f"--out_dir={ckpt['path'].parent}"])
             raise ExportError(f"{checkpoint} is a LoRA run trained from scratch: its base weights "
                               "are its own random initialisation, which exists only in the "
                               "checkpoint, so its adapters alone apply to nothing; export it "
                               "without --adapters_only (the adapters merged), or sample it with "
                               f"`{command}`")
-        save_adapters(model, folder, base_model=ckpt["weights_from"])
+        save_adapters(model, folder, base_model=adapters_base(ckpt))
     else:
         save_hf(model, folder, vocab_size=meta["vocab_size"] if crop_vocab else None,
                 eot_id=meta["eot_id"])
     data.write_meta(folder, meta)
     if "tokenizer_json" in meta:
         save_tokenizer_config(folder, data.EOT_TEXT)
-    return model, meta, ckpt["weights_from"]
+    return model, meta, adapters_base(ckpt)
+
+
+def adapters_base(ckpt):
+    """The weights a LoRA run's adapters apply to: its parent checkpoint's path as lineage recorded
+    it (absolute), or the init_from it named (Hugging Face weights)."""
+    return ckpt["parent"]["checkpoint"] if ckpt.get("parent") else ckpt["weights_from"]
 
 
 def report_adapters(folder, model, base):
@@ -87,7 +93,7 @@ def report_adapters(folder, model, base):
     command = shlex.join(["python", "sample.py", f"--init_from={base}", f"--adapters={folder}"])
     hf_base, export_base = str(base), ""
     if parent_checkpoint(base) is not None:  # a run of ours: PEFT needs it in a Hugging Face layout
-        hf_base = f"{Path(base).with_suffix('')}-hf"
+        hf_base = str(Path(base).with_name(Path(base).name.removesuffix(".pt") + "-hf"))
         export_base = f" after `{shlex.join(['python', 'export.py', str(base), hf_base])}`"
     architecture = layout_for(model.config).architecture
     print(f"apply them to {base}: here `{command}`; with PEFT{export_base} "

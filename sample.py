@@ -3,8 +3,9 @@
 one: `python sample.py --out_dir=out-sft --chat` (turns read from the console, or from a file:
 `python sample.py --chat < turns.txt`, one user turn per line).
 
-The tokenizer is rebuilt from the meta stored in the checkpoint, so no data folder is needed. Text
-streams to the console as it is sampled (engine.py).
+The tokenizer is rebuilt from the meta stored in the checkpoint (or beside Hugging Face weights or
+LoRA adapters), so no data folder is needed. Text streams to the console as it is sampled
+(engine.py).
 """
 
 import os
@@ -87,10 +88,11 @@ def load_model(cfg):
 def base_model(cfg):
     """(model, meta) of a checkpoint of ours (init_from's run or checkpoint, else out_dir's ckpt),
     its LoRA adapters merged, or of Hugging Face weights (init_from)."""
-    path = parent_checkpoint(cfg.init_from) if cfg.init_from else saved_checkpoint(cfg.out_dir,
-                                                                                   cfg.ckpt)
+    path = (parent_checkpoint(cfg.init_from, cfg.ckpt) if cfg.init_from
+            else saved_checkpoint(cfg.out_dir, cfg.ckpt))
     if path is None:
-        return load_hf(cfg.init_from), weights_meta(cfg.init_from)
+        meta = weights_meta(cfg.init_from)  # before the weights: a refusal reads none of them
+        return load_hf(cfg.init_from), meta
     state = load_checkpoint(path)
     model = model_from_checkpoint(state)
     return (merge_lora(model) if model.config.lora_rank else model), state["meta"]
@@ -172,8 +174,10 @@ def read_turn(console):
 
 def main(argv=None):
     try:
-        return run_main(sample, __file__, argv, DeviceConfig,
-                        errors=(CheckpointError, data.DataError))
+        session = run_main(sample, __file__, argv, DeviceConfig,
+                           errors=(CheckpointError, data.DataError))
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return session
     except BrokenPipeError:  # `| head` stopped reading: end quietly, as Python's docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

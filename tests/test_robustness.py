@@ -545,10 +545,9 @@ def test_every_script_ends_bad_input_in_one_line(main, args, capsys):
 
 
 def test_a_folder_that_holds_no_checkpoint_is_named_so(tmp_path, capsys):
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text("{}")
-    assert "hf is a folder but no checkpoint" in refused(export.main, [str(tmp_path / "hf"),
-                                                                       str(tmp_path / "out")],
-                                                         capsys)
-    assert "run folder that holds one" in refused(export.main, [str(tmp_path / "run"),
-                                                                str(tmp_path / "out")], capsys)
+    hf, out = tmp_path / "hf", str(tmp_path / "out")
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    err = refused(export.main, [str(hf), out], capsys)
+    assert "hf is a Hugging Face folder (config.json), not a checkpoint" in err
+    assert "run folder that holds one" in refused(export.main, [str(tmp_path / "run"), out], capsys)
