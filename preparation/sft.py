@@ -130,12 +130,11 @@ def prepare_sft(out_dir: Path, inputs, tokenizer_name: str, vocab_size, val_frac
         raise DataError("sft needs --input: JSON Lines files of prompt/completion or messages "
                         "records")
     check_inputs_survive(files, out_dir)
-    records = list(_sft_records(files))
+    records = [_pieces(record, where) for where, record in _sft_records(files)]  # each checked
     if len(records) < 2:
         raise DataError(f"{len(records)} record(s) in the input; sft needs at least 2 "
                         "(one train, one val)")
-    rendered = [(_pieces(record, where), split) for (where, record), split
-                in zip(records, record_splits(len(records), val_fraction, test_fraction))]
+    rendered = list(zip(records, record_splits(len(records), val_fraction, test_fraction)))
     tok = _tokenizer(tokenizer_name, vocab_size,
                      [pieces for pieces, split in rendered if pieces and split == "train"])
     kept = {"train": [], "val": [], **({"test": []} if test_fraction else {})}

@@ -161,6 +161,13 @@ def test_bad_records_name_file_and_line(tmp_path, line, message):
                                {"prompt": "c", "completion": "d"}])
 
 
+def test_a_lone_bad_record_is_named_for_its_format_not_its_count(tmp_path):
+    with pytest.raises(data.DataError, match="records.jsonl:1 needs either prompt and completion"):
+        prepare_sft(tmp_path, [{"question": "hi", "answer": "yo"}])
+    with pytest.raises(data.DataError, match="1 record.s. in the input; sft needs at least 2"):
+        prepare_sft(tmp_path, [{"prompt": "ok", "completion": "ok"}])
+
+
 def test_a_line_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "records.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n'
                                              b'{"prompt": "\xff"}\n')
