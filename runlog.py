@@ -26,6 +26,7 @@ import torch
 import memory
 import plot
 from data import leaked_documents
+from model import architecture_options
 from preparation.common import alive
 
 SELECTION_RULE = "lowest val loss on the fixed val batches"
@@ -330,6 +331,21 @@ def open_wandb(cfg, run_id, record):
                       dir=str(Path(cfg.out_dir)))
 
 
+def option_summary(config):
+    """The architecture options that train, in a few words (from init_from weights, theirs): the
+    string options' values, the on/off ones that are on, the others where not 0."""
+    words = []
+    for option in architecture_options():
+        value = getattr(config, option)
+        if isinstance(value, str):
+            words.append(value)
+        elif isinstance(value, bool):
+            words += [option] if value else []
+        elif value:
+            words.append(f"{option}={value}")
+    return ", ".join(words)
+
+
 def describe(cfg, setup, rt, world_size):
     """The run's opening console lines: model, data, batch, compute, device, memory (train.set_up's
     Setup, a Runtime)."""
@@ -337,7 +353,8 @@ def describe(cfg, setup, rt, world_size):
     n_params, T = gpt.num_params(), config.block_size
     print(f"model: {n_params / 1e6:.2f}M parameters "
           f"({gpt.num_params(False) / 1e6:.2f}M without embeddings), {config.n_layer} layers, "
-          f"{config.n_head} heads, {config.n_embd} wide, vocab {config.vocab_size}, context {T}")
+          f"{config.n_head} heads, {config.n_embd} wide, vocab {config.vocab_size}, context {T}; "
+          f"{option_summary(config)}")
     if config.lora_rank:
         trainable = gpt.num_params(trainable_only=True)
         print(f"LoRA: rank {config.lora_rank} adapters on {config.lora_targets}; {trainable:,} "

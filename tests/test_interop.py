@@ -224,12 +224,13 @@ def test_fine_tune_and_sample_from_gpt2_layout_weights(data_root, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(data, out, dataset="play_gpt2", init_from=hf, max_iters=20, lr_decay_iters=20,
                      eval_interval=10, sample_interval=0)
-    run_here("train.py", [*args, "--stop_iter=10"])
+    started = run_here("train.py", [*args, "--stop_iter=10"]).stdout
+    assert "context 32; learned, layernorm, gelu, tie_embeddings\n" in started  # the weights'
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert (ckpt["weights_from"] == str(hf)
             and ckpt["model_config"]["block_size"] == 32)  # cropped to the config
     assert ckpt["model_config"]["n_embd"] == 32 and ckpt["model_config"]["bias"] is True
-    # run.json says what trains: GPT-2's options, whatever train.py's defaults are
+    # so does run.json: GPT-2's options, whatever train.py's defaults are
     model = json.loads((out / "run.json").read_text())["model"]
     assert model == ckpt["model_config"] and model == {**model, **GPT2_OPTIONS}
     run_here("train.py", [*args, "--init_from=resume"])
