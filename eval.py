@@ -26,10 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from checkpoint import CheckpointError, parent_checkpoint, saved_checkpoint
+from checkpoint import CheckpointError
 from configurator import ConfigError, run_main
 from devices import DeviceConfig, runtime
-from sample import load_model
+from sample import load_model, weights_checkpoint
 
 # ---- config: defaults below; a config file, then --key=value, override them (see --help) ----
 out_dir = "out"  # run folder to evaluate (train.py's default run)
@@ -218,8 +218,7 @@ def report(cfg, result, seconds, block_size):
               f"{result['cut_tokens']} tokens cut in all")
     if cfg.out:
         summary = {"task": cfg.task,
-                   "model": str(parent_checkpoint(cfg.init_from, cfg.ckpt) or cfg.init_from
-                                if cfg.init_from else saved_checkpoint(cfg.out_dir, cfg.ckpt)),
+                   "model": str(weights_checkpoint(cfg) or cfg.init_from),
                    "adapters": cfg.adapters or None,
                    "examples_per_s": speed, **result}
         Path(cfg.out).write_text(json.dumps(summary) + "\n")

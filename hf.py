@@ -431,8 +431,7 @@ def save_hf(gpt, folder, vocab_size=None, eot_id=None):
     stay the same). `eot_id`, the tokenizer's end-of-text id, becomes the config's bos/eos ids
     (where HF's generate stops). WeightsError, before anything is written, for options no layout
     holds."""
-    if gpt.config.lora_rank > 0:
-        gpt = merge_lora(gpt)  # the layouts have no place for adapters
+    gpt = merge_lora(gpt)  # the layouts have no place for adapters
     layout = layout_for(gpt.config)
     vocab_size = vocab_size or gpt.config.vocab_size
     assert vocab_size <= gpt.config.vocab_size, (

@@ -45,7 +45,10 @@ def adapter_state(model):
 
 def merge_lora(model):
     """A plain model of the same class (no adapters) whose weights hold the adapters' updates: the
-    same function, no extra cost per token, and the layout every other tool reads."""
+    same function, no extra cost per token, and the layout every other tool reads. A model without
+    adapters is returned as it is."""
+    if not model.config.lora_rank:
+        return model
     merged = {name: t for name, t in model.state_dict().items() if ".lora_" not in name}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):

@@ -85,17 +85,22 @@ def load_model(cfg):
         raise ConfigError(str(e)) from None
 
 
+def weights_checkpoint(cfg):
+    """The checkpoint of ours the weights come from: init_from's run or checkpoint, else out_dir's
+    `ckpt`; None for Hugging Face weights (init_from)."""
+    if cfg.init_from:
+        return parent_checkpoint(cfg.init_from, cfg.ckpt)
+    return saved_checkpoint(cfg.out_dir, cfg.ckpt)
+
+
 def base_model(cfg):
-    """(model, meta) of a checkpoint of ours (init_from's run or checkpoint, else out_dir's ckpt),
-    its LoRA adapters merged, or of Hugging Face weights (init_from)."""
-    path = (parent_checkpoint(cfg.init_from, cfg.ckpt) if cfg.init_from
-            else saved_checkpoint(cfg.out_dir, cfg.ckpt))
+    """(model, meta) of weights_checkpoint, its LoRA adapters merged, or of Hugging Face weights."""
+    path = weights_checkpoint(cfg)
     if path is None:
         meta = weights_meta(cfg.init_from)  # before the weights: a refusal reads none of them
         return load_hf(cfg.init_from), meta
     state = load_checkpoint(path)
-    model = model_from_checkpoint(state)
-    return (merge_lora(model) if model.config.lora_rank else model), state["meta"]
+    return merge_lora(model_from_checkpoint(state)), state["meta"]
 
 
 def adapters_meta(cfg, base_meta):
