@@ -470,6 +470,16 @@ def peft_targets(layout, part):
             for name in layout.linear_names(f"transformer.h.0.{part}.{ours}")]
 
 
+def peft_parts(kind, tensor, count):
+    """Our adapter tensor as PEFT's adapters on the `count` Linears it stacks hold it: the same
+    lora_A on each, lora_B split by rows (the same update)."""
+    return [tensor] * count if kind == "lora_A" else list(tensor.chunk(count))
+
+
+def peft_name(linear, kind):
+    return f"base_model.model.{linear}.{kind}.weight"
+
+
 def save_adapters(gpt, folder, base_model):
     """Write `gpt`'s LoRA adapters alone in PEFT's layout (adapter_config.json,
     adapter_model.safetensors), named for the Hugging Face layout of its options (layout_for, as
@@ -489,9 +499,8 @@ def save_adapters(gpt, folder, base_model):
     for name, tensor in adapter_state(gpt).items():  # <Linear>.lora_A (r, in) or .lora_B (out, r)
         module, kind = name.rsplit(".", 1)
         theirs = layout.linear_names(module)
-        parts = [tensor] * len(theirs) if kind == "lora_A" else tensor.chunk(len(theirs))
-        for their, part in zip(theirs, parts):
-            tensors[f"base_model.model.{their}.{kind}.weight"] = part.float().cpu().contiguous()
+        for their, part in zip(theirs, peft_parts(kind, tensor, len(theirs))):
+            tensors[peft_name(their, kind)] = part.float().cpu().contiguous()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -531,9 +540,8 @@ def stacked_adapter(layout, name, like, tensors, folder):
     stacks: their shared A, or their Bs stacked by rows (save_adapters' split undone)."""
     module, kind = name.rsplit(".", 1)
     names = layout.linear_names(module)
-    shapes = [like.shape] * len(names) if kind == "lora_A" else [
-        part.shape for part in like.chunk(len(names))]
-    theirs = [tensors.pop(f"base_model.model.{their}.{kind}.weight", None) for their in names]
+    shapes = [part.shape for part in peft_parts(kind, like, len(names))]
+    theirs = [tensors.pop(peft_name(their, kind), None) for their in names]
     found = [t for t in theirs if t is not None]
     if found and (len(found) < len(names) or kind == "lora_A"
                   and not all(torch.equal(t, found[0]) for t in found)):
