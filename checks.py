@@ -13,6 +13,15 @@ from hf import HUB_REPOS
 from model import GPT2_OPTIONS, check_options
 
 
+def check_model_options(cfg):
+    """GPTConfig's own checks of the config's model keys (model.check_options), as a ConfigError:
+    what their tags cannot say, such as heads that split n_embd evenly."""
+    try:
+        check_options(vars(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_config(cfg, world_size):
     """ConfigError for the first key at odds with another; nothing is read or written yet."""
     check_schedule(cfg)
@@ -35,10 +44,7 @@ def check_config(cfg, world_size):
         raise ConfigError("task_eval scores with whole weights in every process, which FSDP does "
                           "not keep; use --parallel=ddp, or score checkpoints afterwards with "
                           "eval.py")
-    try:
-        check_options(vars(cfg))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_model_options(cfg)
     if not set(cfg.lora_targets.split(",")) <= {"attn", "mlp"}:
         raise ConfigError(f"lora_targets must be attn, mlp or attn,mlp, got {cfg.lora_targets!r}")
     if cfg.wandb_log:  # checked by every process, so that all of them stop

@@ -17,20 +17,10 @@ import torch
 
 import devices
 import train
-from configurator import ConfigError
-from model import GPT, GPT2_OPTIONS, GPTConfig, check_options
+from model import GPT, GPT2_OPTIONS, GPTConfig
 from optimizers import configure_optimizer
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
-
-
-def check_model_shape(cfg):
-    """What the shape keys' tags cannot say (n_embd splits evenly into n_head heads): GPTConfig's
-    check_options, as a ConfigError."""
-    try:
-        check_options(vars(cfg))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def model_config(cfg, vocab):

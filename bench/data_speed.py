@@ -20,6 +20,7 @@ from pathlib import Path
 # `python bench/data_speed.py` puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checks
 import data
 import devices
 from bench import common
@@ -119,7 +120,7 @@ def tokenize_speed(cfg, tokenizer, data_root):
 
 
 def benchmark(cfg):
-    common.check_model_shape(cfg)
+    checks.check_model_options(cfg)
     names = [name for name in cfg.tokenizers.split(",") if name]
     rt = devices.runtime(cfg)
     machine = common.machine_record(rt.device)

@@ -16,6 +16,7 @@ import torch
 # `python bench/sample_speed.py` puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checks
 import devices
 from bench import common
 from configurator import ConfigError, run_main
@@ -106,7 +107,7 @@ def issue_check(cases, device):
 
 
 def benchmark(cfg):
-    common.check_model_shape(cfg)
+    checks.check_model_options(cfg)
     grid = [(p, n) for p in parse_lengths("prompt_lengths", cfg.prompt_lengths)
             for n in parse_lengths("new_tokens", cfg.new_tokens)]
     rt = devices.runtime(cfg)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, for the project's modules
 
+import checks
 import devices
 import parallel
 from bench import common
@@ -131,7 +132,7 @@ def compare(cfg):
 
 
 def benchmark(cfg):
-    common.check_model_shape(cfg)
+    checks.check_model_options(cfg)
     if cfg.way not in ("", *WAYS):
         raise ConfigError(f"way must be empty, {' or '.join(WAYS)}, got {cfg.way!r}")
     ways = cfg.ways.split(",")

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # `python bench/train_speed.py` puts bench/ on the path, not the repo root with the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checks
 import devices
 from bench import common
 from configurator import ConfigError, run_main
@@ -224,7 +225,7 @@ def measure(settings, step_batches, cfg):
 
 
 def benchmark(cfg):
-    common.check_model_shape(cfg)
+    checks.check_model_options(cfg)
     rt = devices.runtime(cfg, keep_freed=cfg.keep_freed_memory)
     if rt.compile and cfg.warmup_steps < 1:
         raise ConfigError("compiling needs warmup_steps >= 1: "
