@@ -248,25 +248,25 @@ def train_step(model, optimizer, scaler, autocast, batches, grad_clip):
 def estimate_loss(model, batches, device, autocast, rank=0, world_size=1):
     """{split: (mean loss, its standard error)} over fixed batches per split, in eval mode; the
     standard error (std over sqrt(batches)) is the noise in comparing two evaluations. Processes
-    share the batches, each the same number of passes (FSDP gathers in each), surplus ones at 0."""
+    share the batches, each the same number of passes (FSDP gathers in each), surplus ones left out
+    of the sums."""
     model.eval()
     losses = {}
     for split, split_batches in batches.items():
-        total = torch.zeros(2, device=device)  # sum of losses, count
-        kept = []  # this process's losses
+        kept = []  # this process's losses; a surplus pass only keeps FSDP's gathers in step
         for i in range(rank, math.ceil(len(split_batches) / world_size) * world_size, world_size):
             x, y = split_batches[min(i, len(split_batches) - 1)]
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
-            weight = float(i < len(split_batches))
-            total += torch.stack([loss.float(), torch.tensor(1.0, device=device)]) * weight
-            kept += [loss.float()] if weight else []
+            kept += [loss.float()] if i < len(split_batches) else []
+        zero = torch.zeros((), device=device)
+        total = torch.stack([sum(kept, zero), torch.tensor(float(len(kept)), device=device)])
         if world_size > 1:
             dist.all_reduce(total)
         loss_sum, n = total.tolist()
         mean = loss_sum / n
         # spread about the mean: as E[x^2] - mean^2, float32 cancels it to noise (0 at 2 batches)
-        spread = sum(((loss - mean) ** 2 for loss in kept), torch.zeros((), device=device))
+        spread = sum(((loss - mean) ** 2 for loss in kept), zero)
         if world_size > 1:
             dist.all_reduce(spread)
         variance = spread.item() / (n - 1) if n > 1 else 0.0
